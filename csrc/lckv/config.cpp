@@ -1,0 +1,358 @@
+#include "lckv/config.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+namespace lckv {
+
+using nlohmann::json;
+
+std::vector<LayerType> parse_layer_types(const std::string& text, int num_layers) {
+  std::vector<std::string> entries;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, '_')) entries.push_back(item);
+  if (!text.empty() && text.back() == '_') entries.push_back("");
+  if (static_cast<int>(entries.size()) != num_layers) {
+    throw ConfigError("layer_types '" + text + "' has " + std::to_string(entries.size()) +
+                      " entries, expected num_hidden_layers = " + std::to_string(num_layers));
+  }
+  std::vector<LayerType> types;
+  for (int i = 0; i < num_layers; ++i) {
+    const std::string& e = entries[i];
+    const std::string where = "layer_types entry " + std::to_string(i) + " ('" + e + "')";
+    if (e.empty()) throw ConfigError(where + " is empty, expected a layer index");
+    size_t digits = 0;
+    while (digits < e.size() && std::isdigit(static_cast<unsigned char>(e[digits]))) ++digits;
+    if (digits == 0) throw ConfigError(where + " is not an integer layer index");
+    LayerType t;
+    const std::string suffix = e.substr(digits);
+    if (suffix == "s") {
+      t.sliding = true;
+    } else if (!suffix.empty()) {
+      throw ConfigError(where + " has unknown suffix '" + suffix + "', expected none or 's' (sliding window)");
+    }
+    if (digits > 9) throw ConfigError(where + " is out of range [0, " + std::to_string(num_layers) + ")");
+    t.target = std::stoi(e.substr(0, digits));
+    if (t.target >= num_layers) {
+      throw ConfigError(where + " is out of range [0, " + std::to_string(num_layers) + ")");
+    }
+    types.push_back(t);
+  }
+  return types;
+}
+
+std::string format_layer_types(const std::vector<LayerType>& types) {
+  std::string s;
+  for (size_t i = 0; i < types.size(); ++i) {
+    if (i) s += "_";
+    s += std::to_string(types[i].target);
+    if (types[i].sliding) s += "s";
+  }
+  return s;
+}
+
+namespace {
+
+template <typename T>
+T get_required(const json& j, const char* key) {
+  if (!j.contains(key) || j[key].is_null()) {
+    throw ConfigError(std::string("config field '") + key + "' is missing");
+  }
+  try {
+    return j[key].get<T>();
+  } catch (const json::exception&) {
+    throw ConfigError(std::string("config field '") + key + "' has value " + j[key].dump() +
+                      " of the wrong type");
+  }
+}
+
+template <typename T>
+void get_optional(const json& j, const char* key, T& out) {
+  if (!j.contains(key) || j[key].is_null()) return;
+  try {
+    out = j[key].get<T>();
+  } catch (const json::exception&) {
+    throw ConfigError(std::string("config field '") + key + "' has value " + j[key].dump() +
+                      " of the wrong type");
+  }
+}
+
+// bos/eos may be a list in newer HF configs; the first entry is the one we use.
+void get_token_id(const json& j, const char* key, int64_t& out) {
+  if (j.contains(key) && j[key].is_array() && !j[key].empty()) {
+    out = j[key][0].get<int64_t>();
+  } else {
+    get_optional(j, key, out);
+  }
+}
+
+}  // namespace
+
+LCKVConfig LCKVConfig::from_json(const json& j) {
+  if (!j.is_object()) throw ConfigError("config must be a JSON object, got " + j.dump());
+  LCKVConfig c;
+  c.vocab_size = get_required<int64_t>(j, "vocab_size");
+  c.hidden_size = get_required<int64_t>(j, "hidden_size");
+  c.intermediate_size = get_required<int64_t>(j, "intermediate_size");
+  c.num_hidden_layers = get_required<int>(j, "num_hidden_layers");
+  c.num_attention_heads = get_required<int>(j, "num_attention_heads");
+  c.num_key_value_heads = c.num_attention_heads;
+  get_optional(j, "num_key_value_heads", c.num_key_value_heads);
+  get_optional(j, "head_dim", c.head_dim);
+  get_optional(j, "hidden_act", c.hidden_act);
+  get_optional(j, "max_position_embeddings", c.max_position_embeddings);
+  get_optional(j, "rms_norm_eps", c.rms_norm_eps);
+  get_optional(j, "rope_theta", c.rope_theta);
+  get_optional(j, "tie_word_embeddings", c.tie_word_embeddings);
+  get_optional(j, "attention_bias", c.attention_bias);
+  get_optional(j, "mlp_bias", c.mlp_bias);
+  get_optional(j, "initializer_range", c.initializer_range);
+  get_token_id(j, "bos_token_id", c.bos_token_id);
+  get_token_id(j, "eos_token_id", c.eos_token_id);
+  if (j.contains("pad_token_id") && !j["pad_token_id"].is_null()) {
+    c.pad_token_id = get_required<int64_t>(j, "pad_token_id");
+  }
+  get_optional(j, "torch_dtype", c.torch_dtype);
+  get_optional(j, "model_type", c.model_type);
+  get_optional(j, "forward_passes", c.forward_passes);
+  get_optional(j, "backward_passes", c.backward_passes);
+  get_optional(j, "sliding_window", c.sliding_window);
+  get_optional(j, "use_sequential", c.use_sequential);
+  get_optional(j, "force_nodiag", c.force_nodiag);
+
+  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
+    const json& rs = j["rope_scaling"];
+    if (!rs.is_object()) throw ConfigError("config field 'rope_scaling' must be an object, got " + rs.dump());
+    RopeScaling s;
+    if (rs.contains("rope_type")) s.type = rs["rope_type"].get<std::string>();
+    else if (rs.contains("type")) s.type = rs["type"].get<std::string>();
+    if (s.type == "default") {
+      // HF writes {"rope_type": "default"} for no scaling.
+    } else {
+      get_optional(rs, "factor", s.factor);
+      get_optional(rs, "low_freq_factor", s.low_freq_factor);
+      get_optional(rs, "high_freq_factor", s.high_freq_factor);
+      get_optional(rs, "original_max_position_embeddings", s.original_max_position_embeddings);
+      c.rope_scaling = s;
+    }
+  }
+
+  if (c.num_hidden_layers <= 0) {
+    throw ConfigError("config field 'num_hidden_layers' = " + std::to_string(c.num_hidden_layers) +
+                      ", expected a positive number");
+  }
+  if (j.contains("layer_types") && !j["layer_types"].is_null()) {
+    if (!j["layer_types"].is_string()) {
+      throw ConfigError("config field 'layer_types' must be a string like \"0_6_6_7\", got " +
+                        j["layer_types"].dump());
+    }
+    c.layer_types = parse_layer_types(j["layer_types"].get<std::string>(), c.num_hidden_layers);
+  } else {
+    for (int i = 0; i < c.num_hidden_layers; ++i) c.layer_types.push_back({i, false});
+  }
+  if (c.head_dim == 0 && c.num_attention_heads > 0) {
+    if (c.hidden_size % c.num_attention_heads != 0) {
+      throw ConfigError("hidden_size = " + std::to_string(c.hidden_size) + " is not divisible by num_attention_heads = " +
+                        std::to_string(c.num_attention_heads) + " and no head_dim is given");
+    }
+    c.head_dim = c.hidden_size / c.num_attention_heads;
+  }
+  c.validate();
+  return c;
+}
+
+LCKVConfig LCKVConfig::from_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw ConfigError("cannot open config file '" + path + "'");
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::parse_error& e) {
+    throw ConfigError("config file '" + path + "' is not valid JSON: " + e.what());
+  }
+  try {
+    return from_json(j);
+  } catch (const ConfigError& e) {
+    throw ConfigError(path + ": " + e.what());
+  }
+}
+
+json LCKVConfig::to_json() const {
+  json j;
+  j["architectures"] = {"LCKVLlamaForCausalLM"};
+  j["model_type"] = model_type;
+  j["vocab_size"] = vocab_size;
+  j["hidden_size"] = hidden_size;
+  j["intermediate_size"] = intermediate_size;
+  j["num_hidden_layers"] = num_hidden_layers;
+  j["num_attention_heads"] = num_attention_heads;
+  j["num_key_value_heads"] = num_key_value_heads;
+  j["head_dim"] = head_dim;
+  j["hidden_act"] = hidden_act;
+  j["max_position_embeddings"] = max_position_embeddings;
+  j["rms_norm_eps"] = rms_norm_eps;
+  j["rope_theta"] = rope_theta;
+  if (rope_scaling) {
+    json rs = {{"rope_type", rope_scaling->type}, {"factor", rope_scaling->factor}};
+    if (rope_scaling->type == "llama3") {
+      rs["low_freq_factor"] = rope_scaling->low_freq_factor;
+      rs["high_freq_factor"] = rope_scaling->high_freq_factor;
+      rs["original_max_position_embeddings"] = rope_scaling->original_max_position_embeddings;
+    }
+    j["rope_scaling"] = rs;
+  } else {
+    j["rope_scaling"] = nullptr;
+  }
+  j["tie_word_embeddings"] = tie_word_embeddings;
+  j["attention_bias"] = attention_bias;
+  j["mlp_bias"] = mlp_bias;
+  j["initializer_range"] = initializer_range;
+  j["bos_token_id"] = bos_token_id;
+  j["eos_token_id"] = eos_token_id;
+  if (pad_token_id) j["pad_token_id"] = *pad_token_id;
+  j["torch_dtype"] = torch_dtype;
+  j["layer_types"] = format_layer_types(layer_types);
+  j["forward_passes"] = forward_passes;
+  j["backward_passes"] = backward_passes;
+  j["sliding_window"] = sliding_window;
+  j["use_sequential"] = use_sequential;
+  j["force_nodiag"] = force_nodiag;
+  return j;
+}
+
+void LCKVConfig::save(const std::string& path) const {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp);
+    if (!out) throw ConfigError("cannot write config file '" + tmp + "'");
+    out << to_json().dump(2) << "\n";
+    if (!out) throw ConfigError("failed writing config file '" + tmp + "'");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    throw ConfigError("cannot rename '" + tmp + "' to '" + path + "'");
+  }
+}
+
+void LCKVConfig::validate() const {
+  auto positive = [](const char* field, int64_t v) {
+    if (v <= 0) throw ConfigError(std::string("config field '") + field + "' = " + std::to_string(v) +
+                                  ", expected a positive number");
+  };
+  positive("vocab_size", vocab_size);
+  positive("hidden_size", hidden_size);
+  positive("intermediate_size", intermediate_size);
+  positive("num_hidden_layers", num_hidden_layers);
+  positive("num_attention_heads", num_attention_heads);
+  positive("num_key_value_heads", num_key_value_heads);
+  positive("head_dim", head_dim);
+  positive("sliding_window", sliding_window);
+  if (num_attention_heads % num_key_value_heads != 0) {
+    throw ConfigError("num_attention_heads = " + std::to_string(num_attention_heads) +
+                      " is not divisible by num_key_value_heads = " + std::to_string(num_key_value_heads));
+  }
+  if (head_dim % 2 != 0) {
+    throw ConfigError("head_dim = " + std::to_string(head_dim) + " must be even for rotary embeddings");
+  }
+  if (hidden_act != "silu") {
+    throw ConfigError("config field 'hidden_act' = '" + hidden_act + "' is not supported, expected 'silu'");
+  }
+  if (forward_passes < 0) {
+    throw ConfigError("config field 'forward_passes' = " + std::to_string(forward_passes) + ", expected >= 0");
+  }
+  if (backward_passes < 1) {
+    throw ConfigError("config field 'backward_passes' = " + std::to_string(backward_passes) + ", expected >= 1");
+  }
+  if (!(rms_norm_eps > 0)) throw ConfigError("config field 'rms_norm_eps' must be positive");
+  if (!(rope_theta > 0)) throw ConfigError("config field 'rope_theta' must be positive");
+  if (rope_scaling) {
+    if (rope_scaling->type != "linear" && rope_scaling->type != "llama3") {
+      throw ConfigError("config field 'rope_scaling' has rope_type '" + rope_scaling->type +
+                        "', supported: 'linear', 'llama3'");
+    }
+    if (!(rope_scaling->factor > 0)) throw ConfigError("config field 'rope_scaling.factor' must be positive");
+  }
+  if (static_cast<int>(layer_types.size()) != num_hidden_layers) {
+    throw ConfigError("layer_types has " + std::to_string(layer_types.size()) +
+                      " entries, expected num_hidden_layers = " + std::to_string(num_hidden_layers));
+  }
+  for (int i = 0; i < num_hidden_layers; ++i) {
+    if (layer_types[i].target < 0 || layer_types[i].target >= num_hidden_layers) {
+      throw ConfigError("layer_types entry " + std::to_string(i) + " = " + std::to_string(layer_types[i].target) +
+                        " is out of range [0, " + std::to_string(num_hidden_layers) + ")");
+    }
+  }
+}
+
+bool LCKVConfig::layer_computes_kv(int layer) const {
+  return std::any_of(layer_types.begin(), layer_types.end(), [&](const LayerType& t) { return t.target == layer; });
+}
+
+std::vector<int> LCKVConfig::kv_layers() const {
+  std::set<int> s;
+  for (const auto& t : layer_types) s.insert(t.target);
+  return {s.begin(), s.end()};
+}
+
+IterationPlan LCKVConfig::iteration_plan() const {
+  IterationPlan plan;
+  int i = 0;
+  while (i < num_hidden_layers) {
+    Segment seg;
+    seg.first = i;
+    if (layer_attends_top(i)) {
+      seg.cyclic = true;
+      int last = target(i);
+      for (int j = i; j <= last; ++j) last = std::max(last, target(j));
+      seg.last = last;
+      std::set<int> tops;
+      for (int j = seg.first; j <= seg.last; ++j) {
+        if (target(j) > j) tops.insert(target(j));
+      }
+      seg.top_targets.assign(tops.begin(), tops.end());
+    } else {
+      seg.last = i;
+    }
+    plan.segments.push_back(seg);
+    i = seg.last + 1;
+  }
+  return plan;
+}
+
+bool LCKVConfig::is_identity() const {
+  for (int i = 0; i < num_hidden_layers; ++i) {
+    if (layer_types[i].target != i || layer_types[i].sliding) return false;
+  }
+  return !force_nodiag;
+}
+
+double training_flops_per_token(const LCKVConfig& c, int64_t seq_len, int m, int b) {
+  const double H = c.hidden_size, D = c.head_dim, Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
+  const double kv_proj = 2 * 2 * H * Hkv * D;
+  auto layer_forward = [&](int l) {
+    // Keys seen on average: (T + 1) / 2 under a causal mask, at most the window.
+    double keys = (seq_len + 1) / 2.0;
+    if (c.layer_window(l) > 0) keys = std::min<double>(keys, c.layer_window(l));
+    const double attn = 2 * 2 * Hq * D * keys;
+    return 2 * H * Hq * D * 2 /* q, o */ + (c.layer_computes_kv(l) ? kv_proj : 0) + attn +
+           3 * 2 * H * c.intermediate_size;
+  };
+  double flops = 3 * 2 * H * c.vocab_size;  // LM head
+  for (const Segment& seg : c.iteration_plan().segments) {
+    double full = 0;
+    for (int l = seg.first; l <= seg.last; ++l) full += layer_forward(l);
+    if (!seg.cyclic) {
+      flops += 3 * full;
+      continue;
+    }
+    double partial = kv_proj;  // an iteration before the last: up to the last top target's K/V
+    for (int l = seg.first; l < seg.last_top_target(); ++l) partial += layer_forward(l);
+    flops += m * partial + 3 * (b - 1) * partial + 3 * full;
+  }
+  return flops;
+}
+
+}  // namespace lckv

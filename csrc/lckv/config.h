@@ -1,0 +1,118 @@
+// LCKVConfig: a Hugging Face LlamaConfig plus the LCKV fields (DESIGN.md §1, §5), and the facts
+// derived from `layer_types` that the model and the cache need: which layers compute KV, which
+// attend top, and the iteration plan (cyclic segments). Torch-free so tools can read configs cheaply.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace lckv {
+
+// Every configuration error is reported with this type; messages name the field and the value.
+struct ConfigError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// One entry of `layer_types`: the layer whose KVs this layer's queries read, and whether it
+// uses a sliding window of `sliding_window` keys (the "s" suffix).
+struct LayerType {
+  int target = 0;
+  bool sliding = false;
+  bool operator==(const LayerType& o) const { return target == o.target && sliding == o.sliding; }
+};
+
+// Parses "0_6_6s_7" into per-layer entries; throws ConfigError naming the bad entry.
+std::vector<LayerType> parse_layer_types(const std::string& text, int num_layers);
+std::string format_layer_types(const std::vector<LayerType>& types);
+
+// A contiguous range of layers [first, last]. A cyclic segment starts at a layer that attends
+// top and is extended until no layer inside attends beyond `last`; it runs m + b times.
+struct Segment {
+  int first = 0;
+  int last = 0;
+  bool cyclic = false;
+  // Layers in this segment whose KVs are read by a layer below them (the "top targets"): their
+  // KVs start as zeros and carry over from one iteration to the next.
+  std::vector<int> top_targets;
+  // The last layer whose output matters to the next iteration: in every iteration but the last,
+  // layers above it need not run, and this layer only needs its K/V projection.
+  int last_top_target() const { return top_targets.empty() ? last : top_targets.back(); }
+};
+
+struct IterationPlan {
+  std::vector<Segment> segments;
+};
+
+struct RopeScaling {
+  std::string type;  // "linear" or "llama3"
+  double factor = 1.0;
+  // llama3 only
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  double original_max_position_embeddings = 8192;
+};
+
+struct LCKVConfig {
+  // LlamaConfig fields. The shape fields have no default: a config without them is rejected.
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int num_hidden_layers = 0;
+  int num_attention_heads = 0;
+  int num_key_value_heads = 0;  // defaults to num_attention_heads
+  int64_t head_dim = 0;         // defaults to hidden_size / num_attention_heads
+  std::string hidden_act = "silu";
+  int64_t max_position_embeddings = 2048;
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  std::optional<RopeScaling> rope_scaling;
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;
+  bool mlp_bias = false;
+  double initializer_range = 0.02;
+  int64_t bos_token_id = 1;
+  int64_t eos_token_id = 2;
+  std::optional<int64_t> pad_token_id;
+  std::string torch_dtype = "float32";
+  std::string model_type = "lckv-llama";
+
+  // LCKV fields (DESIGN.md §5). Defaults are the reference implementation's.
+  std::vector<LayerType> layer_types;  // defaults to identity
+  int forward_passes = 7;
+  int backward_passes = 2;
+  int64_t sliding_window = 4096;
+  bool use_sequential = false;
+  bool force_nodiag = false;
+
+  // Reads a config.json object; throws ConfigError naming the field on a missing or bad value.
+  static LCKVConfig from_json(const nlohmann::json& j);
+  static LCKVConfig from_file(const std::string& path);
+  nlohmann::json to_json() const;
+  void save(const std::string& path) const;  // atomically (temp file + rename)
+
+  // Checks every invariant of the fields; from_json calls it, code that edits a config should too.
+  void validate() const;
+
+  // Derived facts.
+  int target(int layer) const { return layer_types.at(layer).target; }
+  bool layer_computes_kv(int layer) const;
+  bool layer_attends_top(int layer) const { return target(layer) > layer; }
+  // The diagonal is masked when the target's KV of the current token does not exist yet.
+  bool layer_masks_diagonal(int layer) const { return layer_attends_top(layer) || force_nodiag; }
+  int64_t layer_window(int layer) const { return layer_types.at(layer).sliding ? sliding_window : 0; }
+  std::vector<int> kv_layers() const;
+  IterationPlan iteration_plan() const;
+  bool is_identity() const;  // a standard Llama
+};
+
+// Matmul FLOPs per token of one training step (forward + backward, backward = 2x forward) as the
+// iteration plan runs it with m no-grad and b grad iterations: the cost model that the
+// train-step benchmark compares measured time ratios with.
+double training_flops_per_token(const LCKVConfig& c, int64_t seq_len, int forward_passes, int backward_passes);
+
+}  // namespace lckv

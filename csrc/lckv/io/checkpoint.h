@@ -1,0 +1,27 @@
+// Model directories in the Hugging Face layout (DESIGN.md §5): config.json and model.safetensors
+// (or a sharded model.safetensors.index.json) with HF Llama tensor names.
+#pragma once
+
+#include <string>
+
+#include "lckv/model/lckv_model.h"
+
+namespace lckv::io {
+
+// Parameters by HF name ("model.layers.3.self_attn.q_proj.weight", "lm_head.weight", ...).
+std::vector<std::pair<std::string, torch::Tensor>> hf_state_dict(LCKVForCausalLM& model);
+
+// Copies tensors into the model's parameters (converting dtype); throws FormatError naming the
+// tensor and `source` when one is missing, has the wrong shape, or is not a parameter of the model.
+void load_state(LCKVForCausalLM& model, const std::map<std::string, torch::Tensor>& tensors, const std::string& source);
+
+// All tensors of a checkpoint directory, single-file or sharded.
+std::map<std::string, torch::Tensor> load_directory_tensors(const std::string& dir);
+
+// Builds the model from dir/config.json and loads its weights, in `dtype`.
+LCKVForCausalLM load_pretrained(const std::string& dir, torch::ScalarType dtype = torch::kFloat);
+
+// Writes config.json and model.safetensors into dir (created if missing), weights in `dtype`.
+void save_pretrained(LCKVForCausalLM& model, const std::string& dir, torch::ScalarType dtype = torch::kFloat);
+
+}  // namespace lckv::io

@@ -1,0 +1,28 @@
+// safetensors reader and writer. Debian ships no maintained C++ safetensors library, and the
+// format is small (an 8-byte header length, a JSON header, raw little-endian data), so it is
+// written here against nlohmann-json, with every offset and size validated on read.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace lckv::io {
+
+struct FormatError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// All tensors of a file, on CPU, in the file's dtype. Throws FormatError naming the file and the
+// tensor or field on a truncated, corrupt or foreign file.
+std::map<std::string, at::Tensor> load_safetensors(const std::string& path);
+
+// Writes atomically (temp file + rename); tensors keep their dtype (made contiguous, moved to CPU).
+void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace lckv::io

@@ -1,0 +1,127 @@
+#include "lckv/model/layers.h"
+
+#include <cmath>
+
+namespace lckv {
+
+namespace F = torch::nn::functional;
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
+  weight = register_parameter("weight", torch::ones({dim}));
+}
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  const auto in_dtype = x.scalar_type();
+  const auto stat_dtype = in_dtype == torch::kDouble ? torch::kDouble : torch::kFloat;
+  torch::Tensor xs = x.to(stat_dtype);
+  xs = xs * torch::rsqrt(xs.pow(2).mean(-1, true) + eps);
+  return weight * xs.to(in_dtype);
+}
+
+RotaryEmbedding::RotaryEmbedding(const LCKVConfig& c) {
+  const int64_t d = c.head_dim;
+  inv_freq = 1.0 / torch::pow(c.rope_theta, torch::arange(0, d, 2, torch::kDouble) / static_cast<double>(d));
+  if (c.rope_scaling && c.rope_scaling->type == "linear") {
+    inv_freq = inv_freq / c.rope_scaling->factor;
+  } else if (c.rope_scaling && c.rope_scaling->type == "llama3") {
+    // Llama 3.1 frequency-dependent scaling, as in HF's _compute_llama3_parameters.
+    const auto& s = *c.rope_scaling;
+    const double low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+    const double high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+    torch::Tensor wavelen = 2 * M_PI / inv_freq;
+    torch::Tensor scaled = torch::where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq);
+    torch::Tensor smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) /
+                           (s.high_freq_factor - s.low_freq_factor);
+    torch::Tensor smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled;
+    torch::Tensor medium = wavelen.ge(high_wavelen).logical_and(wavelen.le(low_wavelen));
+    inv_freq = torch::where(medium, smoothed, scaled);
+  }
+}
+
+std::pair<torch::Tensor, torch::Tensor> RotaryEmbedding::cos_sin(const torch::Tensor& positions,
+                                                                 torch::ScalarType dtype) const {
+  torch::Tensor pos = positions.to(torch::kDouble);
+  if (pos.dim() == 1) pos = pos.unsqueeze(0);                              // [B or 1, P]
+  torch::Tensor freqs = pos.unsqueeze(-1) * inv_freq.to(pos.device());     // [B, P, D/2]
+  torch::Tensor emb = torch::cat({freqs, freqs}, -1).unsqueeze(1);          // [B, 1, P, D]
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  torch::Tensor rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * cos + rotated * sin;
+}
+
+MLPImpl::MLPImpl(const LCKVConfig& c) {
+  auto lin = [&](int64_t in, int64_t out) { return torch::nn::LinearOptions(in, out).bias(c.mlp_bias); };
+  gate_proj = register_module("gate_proj", torch::nn::Linear(lin(c.hidden_size, c.intermediate_size)));
+  up_proj = register_module("up_proj", torch::nn::Linear(lin(c.hidden_size, c.intermediate_size)));
+  down_proj = register_module("down_proj", torch::nn::Linear(lin(c.intermediate_size, c.hidden_size)));
+}
+
+torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
+  return down_proj(F::silu(gate_proj(x)) * up_proj(x));
+}
+
+LayerRole layer_role(const LCKVConfig& c, int layer) {
+  LayerRole r;
+  r.index = layer;
+  r.target = c.target(layer);
+  r.computes_kv = c.layer_computes_kv(layer);
+  r.mask.strict = c.layer_masks_diagonal(layer);
+  r.mask.window = c.layer_window(layer);
+  return r;
+}
+
+AttentionImpl::AttentionImpl(const LCKVConfig& c, const LayerRole& role_)
+    : role(role_), num_heads(c.num_attention_heads), num_kv_heads(c.num_key_value_heads), head_dim(c.head_dim) {
+  auto lin = [&](int64_t in, int64_t out) { return torch::nn::LinearOptions(in, out).bias(c.attention_bias); };
+  q_proj = register_module("q_proj", torch::nn::Linear(lin(c.hidden_size, num_heads * head_dim)));
+  if (role.computes_kv) {
+    k_proj = register_module("k_proj", torch::nn::Linear(lin(c.hidden_size, num_kv_heads * head_dim)));
+    v_proj = register_module("v_proj", torch::nn::Linear(lin(c.hidden_size, num_kv_heads * head_dim)));
+  }
+  o_proj = register_module("o_proj", torch::nn::Linear(lin(num_heads * head_dim, c.hidden_size)));
+}
+
+void AttentionImpl::write_kv(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                             KVStore& kv) {
+  const int64_t B = x.size(0), T = x.size(1);
+  torch::Tensor k = k_proj(x).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
+  torch::Tensor v = v_proj(x).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
+  kv.write(role.index, apply_rotary(k, cos, sin), v);
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                     KVStore& kv) {
+  const int64_t B = x.size(0), T = x.size(1);
+  torch::Tensor q = apply_rotary(q_proj(x).view({B, T, num_heads, head_dim}).transpose(1, 2), cos, sin);
+  if (role.computes_kv) write_kv(x, cos, sin, kv);
+  const KV target = kv.read(role.target);
+  ops::AttentionParams params;
+  params.mask = role.mask;
+  params.mask.q_offset = kv.past_length();
+  torch::Tensor out = ops::condensed_attention(q, target.k, target.v, params);
+  return o_proj(out.transpose(1, 2).reshape({B, T, num_heads * head_dim}));
+}
+
+DecoderLayerImpl::DecoderLayerImpl(const LCKVConfig& c, int layer) {
+  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  self_attn = register_module("self_attn", Attention(c, layer_role(c, layer)));
+  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  mlp = register_module("mlp", MLP(c));
+}
+
+torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin,
+                                        KVStore& kv) {
+  torch::Tensor x = h + self_attn(input_layernorm(h), cos, sin, kv);
+  return x + mlp(post_attention_layernorm(x));
+}
+
+void DecoderLayerImpl::write_kv(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin,
+                                KVStore& kv) {
+  self_attn->write_kv(input_layernorm(h), cos, sin, kv);
+}
+
+}  // namespace lckv

@@ -1,0 +1,75 @@
+// The Llama building blocks: RMSNorm, rotary embeddings (Hugging Face rotate_half convention),
+// the SwiGLU MLP, and the attention whose K/V projections exist only on layers that compute KV.
+#pragma once
+
+#include <torch/torch.h>
+
+#include "lckv/config.h"
+#include "lckv/model/kv_store.h"
+#include "lckv/ops/condensed_attention.h"
+
+namespace lckv {
+
+// Llama RMSNorm. Statistics in fp32 for low-precision inputs (as HF), in fp64 for fp64 inputs.
+struct RMSNormImpl : torch::nn::Module {
+  RMSNormImpl(int64_t dim, double eps);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor weight;
+  double eps;
+};
+TORCH_MODULE(RMSNorm);
+
+// cos/sin tables for given positions; computed in fp64 so fp64 models are exact.
+struct RotaryEmbedding {
+  explicit RotaryEmbedding(const LCKVConfig& c);
+  // positions: [P] or [B, P] absolute positions -> cos, sin broadcastable to [B, H, P, D].
+  std::pair<torch::Tensor, torch::Tensor> cos_sin(const torch::Tensor& positions, torch::ScalarType dtype) const;
+  torch::Tensor inv_freq;  // [D / 2], fp64
+};
+
+// x: [B, H, T, D]; HF rotate_half convention (first half / second half of the head dim).
+torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+
+struct MLPImpl : torch::nn::Module {
+  explicit MLPImpl(const LCKVConfig& c);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(MLP);
+
+// What one decoder layer needs to know about its place in the model.
+struct LayerRole {
+  int index = 0;
+  int target = 0;         // layer whose KVs the queries read
+  bool computes_kv = false;
+  ops::AttentionMask mask; // strict / window; q_offset is filled per chunk
+};
+
+LayerRole layer_role(const LCKVConfig& c, int layer);
+
+struct AttentionImpl : torch::nn::Module {
+  AttentionImpl(const LCKVConfig& c, const LayerRole& role);
+  // x: normed hidden [B, T, H]. Writes this layer's KVs (if it computes any) to `kv`, then
+  // attends to the target layer's KVs read from `kv`.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, KVStore& kv);
+  // Only the K/V projection: what the iteration needs from a top target before the last pass.
+  void write_kv(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, KVStore& kv);
+
+  LayerRole role;
+  int64_t num_heads, num_kv_heads, head_dim;
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+};
+TORCH_MODULE(Attention);
+
+struct DecoderLayerImpl : torch::nn::Module {
+  DecoderLayerImpl(const LCKVConfig& c, int layer);
+  torch::Tensor forward(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin, KVStore& kv);
+  void write_kv(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin, KVStore& kv);
+
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  Attention self_attn{nullptr};
+  MLP mlp{nullptr};
+};
+TORCH_MODULE(DecoderLayer);
+
+}  // namespace lckv

@@ -1,0 +1,157 @@
+#include "lckv/model/lckv_model.h"
+
+namespace lckv {
+
+namespace F = torch::nn::functional;
+
+LCKVModelImpl::LCKVModelImpl(const LCKVConfig& c) : config(c), plan(c.iteration_plan()), rotary(c) {
+  config.validate();
+  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int i = 0; i < c.num_hidden_layers; ++i) {
+    layer_list.push_back(DecoderLayer(c, i));
+    layers->push_back(layer_list.back());
+  }
+  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+}
+
+torch::Tensor LCKVModelImpl::run_cyclic_segment(const Segment& seg, const torch::Tensor& h, const torch::Tensor& cos,
+                                                const torch::Tensor& sin, KVStore& kv, const IterationCounts& counts) {
+  const int64_t B = h.size(0), T = h.size(1);
+  // Before iteration 1 the top targets' KVs of this chunk are zeros.
+  {
+    torch::NoGradGuard no_grad;
+    torch::Tensor zeros =
+        torch::zeros({B, config.num_key_value_heads, T, config.head_dim}, h.options());
+    for (int t : seg.top_targets) kv.write(t, zeros, zeros);
+  }
+  const bool grad = torch::GradMode::is_enabled();
+  int total = counts.forward_passes + counts.backward_passes;
+  // Without autograd T iterations already give the exact result (DESIGN.md theorem) and
+  // further ones reproduce it, so stop there. With autograd the count shapes the gradients.
+  if (!grad) total = static_cast<int>(std::min<int64_t>(total, std::max<int64_t>(T, 1)));
+  torch::Tensor out;
+  for (int it = 0; it < total; ++it) {
+    const bool last = it == total - 1;
+    torch::AutoGradMode mode(grad && it >= total - counts.backward_passes);
+    torch::Tensor x = h;
+    // Before the last iteration only the top targets' KVs matter: stop at the last one, and of
+    // that layer compute only its K/V.
+    const int stop = last ? seg.last : seg.last_top_target();
+    for (int l = seg.first; l <= stop; ++l) {
+      if (!last && l == stop) {
+        layer_list[l]->write_kv(x, cos, sin, kv);
+      } else {
+        x = layer_list[l]->forward(x, cos, sin, kv);
+      }
+    }
+    if (last) out = x;
+  }
+  return out;
+}
+
+torch::Tensor LCKVModelImpl::forward_chunk(const torch::Tensor& input_ids, KVStore& kv, const IterationCounts& counts,
+                                           const torch::Tensor& positions) {
+  TORCH_CHECK(input_ids.dim() == 2, "input_ids must be [batch, tokens], got ", input_ids.sizes());
+  TORCH_CHECK(input_ids.scalar_type() == torch::kLong || input_ids.scalar_type() == torch::kInt,
+              "input_ids must be int64 or int32, got ", input_ids.scalar_type());
+  TORCH_CHECK(counts.forward_passes >= 0, "forward_passes must be >= 0, got ", counts.forward_passes);
+  TORCH_CHECK(counts.backward_passes >= 1, "backward_passes must be >= 1, got ", counts.backward_passes);
+  if (input_ids.numel() > 0) {
+    const int64_t lo = input_ids.min().item<int64_t>(), hi = input_ids.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < config.vocab_size, "input_ids must lie in [0, vocab_size = ", config.vocab_size,
+                "), got values in [", lo, ", ", hi, "]");
+  }
+  const int64_t T = input_ids.size(1);
+  torch::Tensor h = embed_tokens(input_ids.to(torch::kLong));
+  torch::Tensor pos = positions.defined()
+                          ? positions
+                          : torch::arange(kv.past_length(), kv.past_length() + T, input_ids.options().dtype(torch::kLong));
+  auto [cos, sin] = rotary.cos_sin(pos, h.scalar_type());
+  for (const Segment& seg : plan.segments) {
+    if (seg.cyclic) {
+      h = run_cyclic_segment(seg, h, cos, sin, kv, counts);
+    } else {
+      h = layer_list[seg.first]->forward(h, cos, sin, kv);
+    }
+  }
+  return norm(h);
+}
+
+torch::Tensor LCKVModelImpl::forward(const torch::Tensor& input_ids, const IterationCounts& counts) {
+  SequenceKV kv(config.num_hidden_layers);
+  return forward_chunk(input_ids, kv, counts);
+}
+
+torch::Tensor LCKVModelImpl::forward_sequential(const torch::Tensor& input_ids) {
+  SequenceKV kv(config.num_hidden_layers);
+  std::vector<torch::Tensor> outs;
+  // One token per chunk: one iteration is exact, since a strict query never sees its own slot.
+  for (int64_t p = 0; p < input_ids.size(1); ++p) {
+    outs.push_back(forward_chunk(input_ids.narrow(1, p, 1), kv, {0, 1}));
+    kv.append_chunk(1);
+  }
+  return torch::cat(outs, 1);
+}
+
+LCKVForCausalLMImpl::LCKVForCausalLMImpl(const LCKVConfig& c) : config(c) {
+  model = register_module("model", LCKVModel(c));
+  if (!c.tie_word_embeddings) {
+    lm_head = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
+  }
+}
+
+torch::Tensor LCKVForCausalLMImpl::lm_logits(const torch::Tensor& hidden) {
+  return lm_head ? lm_head(hidden) : F::linear(hidden, model->embed_tokens->weight);
+}
+
+torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& targets) {
+  TORCH_CHECK(logits.dim() == 3 && targets.dim() == 2 && logits.size(0) == targets.size(0) &&
+                  logits.size(1) == targets.size(1),
+              "lm_loss: logits [B, T, V] and targets [B, T] expected, got ", logits.sizes(), " and ", targets.sizes());
+  const auto dt = logits.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  return F::cross_entropy(logits.reshape({-1, logits.size(-1)}).to(dt), targets.reshape({-1}).to(torch::kLong),
+                          F::CrossEntropyFuncOptions().ignore_index(-100));
+}
+
+namespace {
+CausalLMOutput head_and_loss(LCKVForCausalLMImpl& m, const torch::Tensor& hidden, const torch::Tensor& labels) {
+  CausalLMOutput out;
+  out.logits = m.lm_logits(hidden);
+  if (labels.defined()) {
+    TORCH_CHECK(labels.sizes() == out.logits.sizes().slice(0, 2), "labels must be [batch, tokens] like input_ids, got ",
+                labels.sizes());
+    const int64_t T = labels.size(1);
+    out.loss = lm_loss(out.logits.narrow(1, 0, T - 1), labels.narrow(1, 1, T - 1));
+  }
+  return out;
+}
+}  // namespace
+
+CausalLMOutput LCKVForCausalLMImpl::forward(const torch::Tensor& input_ids, const torch::Tensor& labels,
+                                            std::optional<IterationCounts> counts) {
+  if (config.use_sequential) return forward_sequential(input_ids, labels);
+  return head_and_loss(*this, model->forward(input_ids, counts.value_or(default_counts())), labels);
+}
+
+CausalLMOutput LCKVForCausalLMImpl::forward_sequential(const torch::Tensor& input_ids, const torch::Tensor& labels) {
+  return head_and_loss(*this, model->forward_sequential(input_ids), labels);
+}
+
+void init_weights(LCKVForCausalLM& m) {
+  torch::NoGradGuard no_grad;
+  const double std = m->config.initializer_range;
+  for (auto& item : m->named_parameters()) {
+    const std::string& name = item.key();
+    torch::Tensor& p = item.value();
+    if (name.size() >= 4 && name.compare(name.size() - 4, 4, "bias") == 0) {
+      p.zero_();
+    } else if (name.find("norm") != std::string::npos) {
+      p.fill_(1.0);
+    } else {
+      p.normal_(0.0, std);
+    }
+  }
+}
+
+}  // namespace lckv

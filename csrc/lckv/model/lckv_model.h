@@ -1,0 +1,83 @@
+// The LCKV decoder (DESIGN.md §1): a Llama whose layers read the KVs of the layer named by
+// `layer_types`. Two equivalent computations: the parallel iterative one (training, prefill)
+// and the sequential definition (token by token).
+#pragma once
+
+#include <torch/torch.h>
+
+#include <optional>
+
+#include "lckv/config.h"
+#include "lckv/model/kv_store.h"
+#include "lckv/model/layers.h"
+
+namespace lckv {
+
+// How many times each cyclic segment runs: `forward_passes` (m) iterations without autograd,
+// then `backward_passes` (b) with autograd. Under no-grad every iteration is a no-grad one.
+struct IterationCounts {
+  int forward_passes = 7;
+  int backward_passes = 2;
+};
+
+struct LCKVModelImpl : torch::nn::Module {
+  explicit LCKVModelImpl(const LCKVConfig& c);
+
+  // Final normed hidden states [B, T, H] of a chunk of tokens whose first token sits at position
+  // kv.past_length(); the chunk's KVs are left in `kv`. positions: optional [B, T] absolute positions
+  // for RoPE (defaults to past_length() + t).
+  torch::Tensor forward_chunk(const torch::Tensor& input_ids, KVStore& kv, const IterationCounts& counts,
+                              const torch::Tensor& positions = {});
+  // The parallel iterative forward over a whole sequence (training).
+  torch::Tensor forward(const torch::Tensor& input_ids, const IterationCounts& counts);
+  // The sequential definition: one token at a time through all layers.
+  torch::Tensor forward_sequential(const torch::Tensor& input_ids);
+
+  LCKVConfig config;
+  IterationPlan plan;
+  RotaryEmbedding rotary;
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  std::vector<DecoderLayer> layer_list;  // typed handles into `layers`
+  RMSNorm norm{nullptr};
+
+ private:
+  torch::Tensor run_cyclic_segment(const Segment& seg, const torch::Tensor& h, const torch::Tensor& cos,
+                                   const torch::Tensor& sin, KVStore& kv, const IterationCounts& counts);
+};
+TORCH_MODULE(LCKVModel);
+
+struct CausalLMOutput {
+  torch::Tensor logits;  // [B, T, V]
+  torch::Tensor loss;    // scalar, undefined without labels
+};
+
+struct LCKVForCausalLMImpl : torch::nn::Module {
+  explicit LCKVForCausalLMImpl(const LCKVConfig& c);
+
+  // Hugging Face semantics: `labels` are aligned with input_ids and shifted inside (the logits
+  // at t predict labels[t + 1]); -100 is ignored. counts default to the config's m and b, and
+  // config.use_sequential selects the sequential definition.
+  CausalLMOutput forward(const torch::Tensor& input_ids, const torch::Tensor& labels = {},
+                         std::optional<IterationCounts> counts = std::nullopt);
+  CausalLMOutput forward_sequential(const torch::Tensor& input_ids, const torch::Tensor& labels = {});
+  // Logits from final hidden states (tied or untied head).
+  torch::Tensor lm_logits(const torch::Tensor& hidden);
+
+  IterationCounts default_counts() const { return {config.forward_passes, config.backward_passes}; }
+
+  LCKVConfig config;
+  LCKVModel model{nullptr};
+  torch::nn::Linear lm_head{nullptr};  // null when tie_word_embeddings
+};
+TORCH_MODULE(LCKVForCausalLM);
+
+// Mean cross-entropy of logits [B, T, V] against targets [B, T] that are already next-token
+// targets (targets[t] is predicted by logits[t]); entries equal to -100 are ignored. Computed in fp32
+// (fp64 for fp64 logits).
+torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& targets);
+
+// Llama initialisation: normal(0, initializer_range) weights, zero biases, unit norm weights.
+void init_weights(LCKVForCausalLM& model);
+
+}  // namespace lckv

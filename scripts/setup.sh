@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One-time (and idempotent) set-up on Debian 12 as root: system packages through apt, the
+# project's Python environment in .venv with the pinned PyPI torch, then the C++ build.
+# Re-running it only does what is missing; the build is incremental (ccache outside the tree).
+#   scripts/setup.sh            everything
+#   LCKV_SKIP_BUILD=1 ...       packages and .venv only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.11.0   # the GPU machine has torch 2.11 + CUDA 13; this wheel is cu130 too
+APT_PACKAGES=(cmake ninja-build ccache g++ pkg-config catch2 libsentencepiece-dev sentencepiece
+              nlohmann-json3-dev libcli11-dev python3-venv python3-dev bible-kjv)
+
+say() { printf '\n== %s\n' "$*"; }
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing system packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q "${missing[@]}"
+else
+  say "system packages present"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null \
+   || ! .venv/bin/python -c "import numpy, pytest, pybind11, safetensors, sentencepiece, transformers, matplotlib" 2>/dev/null; then
+  say "installing Python packages into .venv (torch==$TORCH_VERSION; pip caches downloads in ~/.cache/pip)"
+  .venv/bin/pip install --progress-bar off "torch==$TORCH_VERSION" numpy pytest pybind11 safetensors sentencepiece \
+    transformers matplotlib
+else
+  say "Python packages present (torch $TORCH_VERSION)"
+fi
+.venv/bin/python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+
+if [ "${LCKV_SKIP_BUILD:-0}" != 1 ]; then
+  say "building (build/, ninja -j2)"
+  if [ ! -f build/build.ninja ]; then
+    cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -Wno-dev
+  fi
+  cmake --build build -j2
+fi
+say "set-up done"

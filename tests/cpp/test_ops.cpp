@@ -1,0 +1,182 @@
+// The condensed attention op against a naive masked-softmax reference (fp64), and its backward
+// against finite differences.
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+
+#include "lckv/autocast.h"
+#include "lckv/ops/condensed_attention.h"
+
+using lckv::ops::AttentionParams;
+using lckv::ops::condensed_attention;
+
+namespace {
+
+// Naive reference: repeat K/V per query head, build the mask position by position from the
+// definition, softmax over visible keys only; a row with no visible key gives zeros.
+torch::Tensor naive_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, bool strict,
+                              int64_t window, int64_t q_offset) {
+  const int64_t Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  torch::Tensor kr = k.repeat_interleave(Hq / Hkv, 1), vr = v.repeat_interleave(Hq / Hkv, 1);
+  torch::Tensor scores = torch::matmul(q, kr.transpose(-1, -2)) / std::sqrt(static_cast<double>(D));
+  torch::Tensor visible = torch::zeros({T, S}, torch::kBool);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t pos = q_offset + t;
+    for (int64_t s = 0; s < S; ++s) {
+      bool ok = strict ? s < pos : s <= pos;
+      if (window > 0) ok = ok && s > pos - window;
+      visible[t][s] = ok;
+    }
+  }
+  torch::Tensor masked = scores.masked_fill(visible.logical_not(), -std::numeric_limits<double>::infinity());
+  torch::Tensor probs = torch::softmax(masked, -1);
+  probs = torch::where(visible.any(-1, true), probs, torch::zeros_like(probs));  // empty rows -> 0, not NaN
+  return torch::matmul(probs, vr);
+}
+
+struct Case {
+  int64_t B, Hq, Hkv, T, S, D;
+  bool strict;
+  int64_t window, q_offset, block;
+};
+
+const Case kCases[] = {
+    {2, 4, 2, 9, 9, 8, false, 0, 0, 256},   // causal GQA
+    {2, 4, 2, 9, 9, 8, true, 0, 0, 256},    // strict: row 0 empty
+    {1, 4, 4, 7, 7, 4, true, 3, 0, 2},      // MHA, strict + window, several query blocks
+    {1, 8, 2, 5, 12, 8, false, 4, 7, 2},    // query offset (decode of a chunk), window, GQA 4
+    {1, 8, 1, 1, 6, 8, true, 0, 5, 256},    // a single decoded token, MQA
+    {2, 2, 1, 16, 16, 8, false, 5, 0, 3},   // window smaller than blocks' spans
+    {1, 2, 2, 6, 6, 4, true, 1, 0, 4},      // strict with window 1: every row empty
+};
+
+}  // namespace
+
+TEST_CASE("condensed attention forward matches the naive reference in fp64", "[ops]") {
+  torch::manual_seed(0);
+  for (const Case& c : kCases) {
+    auto opts = torch::TensorOptions().dtype(torch::kDouble);
+    torch::Tensor q = torch::randn({c.B, c.Hq, c.T, c.D}, opts);
+    torch::Tensor k = torch::randn({c.B, c.Hkv, c.S, c.D}, opts);
+    torch::Tensor v = torch::randn({c.B, c.Hkv, c.S, c.D}, opts);
+    AttentionParams p{{c.strict, c.window, c.q_offset}, 0, c.block};
+    torch::Tensor out = condensed_attention(q, k, v, p);
+    torch::Tensor ref = naive_attention(q, k, v, c.strict, c.window, c.q_offset);
+    INFO("case T=" << c.T << " S=" << c.S << " strict=" << c.strict << " window=" << c.window << " offset=" << c.q_offset);
+    REQUIRE_FALSE(out.isnan().any().item<bool>());
+    CHECK((out - ref).abs().max().item<double>() < 1e-12);
+  }
+}
+
+TEST_CASE("strict attention gives exact zeros for a query that sees no key", "[ops]") {
+  auto opts = torch::TensorOptions().dtype(torch::kFloat);
+  torch::Tensor q = torch::randn({1, 2, 4, 8}, opts), k = torch::randn({1, 1, 4, 8}, opts), v = torch::randn({1, 1, 4, 8}, opts);
+  AttentionParams p;
+  p.mask.strict = true;
+  auto [out, lse] = lckv::ops::condensed_attention_forward(q, k, v, p);
+  CHECK(out.select(2, 0).abs().max().item<float>() == 0.0f);
+  CHECK(std::isinf(lse[0][0][0].item<float>()));
+  // and the backward of an all-empty row is zero, not NaN
+  q.requires_grad_(true);
+  k.requires_grad_(true);
+  condensed_attention(q, k, v, p).sum().backward();
+  CHECK_FALSE(q.grad().isnan().any().item<bool>());
+  CHECK(q.grad().select(2, 0).abs().max().item<float>() == 0.0f);
+}
+
+TEST_CASE("condensed attention backward matches the naive reference's autograd", "[ops]") {
+  torch::manual_seed(1);
+  for (const Case& c : kCases) {
+    auto opts = torch::TensorOptions().dtype(torch::kDouble);
+    torch::Tensor q = torch::randn({c.B, c.Hq, c.T, c.D}, opts).requires_grad_(true);
+    torch::Tensor k = torch::randn({c.B, c.Hkv, c.S, c.D}, opts).requires_grad_(true);
+    torch::Tensor v = torch::randn({c.B, c.Hkv, c.S, c.D}, opts).requires_grad_(true);
+    torch::Tensor g = torch::randn({c.B, c.Hq, c.T, c.D}, opts);
+    AttentionParams p{{c.strict, c.window, c.q_offset}, 0, c.block};
+    auto grads = torch::autograd::grad({(condensed_attention(q, k, v, p) * g).sum()}, {q, k, v});
+    auto ref = torch::autograd::grad({(naive_attention(q, k, v, c.strict, c.window, c.q_offset) * g).sum()}, {q, k, v});
+    for (int i = 0; i < 3; ++i) {
+      INFO("input " << i << " T=" << c.T << " strict=" << c.strict << " window=" << c.window);
+      CHECK((grads[i] - ref[i]).abs().max().item<double>() < 1e-12);
+    }
+  }
+}
+
+TEST_CASE("condensed attention passes a finite-difference gradcheck", "[ops]") {
+  // What torch.autograd.gradcheck does: compare d<out, g>/dx from backward with central
+  // differences, element by element, in fp64.
+  torch::manual_seed(2);
+  const Case cases[] = {{1, 4, 2, 5, 5, 4, true, 0, 0, 2}, {1, 2, 1, 4, 7, 4, false, 3, 3, 256}};
+  for (const Case& c : cases) {
+    auto opts = torch::TensorOptions().dtype(torch::kDouble);
+    std::vector<torch::Tensor> inputs = {torch::randn({c.B, c.Hq, c.T, c.D}, opts), torch::randn({c.B, c.Hkv, c.S, c.D}, opts),
+                                         torch::randn({c.B, c.Hkv, c.S, c.D}, opts)};
+    torch::Tensor g = torch::randn({c.B, c.Hq, c.T, c.D}, opts);
+    AttentionParams p{{c.strict, c.window, c.q_offset}, 0, c.block};
+    auto f = [&](const std::vector<torch::Tensor>& x) { return (condensed_attention(x[0], x[1], x[2], p) * g).sum(); };
+    std::vector<torch::Tensor> leaves;
+    for (auto& t : inputs) leaves.push_back(t.clone().requires_grad_(true));
+    auto analytic = torch::autograd::grad({f(leaves)}, leaves);
+    const double eps = 1e-6;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      auto flat = inputs[i].view({-1});
+      for (int64_t e = 0; e < flat.numel(); ++e) {
+        const double orig = flat[e].item<double>();
+        flat[e] = orig + eps;
+        const double up = f(inputs).item<double>();
+        flat[e] = orig - eps;
+        const double down = f(inputs).item<double>();
+        flat[e] = orig;
+        const double numeric = (up - down) / (2 * eps);
+        const double a = analytic[i].view({-1})[e].item<double>();
+        INFO("input " << i << " element " << e);
+        REQUIRE(std::abs(numeric - a) < 1e-6 * (1 + std::abs(a)));
+      }
+    }
+  }
+}
+
+TEST_CASE("bf16 and fp32 condensed attention agree with fp64 to their precision", "[ops]") {
+  torch::manual_seed(3);
+  torch::Tensor q = torch::randn({2, 4, 32, 16}, torch::kDouble), k = torch::randn({2, 2, 32, 16}, torch::kDouble),
+                v = torch::randn({2, 2, 32, 16}, torch::kDouble);
+  AttentionParams p;
+  p.mask.strict = true;
+  p.query_block = 8;
+  torch::Tensor ref = naive_attention(q, k, v, true, 0, 0);
+  torch::Tensor f32 = condensed_attention(q.to(torch::kFloat), k.to(torch::kFloat), v.to(torch::kFloat), p);
+  torch::Tensor bf16 = condensed_attention(q.to(torch::kBFloat16), k.to(torch::kBFloat16), v.to(torch::kBFloat16), p);
+  CHECK(f32.scalar_type() == torch::kFloat);
+  CHECK(bf16.scalar_type() == torch::kBFloat16);
+  CHECK((f32.to(torch::kDouble) - ref).abs().max().item<double>() < 1e-5);
+  CHECK((bf16.to(torch::kDouble) - ref).abs().max().item<double>() < 5e-2);
+}
+
+TEST_CASE("condensed attention runs in the autocast dtype under CPU autocast", "[ops]") {
+  torch::Tensor q = torch::randn({1, 2, 8, 16}), k = torch::randn({1, 1, 8, 16}), v = torch::randn({1, 1, 8, 16});
+  torch::Tensor out;
+  {
+    lckv::AutocastScope autocast(at::kCPU, at::kBFloat16);
+    out = condensed_attention(q, k, v, AttentionParams{});
+  }
+  CHECK(out.scalar_type() == torch::kBFloat16);
+  CHECK_FALSE(at::autocast::is_autocast_enabled(at::kCPU));
+}
+
+TEST_CASE("condensed attention rejects bad inputs with a message naming the argument", "[ops]") {
+  torch::Tensor q = torch::randn({1, 4, 3, 8}), k = torch::randn({1, 2, 3, 8}), v = torch::randn({1, 2, 3, 8});
+  AttentionParams p;
+  CHECK_THROWS_WITH(condensed_attention(q.to(torch::kDouble), k, v, p), Catch::Contains("must share a dtype"));
+  CHECK_THROWS_WITH(condensed_attention(q, torch::randn({1, 3, 3, 8}), torch::randn({1, 3, 3, 8}), p),
+                    Catch::Contains("multiple of KV heads"));
+  CHECK_THROWS_WITH(condensed_attention(q, k, torch::randn({1, 2, 4, 8}), p), Catch::Contains("v must have k's shape"));
+  CHECK_THROWS_WITH(condensed_attention(q.view({4, 3, 8}), k, v, p), Catch::Contains("q must be [B, Hq, T, D]"));
+  CHECK_THROWS_WITH(condensed_attention(q, torch::randn({1, 2, 3, 4}), torch::randn({1, 2, 3, 4}), p),
+                    Catch::Contains("head_dim"));
+  CHECK_THROWS_WITH(condensed_attention(q.to(torch::kInt), k.to(torch::kInt), v.to(torch::kInt), p),
+                    Catch::Contains("dtype must be"));
+  p.mask.q_offset = -1;
+  CHECK_THROWS_WITH(condensed_attention(q, k, v, p), Catch::Contains("q_offset"));
+}

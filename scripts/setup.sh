@@ -31,10 +31,10 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null \
-   || ! .venv/bin/python -c "import numpy, pytest, pybind11, safetensors, sentencepiece, transformers, matplotlib" 2>/dev/null; then
+   || ! .venv/bin/python -c "import numpy, pytest, pybind11, safetensors, sentencepiece, transformers, matplotlib, wheel" 2>/dev/null; then
   say "installing Python packages into .venv (torch==$TORCH_VERSION; pip caches downloads in ~/.cache/pip)"
   .venv/bin/pip install --progress-bar off "torch==$TORCH_VERSION" numpy pytest pybind11 safetensors sentencepiece \
-    transformers matplotlib
+    transformers matplotlib wheel
 else
   say "Python packages present (torch $TORCH_VERSION)"
 fi
@@ -46,5 +46,15 @@ if [ "${LCKV_SKIP_BUILD:-0}" != 1 ]; then
     cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -Wno-dev
   fi
   cmake --build build -j2
+  # The Python package lckv: an editable install whose extension lckv._C is built by setup.py
+  # through CMake in build-py/ (PIC) against .venv's torch. Once installed, refreshing the
+  # extension in place is enough (an incremental ninja build).
+  if .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('lckv') is None)"; then
+    say "Python package lckv: refreshing lckv._C (build-py/)"
+    .venv/bin/python setup.py -q build_ext --inplace
+  else
+    say "Python package lckv: pip install -e . (builds lckv._C in build-py/)"
+    .venv/bin/pip install --no-build-isolation --no-deps -e .
+  fi
 fi
 say "set-up done"

@@ -7,3 +7,6 @@ bash scripts/setup.sh
 echo
 echo "== C++ tests (ctest)"
 ctest --test-dir build --output-on-failure -j2
+echo
+echo "== Python tests (pytest)"
+.venv/bin/python -m pytest -q tests/python

@@ -24,6 +24,9 @@ class KVStore {
   virtual void write(int layer, const torch::Tensor& k, const torch::Tensor& v) = 0;
   // Past and chunk KVs of `layer`, [B, Hkv, past + T, D].
   virtual KV read(int layer) = 0;
+  // Optional [B] int64: keys before key_start[b] are invisible to sequence b (left padding of
+  // prompts with different lengths). Undefined (the default) when every key is visible.
+  virtual torch::Tensor key_start() const { return {}; }
 };
 
 // Autograd-friendly store: tensors are replaced, never modified in place, so gradients flow

@@ -102,6 +102,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   ops::AttentionParams params;
   params.mask = role.mask;
   params.mask.q_offset = kv.past_length();
+  params.mask.key_start = kv.key_start();
   torch::Tensor out = ops::condensed_attention(q, target.k, target.v, params);
   return o_proj(out.transpose(1, 2).reshape({B, T, num_heads * head_dim}));
 }

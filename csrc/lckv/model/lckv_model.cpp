@@ -15,7 +15,7 @@ LCKVModelImpl::LCKVModelImpl(const LCKVConfig& c) : config(c), plan(c.iteration_
   norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
 }
 
-torch::Tensor LCKVModelImpl::run_cyclic_segment(const Segment& seg, const torch::Tensor& h, const torch::Tensor& cos,
+torch::Tensor LCKVModelImpl::run_cyclic_segment(int segment, const Segment& seg, const torch::Tensor& h, const torch::Tensor& cos,
                                                 const torch::Tensor& sin, KVStore& kv, const IterationCounts& counts) {
   const int64_t B = h.size(0), T = h.size(1);
   // Before iteration 1 the top targets' KVs of this chunk are zeros.
@@ -46,6 +46,12 @@ torch::Tensor LCKVModelImpl::run_cyclic_segment(const Segment& seg, const torch:
       }
     }
     if (last) out = x;
+    if (counts.observer) {
+      for (int t : seg.top_targets) {
+        KV target_kv = kv.read(t);
+        counts.observer(segment, it, t, target_kv.k, target_kv.v);
+      }
+    }
   }
   return out;
 }
@@ -55,6 +61,8 @@ torch::Tensor LCKVModelImpl::forward_chunk(const torch::Tensor& input_ids, KVSto
   TORCH_CHECK(input_ids.dim() == 2, "input_ids must be [batch, tokens], got ", input_ids.sizes());
   TORCH_CHECK(input_ids.scalar_type() == torch::kLong || input_ids.scalar_type() == torch::kInt,
               "input_ids must be int64 or int32, got ", input_ids.scalar_type());
+  TORCH_CHECK(input_ids.device() == embed_tokens->weight.device(), "input_ids is on ", input_ids.device(),
+              " but the model's parameters are on ", embed_tokens->weight.device());
   TORCH_CHECK(counts.forward_passes >= 0, "forward_passes must be >= 0, got ", counts.forward_passes);
   TORCH_CHECK(counts.backward_passes >= 1, "backward_passes must be >= 1, got ", counts.backward_passes);
   if (input_ids.numel() > 0) {
@@ -68,9 +76,10 @@ torch::Tensor LCKVModelImpl::forward_chunk(const torch::Tensor& input_ids, KVSto
                           ? positions
                           : torch::arange(kv.past_length(), kv.past_length() + T, input_ids.options().dtype(torch::kLong));
   auto [cos, sin] = rotary.cos_sin(pos, h.scalar_type());
-  for (const Segment& seg : plan.segments) {
+  for (size_t s = 0; s < plan.segments.size(); ++s) {
+    const Segment& seg = plan.segments[s];
     if (seg.cyclic) {
-      h = run_cyclic_segment(seg, h, cos, sin, kv, counts);
+      h = run_cyclic_segment(static_cast<int>(s), seg, h, cos, sin, kv, counts);
     } else {
       h = layer_list[seg.first]->forward(h, cos, sin, kv);
     }
@@ -121,6 +130,8 @@ CausalLMOutput head_and_loss(LCKVForCausalLMImpl& m, const torch::Tensor& hidden
   if (labels.defined()) {
     TORCH_CHECK(labels.sizes() == out.logits.sizes().slice(0, 2), "labels must be [batch, tokens] like input_ids, got ",
                 labels.sizes());
+    TORCH_CHECK(labels.scalar_type() == torch::kLong || labels.scalar_type() == torch::kInt,
+                "labels must be int64 or int32 token ids, got ", labels.scalar_type());
     const int64_t T = labels.size(1);
     out.loss = lm_loss(out.logits.narrow(1, 0, T - 1), labels.narrow(1, 1, T - 1));
   }

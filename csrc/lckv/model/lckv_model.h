@@ -5,6 +5,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <optional>
 
 #include "lckv/config.h"
@@ -13,11 +14,18 @@
 
 namespace lckv {
 
+// Called after each iteration of a cyclic segment, for every top target of the segment, with the
+// KVs that target holds after that iteration (past + chunk): for analyses such as the convergence
+// of the KVs over the iterations (the paper's Figure 3). `segment` indexes the iteration plan's segments.
+using IterationObserver = std::function<void(int segment, int iteration, int layer, const torch::Tensor& k,
+                                             const torch::Tensor& v)>;
+
 // How many times each cyclic segment runs: `forward_passes` (m) iterations without autograd,
 // then `backward_passes` (b) with autograd. Under no-grad every iteration is a no-grad one.
 struct IterationCounts {
   int forward_passes = 7;
   int backward_passes = 2;
+  IterationObserver observer;  // optional
 };
 
 struct LCKVModelImpl : torch::nn::Module {
@@ -42,7 +50,7 @@ struct LCKVModelImpl : torch::nn::Module {
   RMSNorm norm{nullptr};
 
  private:
-  torch::Tensor run_cyclic_segment(const Segment& seg, const torch::Tensor& h, const torch::Tensor& cos,
+  torch::Tensor run_cyclic_segment(int segment, const Segment& seg, const torch::Tensor& h, const torch::Tensor& cos,
                                    const torch::Tensor& sin, KVStore& kv, const IterationCounts& counts);
 };
 TORCH_MODULE(LCKVModel);

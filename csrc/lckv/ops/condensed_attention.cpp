@@ -11,6 +11,11 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
+
+#ifdef LCKV_WITH_CUDA
+#include "lckv/ops/cuda/condensed_attention_cuda.h"
+#endif
 
 namespace lckv::ops {
 namespace {
@@ -35,9 +40,21 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(q.device() == k.device() && q.device() == v.device(),
               "condensed_attention: q, k, v must be on one device, got ", q.device(), ", ", k.device(), ", ",
               v.device());
+#ifdef LCKV_WITH_CUDA
+  TORCH_CHECK(q.device().is_cpu() || q.device().is_cuda(), "condensed_attention: no kernel for device ", q.device());
+#else
   TORCH_CHECK(q.device().is_cpu(), "condensed_attention: this build has no kernel for device ", q.device());
+#endif
   TORCH_CHECK(p.mask.q_offset >= 0, "condensed_attention: q_offset must be >= 0, got ", p.mask.q_offset);
   TORCH_CHECK(p.query_block > 0, "condensed_attention: query_block must be > 0, got ", p.query_block);
+  if (p.mask.key_start.defined()) {
+    const at::Tensor& ks = p.mask.key_start;
+    TORCH_CHECK(ks.dim() == 1 && ks.size(0) == q.size(0) && ks.scalar_type() == at::kLong,
+                "condensed_attention: key_start must be an int64 tensor [B = ", q.size(0), "], got ", ks.scalar_type(),
+                " ", ks.sizes());
+    TORCH_CHECK(ks.device() == q.device(), "condensed_attention: key_start must be on ", q.device(), ", got ",
+                ks.device());
+  }
 }
 
 double softmax_scale(const at::Tensor& q, const AttentionParams& p) {
@@ -68,6 +85,11 @@ at::Tensor block_scores(const at::Tensor& qb, const at::Tensor& kk, const Attent
   at::Tensor key = at::arange(b.kb, b.ke, opts).unsqueeze(0);
   at::Tensor hidden = m.strict ? key.ge(pos) : key.gt(pos);
   if (m.window > 0) hidden = hidden.logical_or(key.le(pos - m.window));
+  if (m.key_start.defined()) {
+    // [B, 1, 1, 1, ns]: left padding of each sequence, against [tb, ns] broadcast to [B, Hkv, G, tb, ns].
+    at::Tensor padded = key.lt(m.key_start.view({B, 1})).view({B, 1, 1, 1, ns});
+    hidden = hidden.logical_or(padded);
+  }
   return s.masked_fill_(hidden, -std::numeric_limits<double>::infinity());
 }
 
@@ -76,6 +98,9 @@ at::Tensor block_scores(const at::Tensor& qb, const at::Tensor& kk, const Attent
 std::tuple<at::Tensor, at::Tensor> condensed_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                                const at::Tensor& v, const AttentionParams& p) {
   check_inputs(q, k, v, p);
+#ifdef LCKV_WITH_CUDA
+  if (q.is_cuda()) return cuda::condensed_attention_forward_cuda(q, k, v, p, softmax_scale(q, p));
+#endif
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), G = Hq / Hkv;
   const auto acc = accumulate_type(q.scalar_type());
@@ -108,6 +133,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward(
   check_inputs(q, k, v, p);
   TORCH_CHECK(grad_out.sizes() == q.sizes(), "condensed_attention backward: grad_out must be ", q.sizes(),
               ", got ", grad_out.sizes());
+#ifdef LCKV_WITH_CUDA
+  if (q.is_cuda()) return cuda::condensed_attention_backward_cuda(grad_out, q, k, v, out, lse, p, softmax_scale(q, p));
+#endif
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), G = Hq / Hkv;
   const auto dt = q.scalar_type();
@@ -148,11 +176,12 @@ namespace {
 
 struct CondensedAttentionFunction : public torch::autograd::Function<CondensedAttentionFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, bool strict, int64_t window, int64_t q_offset, double scale,
-                            int64_t query_block) {
-    AttentionParams p{{strict, window, q_offset}, scale, query_block};
+                            const at::Tensor& v, const std::optional<at::Tensor>& key_start, bool strict,
+                            int64_t window, int64_t q_offset, double scale, int64_t query_block) {
+    AttentionParams p{{strict, window, q_offset, key_start.value_or(at::Tensor())}, scale, query_block};
     auto [out, lse] = condensed_attention_forward(q, k, v, p);
     ctx->save_for_backward({q, k, v, out, lse});
+    if (p.mask.key_start.defined()) ctx->saved_data["key_start"] = p.mask.key_start;
     ctx->saved_data["strict"] = strict;
     ctx->saved_data["window"] = window;
     ctx->saved_data["q_offset"] = q_offset;
@@ -164,12 +193,14 @@ struct CondensedAttentionFunction : public torch::autograd::Function<CondensedAt
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    const auto key_start = ctx->saved_data.find("key_start");
     AttentionParams p{{ctx->saved_data["strict"].toBool(), ctx->saved_data["window"].toInt(),
-                       ctx->saved_data["q_offset"].toInt()},
+                       ctx->saved_data["q_offset"].toInt(),
+                       key_start == ctx->saved_data.end() ? at::Tensor() : key_start->second.toTensor()},
                       ctx->saved_data["scale"].toDouble(),
                       ctx->saved_data["query_block"].toInt()};
     auto [dq, dk, dv] = condensed_attention_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], p);
-    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -185,8 +216,10 @@ at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const a
   }
   // The op picks its own precisions; keep autocast from re-casting its internal matmuls.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  return CondensedAttentionFunction::apply(qc, kc, vc, p.mask.strict, p.mask.window, p.mask.q_offset, p.scale,
-                                           p.query_block);
+  std::optional<at::Tensor> key_start;
+  if (p.mask.key_start.defined()) key_start = p.mask.key_start;
+  return CondensedAttentionFunction::apply(qc, kc, vc, key_start, p.mask.strict, p.mask.window,
+                                           p.mask.q_offset, p.scale, p.query_block);
 }
 
 }  // namespace lckv::ops

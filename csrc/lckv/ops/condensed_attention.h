@@ -2,7 +2,9 @@
 // q_offset + t over keys at positions s, with
 //   causal: key s visible to query position P iff s <= P
 //   strict: key s visible iff s < P (the diagonal is masked; a row with no key gives exact zeros)
-//   window W > 0: additionally s > P - W.
+//   window W > 0: additionally s > P - W
+//   key_start (optional, [B] int64): keys s < key_start[b] are invisible to every query of batch
+//   entry b (left padding of batched prompts with different lengths).
 // GQA by head grouping: query head h reads KV head h / (Hq / Hkv); repeated K/V are never built.
 #pragma once
 
@@ -16,6 +18,7 @@ struct AttentionMask {
   bool strict = false;    // mask the diagonal
   int64_t window = 0;     // sliding window in keys; <= 0 means unlimited
   int64_t q_offset = 0;   // absolute position of query row 0
+  at::Tensor key_start;   // optional [B] int64: per-sequence first visible key; undefined = 0
 
   // First visible key for query position p, and one past the last.
   int64_t key_begin(int64_t p) const { return window > 0 ? std::max<int64_t>(0, p - window + 1) : 0; }

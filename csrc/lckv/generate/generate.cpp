@@ -1,0 +1,200 @@
+#include "lckv/generate/generate.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <sstream>
+#include <stdexcept>
+
+namespace lckv {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+template <typename... Args>
+[[noreturn]] void invalid(const Args&... args) {
+  std::ostringstream msg;
+  (msg << ... << args);
+  throw std::invalid_argument(msg.str());
+}
+
+void check_prompts(const std::vector<std::vector<int64_t>>& prompts, int64_t vocab_size) {
+  if (prompts.empty()) invalid("generate: no prompts given");
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    if (prompts[i].empty()) invalid("generate: prompt ", i, " is empty (it needs at least one token, e.g. BOS)");
+    for (size_t t = 0; t < prompts[i].size(); ++t) {
+      const int64_t id = prompts[i][t];
+      if (id < 0 || id >= vocab_size) {
+        invalid("generate: prompt ", i, " has token id ", id, " at position ", t, ", outside the model's vocabulary [0, ",
+                vocab_size, ")");
+      }
+    }
+  }
+}
+
+}  // namespace
+
+PrefillMode parse_prefill_mode(const std::string& name) {
+  if (name == "exact") return PrefillMode::kExact;
+  if (name == "iterative") return PrefillMode::kIterative;
+  invalid("prefill mode '", name, "' is unknown: expected 'exact' or 'iterative'");
+}
+
+std::string to_string(PrefillMode mode) { return mode == PrefillMode::kExact ? "exact" : "iterative"; }
+
+void GenerationConfig::validate() const {
+  sampling.validate();
+  if (max_new_tokens < 1) invalid("generate: max_new_tokens must be >= 1, got ", max_new_tokens);
+  if (prefill_chunk < 0) invalid("generate: prefill_chunk must be >= 0 (0 = whole prompt), got ", prefill_chunk);
+  if (cache_capacity < 0) invalid("generate: cache_capacity must be >= 0 (0 = prompt + new tokens), got ", cache_capacity);
+  if (vocab_limit < 0) invalid("generate: vocab_limit must be >= 0 (0 = whole vocabulary), got ", vocab_limit);
+}
+
+void check_tokenizer_vocab(const LCKVConfig& config, int64_t tokenizer_vocab, const std::string& tokenizer_path) {
+  if (tokenizer_vocab > config.vocab_size) {
+    invalid("tokenizer ", tokenizer_path, " has ", tokenizer_vocab, " tokens but the checkpoint's vocab_size is ",
+            config.vocab_size, ": they do not belong together (the tokenizer may produce ids the model cannot embed)");
+  }
+}
+
+GenerationResult generate(LCKVForCausalLM& model, const std::vector<std::vector<int64_t>>& prompts,
+                          const GenerationConfig& config, const TokenCallback& on_tokens) {
+  config.validate();
+  const LCKVConfig& mc = model->config;
+  check_prompts(prompts, mc.vocab_size);
+  if (config.vocab_limit > mc.vocab_size) {
+    invalid("generate: vocab_limit ", config.vocab_limit, " exceeds the model's vocab_size ", mc.vocab_size);
+  }
+  torch::NoGradGuard no_grad;
+  const int64_t B = static_cast<int64_t>(prompts.size());
+  int64_t max_len = 0, min_len = prompts[0].size();
+  for (const auto& p : prompts) {
+    max_len = std::max<int64_t>(max_len, p.size());
+    min_len = std::min<int64_t>(min_len, p.size());
+  }
+  const int64_t capacity = config.cache_capacity > 0 ? config.cache_capacity : max_len + config.max_new_tokens;
+  if (!config.streaming && max_len + config.max_new_tokens > capacity) {
+    invalid("generate: the cache of ", capacity, " slots cannot hold the longest prompt (", max_len,
+            " tokens, padded) plus max_new_tokens (", config.max_new_tokens,
+            "); enlarge cache_capacity or enable StreamingLLM (sink + recent window)");
+  }
+
+  const torch::Tensor weight = model->model->embed_tokens->weight;
+  CondensedKVCache cache(mc, B, capacity, weight.options(), config.streaming);
+  // Left padding: every prompt ends at slot max_len - 1.
+  torch::Tensor ids = torch::zeros({B, max_len}, torch::kLong);
+  std::vector<int64_t> pads(B);
+  for (int64_t b = 0; b < B; ++b) {
+    pads[b] = max_len - static_cast<int64_t>(prompts[b].size());
+    ids[b].narrow(0, pads[b], prompts[b].size()).copy_(torch::tensor(prompts[b], torch::kLong));
+  }
+  if (max_len != min_len) cache.set_key_start(torch::tensor(pads, torch::kLong));
+  ids = ids.to(weight.device());
+
+  const bool penalise = config.sampling.repetition_penalty != 1.0;
+  torch::Tensor seen;
+  if (penalise) {
+    seen = torch::zeros({B, mc.vocab_size}, torch::kBool);
+    for (int64_t b = 0; b < B; ++b) seen[b].index_fill_(0, torch::tensor(prompts[b], torch::kLong), true);
+  }
+
+  GenerationResult result;
+  result.tokens.resize(B);
+  GenerationStats& st = result.stats;
+  st.batch = B;
+  st.padded_prompt_length = max_len;
+  st.cache_bytes = cache.memory_bytes();
+  st.cache_capacity = capacity;
+  for (const auto& p : prompts) st.prompt_tokens += p.size();
+
+  // Runs one chunk [B, n] through the model on the cache; returns the final hidden states.
+  auto run_chunk = [&](const torch::Tensor& chunk, const IterationCounts& counts) {
+    const int64_t n = chunk.size(1);
+    cache.make_room(n);
+    torch::Tensor h = model->model->forward_chunk(chunk, cache, counts, cache.positions(n).to(weight.device()));
+    cache.advance(n);
+    return h;
+  };
+
+  // Prefill. With StreamingLLM a chunk must also fit in what eviction can free.
+  auto t0 = Clock::now();
+  int64_t chunk = config.prefill_chunk > 0 ? config.prefill_chunk : max_len;
+  if (config.streaming) chunk = std::min(chunk, capacity - (max_len - min_len) - config.streaming->sink_tokens);
+  if (chunk < 1) {
+    invalid("generate: a cache of ", capacity, " slots leaves no room for prompt tokens after ",
+            max_len - min_len, " pad and ", config.streaming->sink_tokens, " sink slots");
+  }
+  torch::Tensor last_hidden;
+  for (int64_t s = 0; s < max_len; s += chunk) {
+    const int64_t n = std::min(chunk, max_len - s);
+    const IterationCounts counts = config.prefill == PrefillMode::kExact
+                                       ? IterationCounts{static_cast<int>(n), 1}
+                                       : IterationCounts{mc.forward_passes, mc.backward_passes};
+    torch::Tensor h = run_chunk(ids.narrow(1, s, n), counts);
+    if (s + n == max_len) last_hidden = h.narrow(1, n - 1, 1);
+  }
+  torch::Tensor logits = model->lm_logits(last_hidden).squeeze(1);
+  st.prefill_seconds = seconds_since(t0);
+
+  // Decode: one token per step for every sequence; finished ones keep running, their tokens dropped.
+  t0 = Clock::now();
+  at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(config.seed);
+  std::vector<bool> active(B, true);
+  std::vector<torch::Tensor> step_logits;
+  const auto logit_dtype = weight.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  for (int64_t step = 0; step < config.max_new_tokens; ++step) {
+    torch::Tensor raw = logits.to(torch::kCPU, logit_dtype);
+    if (config.return_logits) step_logits.push_back(raw);
+    if (config.vocab_limit > 0) raw = raw.narrow(1, 0, config.vocab_limit);
+    torch::Tensor next =
+        select_next_tokens(raw, config.sampling, penalise ? seen.narrow(1, 0, raw.size(1)) : torch::Tensor(), generator);
+    const std::vector<bool> active_before = active;
+    const auto next_acc = next.accessor<int64_t, 1>();
+    for (int64_t b = 0; b < B; ++b) {
+      if (!active[b]) continue;
+      const int64_t id = next_acc[b];
+      result.tokens[b].push_back(id);
+      ++st.new_tokens;
+      if (penalise) seen[b][id] = true;
+      if (std::find(config.stop_tokens.begin(), config.stop_tokens.end(), id) != config.stop_tokens.end()) {
+        active[b] = false;
+      }
+    }
+    ++st.steps;
+    const bool go_on = on_tokens ? on_tokens(next, active_before) : true;
+    if (!go_on || step + 1 == config.max_new_tokens || std::none_of(active.begin(), active.end(), [](bool a) { return a; })) {
+      break;
+    }
+    torch::Tensor h = run_chunk(next.to(weight.device()).view({B, 1}), IterationCounts{0, 1});
+    logits = model->lm_logits(h).squeeze(1);
+  }
+  st.decode_seconds = seconds_since(t0);
+  st.evicted = cache.evicted();
+  if (config.return_logits) result.logits = torch::stack(step_logits, 1);
+  return result;
+}
+
+double decode_nll(LCKVForCausalLM& model, const std::vector<int64_t>& ids, int64_t cache_capacity,
+                  const std::optional<StreamingOptions>& streaming) {
+  check_prompts({ids}, model->config.vocab_size);
+  if (ids.size() < 2) invalid("decode_nll: needs at least 2 tokens, got ", ids.size());
+  torch::NoGradGuard no_grad;
+  const torch::Tensor weight = model->model->embed_tokens->weight;
+  CondensedKVCache cache(model->config, 1, cache_capacity, weight.options(), streaming);
+  double total = 0;
+  for (size_t t = 0; t + 1 < ids.size(); ++t) {
+    cache.make_room(1);
+    torch::Tensor token = torch::full({1, 1}, ids[t], torch::kLong).to(weight.device());
+    torch::Tensor h = model->model->forward_chunk(token, cache, IterationCounts{0, 1}, cache.positions(1).to(weight.device()));
+    cache.advance(1);
+    torch::Tensor target = torch::full({1, 1}, ids[t + 1], torch::kLong).to(weight.device());
+    total += lm_loss(model->lm_logits(h), target).item<double>();
+  }
+  return total / static_cast<double>(ids.size() - 1);
+}
+
+}  // namespace lckv

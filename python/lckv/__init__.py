@@ -1,0 +1,33 @@
+"""LCKV (Layer-Condensed KV Cache, Wu & Tu 2024) for PyTorch.
+
+The model, the condensed attention op and the data loaders are the C++ library (lckv._C); this
+package adds the PyTorch conventions around them.
+"""
+
+import torch
+
+_REBUILD = "rebuild with `pip install --no-build-isolation -e .` (or scripts/setup.sh)"
+
+
+def _check_torch_version(built: str, installed: str) -> None:
+    """Raises ImportError when the extension was compiled against another torch than the running one."""
+    if built != installed:
+        raise ImportError(f"lckv._C was built against torch {built} but torch {installed} is installed; {_REBUILD}")
+
+
+try:
+    from . import _C
+except ImportError as e:  # not built yet, or built for a torch whose symbols differ
+    raise ImportError(f"cannot load lckv._C ({e}) with torch {torch.__version__}; {_REBUILD}") from e
+
+_check_torch_version(_C.__torch_version__, torch.__version__)
+
+from . import data, ops  # noqa: E402
+from .config import LCKVConfig  # noqa: E402
+from .model import CausalLMOutput, GenerationOutput, LCKVForCausalLM  # noqa: E402
+
+ConfigError = _C.ConfigError
+CheckpointError = _C.CheckpointError
+TrainError = _C.TrainError
+
+__all__ = ["LCKVConfig", "LCKVForCausalLM", "CausalLMOutput", "GenerationOutput", "ConfigError", "CheckpointError", "TrainError", "data", "ops"]

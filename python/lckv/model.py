@@ -1,0 +1,228 @@
+"""LCKVForCausalLM: the C++ model as a torch.nn.Module.
+
+The class derives from the torch::python::bind_module wrapper (torch.nn.cpp.ModuleWrapper), so
+its parameters are the C++ module's tensors and forward/backward run the C++ code. This file only
+adapts the PyTorch conventions that ModuleWrapper lacks for a nested C++ module (state_dict,
+.to() with every signature) and the Hugging Face-style entry points.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.nn.modules.module import _IncompatibleKeys
+
+from . import _C
+from .config import LCKVConfig
+
+PathLike = Union[str, Path]
+# (segment, iteration, layer, k, v): called after each iteration of a cyclic segment for each of
+# its top targets, with the KVs that layer holds after that iteration.
+KVObserver = Callable[[int, int, int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class CausalLMOutput:
+    loss: Optional[torch.Tensor]  # mean next-token cross-entropy, when labels are given
+    logits: torch.Tensor  # [batch, tokens, vocab]
+
+
+@dataclass
+class GenerationOutput:
+    tokens: List[List[int]]  # the new tokens of each prompt (a stop token is kept)
+    logits: Optional[torch.Tensor]  # [B, steps, V] raw logits of every step, with return_logits=True
+    stats: Dict[str, float]  # prompt / new token counts, prefill and decode seconds, cache bytes, ...
+
+
+class LCKVForCausalLM(_C._LCKVForCausalLM):
+    """The LCKV decoder with its LM head. `LCKVForCausalLM(config)` builds a freshly initialised
+    model (Llama initialisation); `from_pretrained(dir)` loads a checkpoint of the C++ programs."""
+
+    # ModuleWrapper copies these methods of the C++ module onto the instance; the C++ versions
+    # accept fewer signatures than torch.nn.Module's (e.g. .to("cpu"), named_parameters(prefix=))
+    # and train()/eval() return None, so the instance uses nn.Module's (through
+    # ModuleWrapper._apply) and the methods below.
+    _NN_MODULE_METHODS = ("to", "cuda", "cpu", "float", "double", "half", "parameters", "named_parameters", "train", "eval")
+
+    def __init__(self, config: Union[LCKVConfig, dict], *, init_weights: bool = True):
+        if isinstance(config, dict):
+            config = LCKVConfig.from_dict(config)
+        if not isinstance(config, _C.LCKVConfig):
+            raise TypeError(f"config must be an LCKVConfig or a dict, got {type(config).__name__}")
+        super().__init__(config)
+        self._use_nn_module_methods()
+        if init_weights:
+            self.cpp_module._init_weights()
+
+    def _use_nn_module_methods(self) -> None:
+        for name in self._NN_MODULE_METHODS:
+            self.__dict__.pop(name, None)
+
+    @classmethod
+    def _wrap(cls, cpp_module) -> "LCKVForCausalLM":
+        self = cls.__new__(cls)
+        torch.nn.cpp.ModuleWrapper.__init__(self, cpp_module)
+        self._use_nn_module_methods()
+        return self
+
+    # ---- checkpoints (the files of the C++ programs: config.json + model.safetensors, HF names)
+    @classmethod
+    def from_pretrained(cls, directory: PathLike, dtype: torch.dtype = torch.float32) -> "LCKVForCausalLM":
+        """Loads config.json and model.safetensors (or a sharded index) from `directory`.
+        Raises CheckpointError if it is not a checkpoint directory."""
+        return cls._wrap(_C.cpp._LCKVForCausalLM._load_pretrained(str(directory), dtype))
+
+    def save_pretrained(self, directory: PathLike, dtype: Optional[torch.dtype] = None) -> None:
+        """Writes config.json and model.safetensors (atomically); weights in `dtype`
+        (default: the parameters' dtype)."""
+        self.cpp_module._save_pretrained(str(directory), dtype or self._param_dtype())
+
+    @property
+    def config(self) -> LCKVConfig:
+        return LCKVConfig(self.cpp_module._config.to_json())
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def train(self, mode: bool = True) -> "LCKVForCausalLM":
+        self.cpp_module.train(mode)  # recursive in C++
+        return self
+
+    def eval(self) -> "LCKVForCausalLM":
+        return self.train(False)
+
+    # ---- parameters and state dicts by Hugging Face name (lckv::io::hf_state_dict)
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[Tuple[str, torch.nn.Parameter]]:
+        for name, p in self.cpp_module._hf_state_dict():
+            yield (f"{prefix}.{name}" if prefix else name), p
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
+        for _, p in self.named_parameters():
+            yield p
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False) -> Dict[str, torch.Tensor]:
+        if args:
+            raise TypeError("state_dict() takes keyword arguments only (destination=, prefix=, keep_vars=)")
+        out = OrderedDict() if destination is None else destination
+        for name, p in self.cpp_module._hf_state_dict():
+            out[prefix + name] = p if keep_vars else p.detach()
+        return out
+
+    def load_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """Copies tensors into the C++ parameters (converting dtype/device). strict=True raises
+        CheckpointError naming a missing, misshapen or unexpected tensor."""
+        if assign:
+            raise ValueError("load_state_dict(assign=True) is not supported: the parameters belong to the C++ module")
+        current = dict(self.cpp_module._hf_state_dict())
+        missing = [k for k in current if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in current]
+        if strict:
+            self.cpp_module._load_state(dict(state_dict), "state_dict")
+        else:
+            merged = {k: state_dict.get(k, p) for k, p in current.items()}
+            self.cpp_module._load_state(merged, "state_dict")
+        return _IncompatibleKeys(missing, unexpected)
+
+    # ---- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        forward_passes: Optional[int] = None,
+        backward_passes: Optional[int] = None,
+        sequential: bool = False,
+        kv_observer: Optional[KVObserver] = None,
+    ) -> CausalLMOutput:
+        """Logits [B, T, V] and, with labels, the mean next-token loss (labels aligned with
+        input_ids, shifted inside; -100 ignored), as in Hugging Face.
+
+        attention_mask: [B, T] of 0/1 with right padding only (ones, then zeros). Padded tokens
+        follow every real token, so they cannot affect real positions; they are left out of the loss.
+        forward_passes / backward_passes override the config's m and b for this call;
+        sequential=True runs the token-by-token definition; kv_observer sees the KVs of the
+        top targets after every iteration of the parallel forward.
+        """
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if labels is not None and not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if attention_mask is not None:
+            labels = _mask_padding(input_ids, labels, attention_mask)
+        logits, loss = self.cpp_module._forward(
+            input_ids, labels, forward_passes, backward_passes, sequential, kv_observer
+        )
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    # ---- generation with the condensed KV cache (lckv::generate)
+    def generate(
+        self,
+        prompts: Union[torch.Tensor, Sequence[Sequence[int]]],
+        max_new_tokens: int = 32,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int = 0,
+        stop_tokens: Sequence[int] = (),
+        prefill: str = "iterative",
+        prefill_chunk: int = 0,
+        cache_size: int = 0,
+        streaming: bool = False,
+        sink_tokens: int = 4,
+        evict_block: int = 1,
+        return_logits: bool = False,
+    ) -> GenerationOutput:
+        """Continues a batch of prompts (a [B, T] tensor or lists of token ids of any lengths).
+
+        Greedy by default; do_sample with temperature / top_k / top_p / repetition_penalty and
+        seed samples (Hugging Face's rules). prefill: "iterative" (m + b iterations, as in
+        training) or "exact" (equal to the sequential definition). cache_size: slots per
+        sequence (0: prompt + max_new_tokens); streaming keeps sink_tokens + the most recent
+        tokens when it is full (StreamingLLM)."""
+        if isinstance(prompts, torch.Tensor):
+            if prompts.dim() != 2:
+                raise ValueError(f"prompts must be [batch, tokens] or a list of token lists, got shape {tuple(prompts.shape)}")
+            prompts = prompts.tolist()
+        tokens, logits, stats = self.cpp_module._generate(
+            [list(map(int, p)) for p in prompts], max_new_tokens, do_sample, temperature, top_k, top_p,
+            repetition_penalty, seed, list(stop_tokens), prefill, prefill_chunk, cache_size,
+            (sink_tokens, evict_block) if streaming else None, return_logits,
+        )
+        return GenerationOutput(tokens=tokens, logits=logits, stats=stats)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"LCKVForCausalLM(layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+            f"layer_types={c.layer_types}, m={c.forward_passes}, b={c.backward_passes})"
+        )
+
+
+def _mask_padding(input_ids: torch.Tensor, labels: Optional[torch.Tensor], attention_mask: torch.Tensor):
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise TypeError(f"attention_mask must be an integer or bool tensor of 0/1, got {attention_mask.dtype}")
+    mask = attention_mask.to(torch.long)
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 and 1")
+    if (mask[:, 1:] > mask[:, :-1]).any():
+        raise ValueError(
+            "attention_mask: only right padding (ones, then zeros) is supported; "
+            "a zero before a one (left padding or holes) would change the positions of the real tokens"
+        )
+    if labels is None:
+        return None
+    return labels.masked_fill(mask.to(labels.device) == 0, -100)

@@ -1,0 +1,270 @@
+// lckv-bench-attention (CUDA): the condensed attention kernels against PyTorch on one GPU, side by
+// side in one process, and the model end to end. Writes JSON.
+//  * forward / backward TFLOP/s of strict-causal (diagonal-masked) attention, ours vs
+//    scaled_dot_product_attention forced to the flash backend computing the same result by the
+//    shift trick (queries 1..T-1 attend causally to keys 0..T-2; query 0 sees nothing), bf16,
+//    hidden 2048 (D = 64: 32 heads, D = 128: 16 heads), 16k tokens per batch;
+//  * decode (T = 1) achieved memory bandwidth over the KV cache, TinyLlama-1.1B heads (32 query,
+//    4 KV, D 64), bf16, against the card's nominal peak and a measured device copy;
+//  * training tokens/s (bf16 autocast, forward + backward) and generation tokens/s (bf16, greedy)
+//    of the TinyLlama-1.1B shape, Llama identity vs LCKV w=2.
+// --parts picks kernels (the first two), e2e (the last) or all.
+#include <CLI/CLI.hpp>
+#include <torch/torch.h>
+
+#include <ATen/Context.h>
+#include <cuda_runtime_api.h>
+
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <iostream>
+
+#include "lckv/autocast.h"
+#include "lckv/generate/generate.h"
+#include "lckv/model/lckv_model.h"
+#include "lckv/ops/condensed_attention.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Mean milliseconds of fn() after two warm-up calls, repeated until at least `min_ms` have passed.
+template <typename F>
+double time_ms(F&& fn, double min_ms = 100, int max_iters = 200) {
+  fn();
+  fn();
+  torch::cuda::synchronize();
+  int iters = 0;
+  const auto t0 = Clock::now();
+  double elapsed = 0;
+  do {
+    fn();
+    ++iters;
+    torch::cuda::synchronize();
+    elapsed = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  } while (elapsed < min_ms && iters < max_iters);
+  return elapsed / iters;
+}
+
+// The card's nominal memory bandwidth from its clock and bus width (0 if the driver won't say).
+double nominal_peak_gbps(int device) {
+  int clock_khz = 0, bus_bits = 0;
+  if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return 2.0 * clock_khz * 1e3 * bus_bits / 8 / 1e9;  // double data rate
+}
+
+// Device-to-device copy bandwidth, bytes read + written.
+double measured_copy_gbps() {
+  torch::Tensor src = torch::empty({int64_t{1} << 30}, torch::TensorOptions().dtype(torch::kByte).device(torch::kCUDA));
+  torch::Tensor dst = torch::empty_like(src);
+  const double ms = time_ms([&] { dst.copy_(src); });
+  return 2.0 * src.numel() / (ms * 1e-3) / 1e9;
+}
+
+nlohmann::json bench_attention(const std::vector<int64_t>& seq_lens, const std::vector<int64_t>& head_dims,
+                               int64_t tokens_per_batch) {
+  auto& ctx = at::globalContext();
+  ctx.setSDPUseFlash(true);
+  ctx.setSDPUseMemEfficient(false);
+  ctx.setSDPUseMath(false);
+  ctx.setSDPUseCuDNN(false);
+  nlohmann::json rows = nlohmann::json::array();
+  const auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  for (int64_t D : head_dims) {
+    for (int64_t T : seq_lens) {
+      const int64_t H = 2048 / D, B = std::max<int64_t>(1, tokens_per_batch / T);
+      torch::manual_seed(0);
+      torch::Tensor q = torch::randn({B, H, T, D}, opts), k = torch::randn({B, H, T, D}, opts),
+                    v = torch::randn({B, H, T, D}, opts), g = torch::randn({B, H, T, D}, opts);
+      lckv::ops::AttentionParams p;
+      p.mask.strict = true;
+
+      auto [out, lse] = lckv::ops::condensed_attention_forward(q, k, v, p);
+      const double ours_fwd = time_ms([&] { lckv::ops::condensed_attention_forward(q, k, v, p); });
+      const double ours_bwd = time_ms([&] { lckv::ops::condensed_attention_backward(g, q, k, v, out, lse, p); });
+
+      // The shift trick: strict attention of queries 1..T-1 = causal attention over keys 0..T-2.
+      torch::Tensor qs = q.narrow(2, 1, T - 1).contiguous().requires_grad_();
+      torch::Tensor ks = k.narrow(2, 0, T - 1).contiguous().requires_grad_();
+      torch::Tensor vs = v.narrow(2, 0, T - 1).contiguous().requires_grad_();
+      torch::Tensor gs = g.narrow(2, 1, T - 1).contiguous();
+      torch::Tensor sdpa_out;
+      const double sdpa_fwd = time_ms([&] {
+        torch::NoGradGuard no_grad;
+        sdpa_out = at::scaled_dot_product_attention(qs, ks, vs, {}, 0.0, true);
+      });
+      const double max_diff = (sdpa_out.to(torch::kFloat) - out.narrow(2, 1, T - 1).to(torch::kFloat)).abs().max().item<double>();
+      torch::Tensor graph_out = at::scaled_dot_product_attention(qs, ks, vs, {}, 0.0, true);
+      const double sdpa_bwd = time_ms([&] { graph_out.backward(gs, /*retain_graph=*/true); });
+
+      // Visible (query, key) pairs of strict attention: T(T-1)/2 per head.
+      const double flops_fwd = 4.0 * B * H * D * (static_cast<double>(T) * (T - 1) / 2);
+      const double flops_bwd = 2.5 * flops_fwd;
+      auto tflops = [](double flops, double ms) { return flops / (ms * 1e-3) / 1e12; };
+      nlohmann::json row = {{"D", D},
+                            {"T", T},
+                            {"batch", B},
+                            {"heads", H},
+                            {"ours_fwd_ms", ours_fwd},
+                            {"sdpa_flash_fwd_ms", sdpa_fwd},
+                            {"ours_bwd_ms", ours_bwd},
+                            {"sdpa_flash_bwd_ms", sdpa_bwd},
+                            {"ours_fwd_tflops", tflops(flops_fwd, ours_fwd)},
+                            {"sdpa_flash_fwd_tflops", tflops(flops_fwd, sdpa_fwd)},
+                            {"ours_bwd_tflops", tflops(flops_bwd, ours_bwd)},
+                            {"sdpa_flash_bwd_tflops", tflops(flops_bwd, sdpa_bwd)},
+                            {"fwd_ratio", sdpa_fwd / ours_fwd},
+                            {"bwd_ratio", sdpa_bwd / ours_bwd},
+                            {"max_abs_diff_vs_sdpa", max_diff}};
+      std::cerr << row.dump() << "\n";
+      rows.push_back(row);
+    }
+  }
+  return rows;
+}
+
+nlohmann::json bench_decode(const std::vector<int64_t>& batches, const std::vector<int64_t>& contexts, double peak_gbps,
+                            double copy_gbps) {
+  nlohmann::json rows = nlohmann::json::array();
+  const int64_t Hq = 32, Hkv = 4, D = 64;  // TinyLlama-1.1B
+  const auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  for (int64_t B : batches) {
+    for (int64_t S : contexts) {
+      torch::Tensor q = torch::randn({B, Hq, 1, D}, opts);
+      torch::Tensor k = torch::randn({B, Hkv, S, D}, opts), v = torch::randn({B, Hkv, S, D}, opts);
+      lckv::ops::AttentionParams p;
+      p.mask.strict = true;  // a layer attending top: the new token sees the S cached keys
+      p.mask.q_offset = S;
+      const double ms = time_ms([&] { lckv::ops::condensed_attention_forward(q, k, v, p); }, 50, 1000);
+      const double bytes = 2.0 * B * Hkv * S * D * 2;  // K and V, bf16
+      const double gbps = bytes / (ms * 1e-3) / 1e9;
+      nlohmann::json row = {{"batch", B}, {"context", S}, {"ms", ms}, {"gbps", gbps},
+                            {"fraction_of_peak", peak_gbps > 0 ? gbps / peak_gbps : 0.0},
+                            {"fraction_of_copy", gbps / copy_gbps}};
+      std::cerr << row.dump() << "\n";
+      rows.push_back(row);
+    }
+  }
+  return rows;
+}
+
+nlohmann::json bench_end_to_end(const std::vector<std::string>& configs, int64_t seq_len, int64_t batch,
+                                int64_t gen_batch, int64_t prompt, int64_t new_tokens) {
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& path : configs) {
+    const lckv::LCKVConfig config = lckv::LCKVConfig::from_file(path);
+    torch::manual_seed(0);
+    nlohmann::json row = {{"config", path}, {"layer_types", lckv::format_layer_types(config.layer_types)}};
+    lckv::LCKVForCausalLM model(config);
+    lckv::init_weights(model);
+    model->to(torch::kCUDA);
+    // Training step: fp32 weights, bf16 autocast, forward + backward.
+    torch::Tensor ids = torch::randint(0, config.vocab_size, {batch, seq_len},
+                                       torch::TensorOptions().dtype(torch::kLong).device(torch::kCUDA));
+    const double ms = time_ms(
+        [&] {
+          {
+            lckv::AutocastScope autocast(at::kCUDA, at::kBFloat16);
+            model->forward(ids, ids).loss.backward();
+          }
+          model->zero_grad();
+        },
+        1000, 3);
+    row["train_seq_len"] = seq_len;
+    row["train_batch"] = batch;
+    row["train_step_ms"] = ms;
+    row["train_tokens_per_s"] = batch * seq_len / (ms * 1e-3);
+    // Generation: bf16 weights and cache, greedy, the config's prefill iterations.
+    model->to(torch::kBFloat16);
+    model->eval();
+    torch::NoGradGuard no_grad;
+    std::vector<std::vector<int64_t>> prompts(gen_batch, std::vector<int64_t>(prompt));
+    for (auto& pr : prompts) for (auto& id : pr) id = torch::randint(0, config.vocab_size, {1}).item<int64_t>();
+    lckv::GenerationConfig gc;
+    gc.max_new_tokens = new_tokens;
+    lckv::generate(model, prompts, gc);  // warm-up
+    torch::cuda::synchronize();
+    const lckv::GenerationResult r = lckv::generate(model, prompts, gc);
+    const double s = r.stats.prefill_seconds + r.stats.decode_seconds;
+    row["gen_batch"] = gen_batch;
+    row["gen_prompt"] = prompt;
+    row["gen_new_tokens"] = new_tokens;
+    row["gen_seconds"] = s;
+    row["gen_tokens_per_s"] = r.stats.new_tokens / s;
+    row["gen_cache_bytes"] = r.stats.cache_bytes;
+    std::cerr << row.dump() << "\n";
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"lckv-bench-attention: CUDA condensed attention vs PyTorch SDPA, decode bandwidth, end to end"};
+  std::vector<int64_t> seq_lens = {1024, 2048, 4096, 8192, 16384}, head_dims = {64, 128};
+  std::vector<int64_t> batches = {1, 16, 64, 256}, contexts = {1024, 4096, 16384, 32768};
+  int64_t tokens_per_batch = 16384;
+  std::string parts = "kernels";
+  std::vector<std::string> configs = {"configs/tinyllama-1.1b-llama.json", "configs/tinyllama-1.1b-lckv-w2.json"};
+  int64_t train_seq = 2048, train_batch = 2, gen_batch = 32, gen_prompt = 128, gen_new = 128;
+  int threads = 2;
+  std::string out_path, card;
+  app.add_option("--seq-lens", seq_lens, "T of the attention benchmark");
+  app.add_option("--head-dims", head_dims, "D of the attention benchmark (64, 128)");
+  app.add_option("--tokens-per-batch", tokens_per_batch, "batch = this / T");
+  app.add_option("--decode-batches", batches, "batch sizes of the decode benchmark");
+  app.add_option("--decode-contexts", contexts, "cached keys of the decode benchmark");
+  app.add_option("--parts", parts, "kernels | e2e | all")->check(CLI::IsMember({"kernels", "e2e", "all"}));
+  app.add_option("--configs", configs, "model configs of the end-to-end benchmark");
+  app.add_option("--train-seq", train_seq, "tokens per training sequence");
+  app.add_option("--train-batch", train_batch, "training sequences per step");
+  app.add_option("--gen-batch", gen_batch, "generated sequences");
+  app.add_option("--gen-prompt", gen_prompt, "prompt tokens per sequence");
+  app.add_option("--gen-new", gen_new, "new tokens per sequence");
+  app.add_option("--threads", threads, "torch intra-op threads (CPU side)");
+  app.add_option("--card", card, "the GPU's name for the JSON (default: the driver's)");
+  app.add_option("--out", out_path, "write the JSON here (atomically)");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    torch::set_num_threads(threads);
+    if (!torch::cuda::is_available()) throw std::runtime_error("no CUDA device");
+    cudaDeviceProp prop{};
+    cudaGetDeviceProperties(&prop, 0);
+    if (card.empty()) card = prop.name;
+    const double peak = nominal_peak_gbps(0), copy = measured_copy_gbps();
+    char date[32];
+    const std::time_t now = std::time(nullptr);
+    std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+    nlohmann::json result = {{"benchmark", "condensed_attention_cuda"},
+                             {"card", card},
+                             {"date", date},
+                             {"torch", TORCH_VERSION},
+                             {"sms", prop.multiProcessorCount},
+                             {"nominal_peak_gbps", peak},
+                             {"measured_copy_gbps", copy}};
+    if (parts != "e2e") {
+      result["attention"] = bench_attention(seq_lens, head_dims, tokens_per_batch);
+      result["decode"] = bench_decode(batches, contexts, peak, copy);
+    }
+    if (parts != "kernels") {
+      result["end_to_end"] = bench_end_to_end(configs, train_seq, train_batch, gen_batch, gen_prompt, gen_new);
+    }
+    std::cout << result.dump(2) << std::endl;
+    if (!out_path.empty()) {
+      const std::string tmp = out_path + ".tmp";
+      std::ofstream(tmp) << result.dump(2) << "\n";
+      if (std::rename(tmp.c_str(), out_path.c_str()) != 0) throw std::runtime_error("cannot write " + out_path);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::cerr << "lckv-bench-attention: " << e.what() << "\n";
+    return 1;
+  }
+}

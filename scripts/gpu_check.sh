@@ -9,6 +9,7 @@
 #   4. runs lckv-bench-attention (kernels vs SDPA flash and decode bandwidth; then TinyLlama end
 #      to end), each under a time limit,
 #   5. runs the whole ctest suite (CUDA required),
+#   6. builds the Python extension against this machine's torch and runs pytest (GPU_CHECK_PYTHON=0 skips),
 # and writes its logs and JSON to $OUT (the device tool's output folder; bench/results/ when unset)
 # and the JSON to bench/results/. Exit status: non-zero if any step failed.
 #
@@ -89,6 +90,18 @@ bench kernels kernels 200
 if [ "${GPU_CHECK_CTEST:-1}" != 0 ]; then
   say "ctest (everything, CUDA required)"
   LCKV_REQUIRE_CUDA=1 logged ctest --test-dir "$BUILD" -j"$JOBS" --output-on-failure --timeout 150 || fail "ctest"
+fi
+
+# The Python package against this machine's own torch (issue 6: the same pytest suite must pass here).
+if [ "${GPU_CHECK_PYTHON:-1}" != 0 ]; then
+  say "Python package lckv against $(command -v python3)'s torch, then pytest"
+  if python3 -c "import pytest" 2>/dev/null; then
+    LCKV_PY_BUILD_DIR=build-gpu-py LCKV_BUILD_JOBS="$JOBS" logged python3 setup.py -q build_ext --inplace ||
+      fail "building lckv._C"
+    logged timeout 300 python3 -m pytest -q tests/python || fail "pytest"
+  else
+    fail "pytest is not installed for $(command -v python3): the Python suite did not run"
+  fi
 fi
 
 say "done: status $status"

@@ -345,3 +345,28 @@ TEST_CASE("a non-finite loss stops the run naming the step and keeps the last go
   CHECK_NOTHROW(io::load_pretrained((fs::path(o.out) / name).string()));
   fs::remove_all(root);
 }
+
+TEST_CASE("the fused AdamW step equals libtorch's AdamW step", "[train]") {
+  torch::manual_seed(3);
+  auto make = [] {
+    std::vector<torch::Tensor> ps = {torch::randn({5, 7}, torch::kDouble), torch::randn({7}, torch::kDouble)};
+    for (auto& p : ps) p.requires_grad_(true);
+    return ps;
+  };
+  std::vector<torch::Tensor> a = make(), b;
+  for (auto& p : a) b.push_back(p.detach().clone().requires_grad_(true));
+  auto opts = torch::optim::AdamWOptions(1e-2).betas({0.9, 0.95}).eps(1e-8).weight_decay(0.1);
+  torch::optim::AdamW reference(a, opts), fused(b, opts);
+  for (int step = 0; step < 3; ++step) {
+    const torch::Tensor g0 = torch::randn({5, 7}, torch::kDouble), g1 = torch::randn({7}, torch::kDouble);
+    a[0].mutable_grad() = g0.clone();
+    a[1].mutable_grad() = g1.clone();
+    b[0].mutable_grad() = g0.clone();
+    b[1].mutable_grad() = g1.clone();
+    reference.step();
+    train::fused_adamw_step(fused);
+    for (size_t i = 0; i < a.size(); ++i) CHECK((a[i] - b[i]).abs().max().item<double>() < 1e-12);
+  }
+  auto& st = static_cast<torch::optim::AdamWParamState&>(*fused.state().at(b[0].unsafeGetTensorImpl()));
+  CHECK(st.step() == 3);
+}

@@ -370,6 +370,37 @@ Trainer::Trainer(const TrainOptions& options, std::ostream* log) : options_(opti
 
 int64_t Trainer::tokens_per_step() const { return options_.seq_len * options_.batch_size * options_.grad_accum; }
 
+void fused_adamw_step(torch::optim::AdamW& opt) {
+  torch::NoGradGuard no_grad;
+  for (auto& group : opt.param_groups()) {
+    const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
+    std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
+    std::vector<torch::optim::AdamWParamState*> states;
+    for (auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      auto& slot = opt.state()[p.unsafeGetTensorImpl()];
+      if (!slot) {
+        auto st = std::make_unique<torch::optim::AdamWParamState>();
+        st->step(0);
+        st->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        st->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        slot = std::move(st);
+      }
+      auto& st = static_cast<torch::optim::AdamWParamState&>(*slot);
+      st.step(st.step() + 1);  // the fused kernel takes the already-incremented step, as in PyTorch
+      params.push_back(p);
+      grads.push_back(p.grad());
+      exp_avgs.push_back(st.exp_avg());
+      exp_avg_sqs.push_back(st.exp_avg_sq());
+      steps.push_back(torch::full({}, static_cast<double>(st.step()), p.options().dtype(torch::kFloat)));
+    }
+    if (params.empty()) continue;
+    at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, steps, o.lr(),
+                      std::get<0>(o.betas()), std::get<1>(o.betas()), o.weight_decay(), o.eps(),
+                      /*amsgrad=*/false, /*maximize=*/false);
+  }
+}
+
 StepStats Trainer::train_step() {
   const auto t0 = std::chrono::steady_clock::now();
   StepStats s;
@@ -404,7 +435,7 @@ StepStats Trainer::train_step() {
   s.grad_norm = torch::nn::utils::clip_grad_norm_(
       model_->parameters(), options_.grad_clip > 0 ? options_.grad_clip : std::numeric_limits<double>::infinity());
   if (!std::isfinite(s.grad_norm)) throw not_finite("the gradient norm", s.grad_norm);
-  optimizer_->step();
+  fused_adamw_step(*optimizer_);
   ++step_;
   tokens_seen_ += tokens_per_step();
   s.step = step_;

@@ -178,4 +178,10 @@ class Trainer {
   std::string metrics_path_;
 };
 
+// One step of `opt` for every parameter with a gradient, through ATen's fused multi-tensor AdamW
+// kernel (one pass per parameter instead of libtorch's ~10 elementwise ops; what
+// torch.optim.AdamW(fused=True) runs). The moments live in the optimizer's own per-parameter state,
+// so torch::save/load of the optimizer (the checkpoint format) is unchanged.
+void fused_adamw_step(torch::optim::AdamW& opt);
+
 }  // namespace lckv::train

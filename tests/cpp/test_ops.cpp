@@ -180,3 +180,29 @@ TEST_CASE("condensed attention rejects bad inputs with a message naming the argu
   p.mask.q_offset = -1;
   CHECK_THROWS_WITH(condensed_attention(q, k, v, p), Catch::Contains("q_offset"));
 }
+
+TEST_CASE("the fp32 op matches the fp64 naive reference to fp32 precision, forward and backward", "[ops]") {
+  // The low-precision path (fp32 scores and statistics) on every mask case.
+  torch::manual_seed(4);
+  for (const Case& c : kCases) {
+    if (c.T < 2) continue;
+    auto opts = torch::TensorOptions().dtype(torch::kDouble);
+    torch::Tensor q = torch::randn({c.B, c.Hq, c.T, c.D}, opts), k = torch::randn({c.B, c.Hkv, c.S, c.D}, opts),
+                  v = torch::randn({c.B, c.Hkv, c.S, c.D}, opts), g = torch::randn({c.B, c.Hq, c.T, c.D}, opts);
+    std::vector<torch::Tensor> f32 = {q.to(torch::kFloat).requires_grad_(true), k.to(torch::kFloat).requires_grad_(true),
+                                      v.to(torch::kFloat).requires_grad_(true)};
+    std::vector<torch::Tensor> f64 = {q.clone().requires_grad_(true), k.clone().requires_grad_(true), v.clone().requires_grad_(true)};
+    AttentionParams p{{c.strict, c.window, c.q_offset}, 0, c.block};
+    torch::Tensor out = condensed_attention(f32[0], f32[1], f32[2], p);
+    torch::Tensor ref = naive_attention(f64[0], f64[1], f64[2], c.strict, c.window, c.q_offset);
+    INFO("case T=" << c.T << " S=" << c.S << " strict=" << c.strict << " window=" << c.window << " offset=" << c.q_offset);
+    REQUIRE_FALSE(out.isnan().any().item<bool>());
+    CHECK((out.to(torch::kDouble) - ref).abs().max().item<double>() < 1e-5);
+    auto grads = torch::autograd::grad({(out * g.to(torch::kFloat)).sum()}, f32);
+    auto ref_grads = torch::autograd::grad({(ref * g).sum()}, f64);
+    for (int i = 0; i < 3; ++i) {
+      INFO("input " << i);
+      CHECK((grads[i].to(torch::kDouble) - ref_grads[i]).abs().max().item<double>() < 1e-4);
+    }
+  }
+}

@@ -2,6 +2,8 @@
 #include <stdlib.h>
 
 #include <catch2/catch.hpp>
+
+#include "test_files.h"
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -18,33 +20,11 @@
 namespace fs = std::filesystem;
 using namespace lckv::data;
 using Catch::Matchers::Contains;
+using lckv::testing::TempDir;
+using lckv::testing::read_bytes;
+using lckv::testing::write_bytes;
 
 namespace {
-
-// A fresh directory under /tmp, removed with everything in it at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string templ = (fs::temp_directory_path() / "lckv_data_test_XXXXXX").string();
-    REQUIRE(mkdtemp(templ.data()) != nullptr);
-    path = templ;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << bytes;
-}
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 std::vector<int32_t> read_all(const TokenShard& shard) {
   std::vector<int32_t> out(static_cast<std::size_t>(shard.size()));

@@ -1,36 +1,23 @@
 // safetensors I/O, checkpoint directories (invariant 6), and the conformance vectors: expected
 // fp64 logits of an independent implementation of DESIGN.md for five tiny checkpoints.
 #include <catch2/catch.hpp>
+
+#include "test_files.h"
 #include <torch/torch.h>
 
 #include <filesystem>
 #include <fstream>
-#include <unistd.h>
 
 #include "lckv/io/checkpoint.h"
 #include "lckv/io/safetensors.h"
 
 using namespace lckv;
 namespace fs = std::filesystem;
+using lckv::testing::TempDir;
+using lckv::testing::read_bytes;
+using lckv::testing::write_bytes;
 
 namespace {
-
-fs::path temp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("lckv_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
-
-void write_bytes(const fs::path& p, const std::string& bytes) {
-  std::ofstream out(p, std::ios::binary);
-  out << bytes;
-}
-
-std::string read_bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
-}
 
 // Greedy continuation by re-running the exact forward on the growing sequence.
 std::vector<int64_t> greedy(LCKVForCausalLM& m, std::vector<int64_t> ids, int n) {
@@ -48,7 +35,8 @@ std::vector<int64_t> greedy(LCKVForCausalLM& m, std::vector<int64_t> ids, int n)
 }  // namespace
 
 TEST_CASE("safetensors round-trips every float dtype", "[io]") {
-  fs::path dir = temp_dir("st");
+  const TempDir tmp;
+  fs::path dir = tmp.path;
   std::vector<std::pair<std::string, torch::Tensor>> ts = {
       {"a", torch::randn({3, 4}, torch::kDouble)}, {"b", torch::randn({5}, torch::kFloat)},
       {"c", torch::randn({2, 2}).to(torch::kBFloat16)}, {"d", torch::randn({7}).to(torch::kHalf)},
@@ -61,11 +49,11 @@ TEST_CASE("safetensors round-trips every float dtype", "[io]") {
     CHECK(back.at(name).scalar_type() == t.scalar_type());
     CHECK(torch::equal(back.at(name), t));
   }
-  fs::remove_all(dir);
 }
 
 TEST_CASE("corrupt safetensors files are rejected naming the file and the problem", "[io][bad-input]") {
-  fs::path dir = temp_dir("st_bad");
+  const TempDir tmp;
+  fs::path dir = tmp.path;
   const fs::path good = dir / "good.safetensors";
   io::save_safetensors(good.string(), {{"w", torch::randn({16, 16})}});
   const std::string bytes = read_bytes(good);
@@ -88,11 +76,11 @@ TEST_CASE("corrupt safetensors files are rejected naming the file and the proble
   CHECK_THROWS_WITH(io::load_safetensors(huge_header.string()), Catch::Contains("exceeds the file size"));
 
   CHECK_THROWS_WITH(io::load_safetensors((dir / "missing.safetensors").string()), Catch::Contains("cannot open"));
-  fs::remove_all(dir);
 }
 
 TEST_CASE("a saved and loaded checkpoint gives bit-identical logits (invariant 6)", "[io]") {
-  fs::path dir = temp_dir("ckpt");
+  const TempDir tmp;
+  fs::path dir = tmp.path;
   for (auto dtype : {torch::kFloat, torch::kDouble}) {
     nlohmann::json j = {{"vocab_size", 50}, {"hidden_size", 32}, {"intermediate_size", 48}, {"num_hidden_layers", 4},
                         {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"layer_types", "0_3_3_3"}};
@@ -106,11 +94,11 @@ TEST_CASE("a saved and loaded checkpoint gives bit-identical logits (invariant 6
     CHECK(torch::equal(m->forward(ids).logits, loaded->forward(ids).logits));
     CHECK(loaded->config.to_json()["layer_types"] == "0_3_3_3");
   }
-  fs::remove_all(dir);
 }
 
 TEST_CASE("loading a checkpoint that does not match its config fails naming the tensor", "[io][bad-input]") {
-  fs::path dir = temp_dir("ckpt_bad");
+  const TempDir tmp;
+  fs::path dir = tmp.path;
   nlohmann::json j = {{"vocab_size", 50}, {"hidden_size", 32}, {"intermediate_size", 48}, {"num_hidden_layers", 2},
                       {"num_attention_heads", 4}, {"num_key_value_heads", 2}};
   LCKVForCausalLM m(LCKVConfig::from_json(j));
@@ -126,7 +114,6 @@ TEST_CASE("loading a checkpoint that does not match its config fails naming the 
   LCKVConfig::from_json(j).save((dir / "config.json").string());
   CHECK_THROWS_WITH(io::load_pretrained(dir.string()), Catch::Contains("mlp.gate_proj.weight' has shape [48, 32], expected [64, 32]"));
   CHECK_THROWS_WITH(io::load_pretrained((dir / "nothing").string()), Catch::Contains("not a checkpoint directory"));
-  fs::remove_all(dir);
 }
 
 TEST_CASE("conformance vectors: exact and m=2,b=1 logits and greedy continuations", "[io][conformance]") {

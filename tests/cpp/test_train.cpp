@@ -1,13 +1,14 @@
 // The trainer (csrc/lckv/train): schedule, weight-decay groups, learning, exact resume through a
 // stop signal, checkpoints, and every bad-input case of the training program.
 #include <catch2/catch.hpp>
+
+#include "test_files.h"
 #include <torch/torch.h>
 
 #include <cmath>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
-#include <unistd.h>
 
 #include "lckv/data/shards.h"
 #include "lckv/io/checkpoint.h"
@@ -19,26 +20,12 @@ using namespace lckv;
 using train::TrainError;
 using train::TrainOptions;
 namespace fs = std::filesystem;
+using lckv::testing::TempDir;
+using lckv::testing::read_bytes;
+using lckv::testing::write_bytes;
 using Catch::Matchers::Contains;
 
 namespace {
-
-fs::path temp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("lckv_test_train_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
-
-void write_text(const fs::path& p, const std::string& text) {
-  std::ofstream out(p, std::ios::binary);
-  out << text;
-}
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
-}
 
 // A prepared-data directory as lckv-prepare writes it (no tokenizer file: training never reads it).
 // `shard_vocab` is the vocab_size in the shard headers, `meta_vocab` the tokenizer's.
@@ -52,7 +39,7 @@ fs::path make_data(const fs::path& dir, const std::vector<int32_t>& train_tokens
                                {"eos_id", 2},
                                {"train_shards", {"train_000000.bin"}},
                                {"val_shards", {"val_000000.bin"}}};
-  write_text(dir / "meta.json", meta.dump());
+  write_bytes(dir / "meta.json", meta.dump());
   return dir;
 }
 
@@ -75,7 +62,7 @@ fs::path write_model_config(const fs::path& path, int64_t hidden = 32) {
                             {"num_hidden_layers", 4},  {"num_attention_heads", 4},   {"num_key_value_heads", 2},
                             {"layer_types", "0_2_2_3"}, {"forward_passes", 2},        {"backward_passes", 1},
                             {"max_position_embeddings", 128}};
-  write_text(path, c.dump());
+  write_bytes(path, c.dump());
   return path;
 }
 
@@ -97,7 +84,7 @@ TrainOptions tiny_options(const fs::path& root, const fs::path& data, const std:
 }
 
 std::string latest_name(const std::string& out) {
-  std::string s = read_text(fs::path(out) / "latest");
+  std::string s = read_bytes(fs::path(out) / "latest");
   while (!s.empty() && s.back() == '\n') s.pop_back();
   return s;
 }
@@ -124,7 +111,8 @@ TEST_CASE("learning rate: linear warmup, then cosine to lr * min_lr_ratio", "[tr
 }
 
 TEST_CASE("weight decay applies to the matrices, not to norms", "[train]") {
-  const fs::path root = temp_dir("groups");
+  const TempDir tmp;
+  const fs::path root = tmp.path;
   LCKVForCausalLM model(LCKVConfig::from_file(write_model_config(root / "model.json").string()));
   const train::ParamGroups g = train::weight_decay_groups(model);
   std::set<std::string> decay, no_decay;
@@ -145,11 +133,11 @@ TEST_CASE("weight decay applies to the matrices, not to norms", "[train]") {
   // Layers 1 and 2 read layer 2's KVs, so layer 1 has no k/v projections.
   CHECK(decay.count("model.layers.1.self_attn.k_proj.weight") == 0);
   CHECK(decay.count("model.layers.2.self_attn.k_proj.weight") == 1);
-  fs::remove_all(root);
 }
 
 TEST_CASE("training learns a repeating sequence and greedy decoding continues it", "[train]") {
-  const fs::path root = temp_dir("learn");
+  const TempDir tmp;
+  const fs::path root = tmp.path;
   const fs::path data = make_data(root / "data", repeating(4000, 7), repeating(400, 7), 64, 64);
   TrainOptions o = tiny_options(root, data, "out");
   o.max_steps = 40;
@@ -171,11 +159,11 @@ TEST_CASE("training learns a repeating sequence and greedy decoding continues it
   std::vector<int64_t> expected;
   for (int i = 0; i < 10; ++i) expected.push_back(3 + (6 + i) % 7);
   CHECK(generated == expected);
-  fs::remove_all(root);
 }
 
 TEST_CASE("a run stopped by SIGTERM and resumed gives the uninterrupted run's losses exactly", "[train]") {
-  const fs::path root = temp_dir("resume");
+  const TempDir tmp;
+  const fs::path root = tmp.path;
   const fs::path data = make_data(root / "data", random_tokens(3000, 64, 1), random_tokens(300, 64, 2), 64, 64);
   TrainOptions o = tiny_options(root, data, "whole");
   o.grad_accum = 2;
@@ -230,12 +218,12 @@ TEST_CASE("a run stopped by SIGTERM and resumed gives the uninterrupted run's lo
     if (rec["type"] == "train") steps.push_back(rec["step"].get<int64_t>());
   }
   CHECK(steps == std::vector<int64_t>{2, 4, 5, 6, 8});
-  fs::remove_all(root);
 }
 
 TEST_CASE("run files: fields set options, unknown or mistyped fields are rejected by name", "[train]") {
-  const fs::path root = temp_dir("runfile");
-  write_text(root / "run.json", R"({"seq_len": 64, "lr": 0.002, "dtype": "fp32", "resume": true})");
+  const TempDir tmp;
+  const fs::path root = tmp.path;
+  write_bytes(root / "run.json", R"({"seq_len": 64, "lr": 0.002, "dtype": "fp32", "resume": true})");
   const TrainOptions o = TrainOptions::from_file((root / "run.json").string());
   CHECK(o.seq_len == 64);
   CHECK(o.lr == 0.002);
@@ -243,20 +231,20 @@ TEST_CASE("run files: fields set options, unknown or mistyped fields are rejecte
   CHECK(o.resume);
   CHECK(o.batch_size == TrainOptions{}.batch_size);
   CHECK(TrainOptions::from_json(o.to_json()).to_json() == o.to_json());
-  write_text(root / "bad.json", R"({"seq_lenn": 64})");
+  write_bytes(root / "bad.json", R"({"seq_lenn": 64})");
   CHECK_THROWS_WITH(TrainOptions::from_file((root / "bad.json").string()), Contains("unknown field 'seq_lenn'"));
-  write_text(root / "bad.json", R"({"seq_len": "long"})");
+  write_bytes(root / "bad.json", R"({"seq_len": "long"})");
   CHECK_THROWS_WITH(TrainOptions::from_file((root / "bad.json").string()), Contains("'seq_len': expected an integer"));
-  write_text(root / "bad.json", R"({"seq_len": )");
+  write_bytes(root / "bad.json", R"({"seq_len": )");
   CHECK_THROWS_WITH(TrainOptions::from_file((root / "bad.json").string()), Contains("not valid JSON"));
   TrainOptions bad = tiny_options(root, root, "out");
   bad.dtype = "fp8";
   CHECK_THROWS_WITH(bad.validate(), Contains("dtype") && Contains("fp8"));
-  fs::remove_all(root);
 }
 
 TEST_CASE("bad data: missing, truncated, or token ids beyond the model's vocabulary", "[train]") {
-  const fs::path root = temp_dir("baddata");
+  const TempDir tmp;
+  const fs::path root = tmp.path;
   TrainOptions o = tiny_options(root, root / "nowhere", "out");
   CHECK_THROWS_WITH(train::Trainer(o), Contains("meta.json") && Contains("nowhere"));
 
@@ -270,18 +258,18 @@ TEST_CASE("bad data: missing, truncated, or token ids beyond the model's vocabul
   o.data = cut.string();
   CHECK_THROWS_WITH(train::Trainer(o), Contains("train_000000.bin"));
   CHECK_FALSE(fs::exists(root / "out"));  // nothing written for a run that cannot start
-  fs::remove_all(root);
 }
 
 TEST_CASE("bad checkpoints and outputs: mismatched config, corrupt weights, existing run, unwritable dir", "[train]") {
-  const fs::path root = temp_dir("badckpt");
+  const TempDir tmp;
+  const fs::path root = tmp.path;
   const fs::path data = make_data(root / "data", random_tokens(2000, 64, 7), random_tokens(200, 64, 8), 64, 64);
   TrainOptions o = tiny_options(root, data, "out");
   o.max_steps = 2;
   train::Trainer(o).run();
   const fs::path ckpt = root / "out" / "step_000002";
   REQUIRE(fs::exists(ckpt / "model.safetensors"));
-  const std::string metrics_before = read_text(root / "out" / "metrics.jsonl");
+  const std::string metrics_before = read_bytes(root / "out" / "metrics.jsonl");
 
   SECTION("a fresh run refuses to overwrite an existing one") {
     CHECK_THROWS_WITH(train::Trainer(o), Contains("--resume"));
@@ -298,10 +286,10 @@ TEST_CASE("bad checkpoints and outputs: mismatched config, corrupt weights, exis
     o.max_steps = 4;
     CHECK_THROWS_WITH(train::Trainer(o), Contains("cannot resume") && Contains("model.safetensors"));
     CHECK(fs::exists(ckpt / "optimizer.pt"));  // nothing deleted
-    CHECK(read_text(root / "out" / "metrics.jsonl") == metrics_before);
+    CHECK(read_bytes(root / "out" / "metrics.jsonl") == metrics_before);
   }
   SECTION("resume from a model.safetensors of garbage bytes") {
-    write_text(ckpt / "model.safetensors", std::string(5000, '\x7f'));
+    write_bytes(ckpt / "model.safetensors", std::string(5000, '\x7f'));
     o.resume = true;
     CHECK_THROWS_WITH(train::Trainer(o), Contains("cannot resume") && Contains("model.safetensors"));
   }
@@ -311,15 +299,15 @@ TEST_CASE("bad checkpoints and outputs: mismatched config, corrupt weights, exis
     CHECK_THROWS_WITH(train::Trainer(o), Contains("latest") && Contains("no checkpoint"));
   }
   SECTION("an output directory that cannot be created") {
-    write_text(root / "a_file", "x");
+    write_bytes(root / "a_file", "x");
     o.out = (root / "a_file" / "run").string();
     CHECK_THROWS_WITH(train::Trainer(o), Contains("cannot create output directory") && Contains("a_file"));
   }
-  fs::remove_all(root);
 }
 
 TEST_CASE("a non-finite loss stops the run naming the step and keeps the last good checkpoint", "[train]") {
-  const fs::path root = temp_dir("nan");
+  const TempDir tmp;
+  const fs::path root = tmp.path;
   const fs::path data = make_data(root / "data", random_tokens(2000, 64, 9), random_tokens(200, 64, 10), 64, 64);
   TrainOptions o = tiny_options(root, data, "out");
   o.lr = 1e30;  // one AdamW step moves every weight by ~1e30: the next forward overflows
@@ -343,7 +331,6 @@ TEST_CASE("a non-finite loss stops the run naming the step and keeps the last go
   CHECK_THAT(message, Contains(name));
   CHECK(latest_name(o.out) == name);
   CHECK_NOTHROW(io::load_pretrained((fs::path(o.out) / name).string()));
-  fs::remove_all(root);
 }
 
 TEST_CASE("the fused AdamW step equals libtorch's AdamW step", "[train]") {

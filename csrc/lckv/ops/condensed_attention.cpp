@@ -206,6 +206,40 @@ struct CondensedAttentionFunction : public torch::autograd::Function<CondensedAt
 
 }  // namespace
 
+namespace {
+
+// The CPU path for fp32/bf16/fp16 chunks of more than one query: PyTorch's fused CPU attention
+// (flash-style online softmax, GQA without repeated K/V, its own autograd) given the condensed
+// mask as a boolean [T, S] mask. On this CPU it is ~1.8x faster forward and ~1.2x forward+backward
+// than the ATen-composed blocks above, which stay the path for fp64 (the exactness reference),
+// per-sequence key_start and single-token decode. A row that sees no key gets key 0 and is zeroed
+// afterwards: SDPA returns NaN for an all-masked row.
+bool use_fused_cpu_attention(const at::Tensor& q, const at::Tensor& k, const AttentionParams& p) {
+  return q.device().is_cpu() && q.scalar_type() != at::kDouble && !p.mask.key_start.defined() && q.size(2) > 1 &&
+         k.size(2) > 0;
+}
+
+at::Tensor fused_cpu_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionParams& p) {
+  const int64_t T = q.size(2), S = k.size(2);
+  const std::optional<double> scale = p.scale > 0 ? std::optional<double>(p.scale) : std::nullopt;
+  const AttentionMask& m = p.mask;
+  if (!m.strict && m.window <= 0 && m.q_offset == 0 && T == S) {
+    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, scale, /*enable_gqa=*/true);
+  }
+  auto opts = at::TensorOptions().dtype(at::kLong);
+  at::Tensor pos = at::arange(m.q_offset, m.q_offset + T, opts).unsqueeze(1);
+  at::Tensor key = at::arange(S, opts).unsqueeze(0);
+  at::Tensor visible = m.strict ? key.lt(pos) : key.le(pos);
+  if (m.window > 0) visible = visible.logical_and(key.gt(pos - m.window));
+  const at::Tensor empty = visible.any(-1).logical_not();
+  const bool any_empty = empty.any().item<bool>();
+  if (any_empty) visible.select(1, 0).logical_or_(empty);
+  at::Tensor out = at::scaled_dot_product_attention(q, k, v, visible, 0.0, false, scale, /*enable_gqa=*/true);
+  return any_empty ? out.masked_fill(empty.view({1, 1, T, 1}), 0) : out;
+}
+
+}  // namespace
+
 at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const AttentionParams& p) {
   at::Tensor qc = q, kc = k, vc = v;
@@ -216,6 +250,10 @@ at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const a
   }
   // The op picks its own precisions; keep autocast from re-casting its internal matmuls.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  if (use_fused_cpu_attention(qc, kc, p)) {
+    check_inputs(qc, kc, vc, p);
+    return fused_cpu_attention(qc, kc, vc, p);
+  }
   std::optional<at::Tensor> key_start;
   if (p.mask.key_start.defined()) key_start = p.mask.key_start;
   return CondensedAttentionFunction::apply(qc, kc, vc, key_start, p.mask.strict, p.mask.window,

@@ -1,5 +1,7 @@
 #include "lckv/model/lckv_model.h"
 
+#include <ATen/autocast_mode.h>
+
 namespace lckv {
 
 namespace F = torch::nn::functional;
@@ -75,7 +77,13 @@ torch::Tensor LCKVModelImpl::forward_chunk(const torch::Tensor& input_ids, KVSto
   torch::Tensor pos = positions.defined()
                           ? positions
                           : torch::arange(kv.past_length(), kv.past_length() + T, input_ids.options().dtype(torch::kLong));
-  auto [cos, sin] = rotary.cos_sin(pos, h.scalar_type());
+  // Under autocast the q/k projections come out in the low-precision dtype: rotating them with
+  // tables of that dtype keeps them there, instead of a round trip through fp32 (and its backward)
+  // before the attention op casts them down again.
+  const auto device_type = h.device().type();
+  const auto rope_dtype =
+      at::autocast::is_autocast_enabled(device_type) ? at::autocast::get_autocast_dtype(device_type) : h.scalar_type();
+  auto [cos, sin] = rotary.cos_sin(pos, rope_dtype);
   for (size_t s = 0; s < plan.segments.size(); ++s) {
     const Segment& seg = plan.segments[s];
     if (seg.cyclic) {

@@ -76,16 +76,24 @@ Block make_block(const AttentionMask& m, int64_t t0, int64_t tb, int64_t S) {
 }
 
 // Scaled scores of one block with invisible keys at -inf: [B, Hkv, G, tb, ns] in the accumulate type.
+// [tq, ke - kb] bool: true where key s in [kb, ke) is hidden from query row t in [t0, t0 + tq) by the
+// causal/strict and window rules (key_start is applied by the callers that support it).
+at::Tensor hidden_keys(const AttentionMask& m, int64_t t0, int64_t tq, int64_t kb, int64_t ke) {
+  auto opts = at::TensorOptions().dtype(at::kLong);
+  at::Tensor pos = at::arange(m.q_offset + t0, m.q_offset + t0 + tq, opts).unsqueeze(1);
+  at::Tensor key = at::arange(kb, ke, opts).unsqueeze(0);
+  at::Tensor hidden = m.strict ? key.ge(pos) : key.gt(pos);
+  if (m.window > 0) hidden = hidden.logical_or(key.le(pos - m.window));
+  return hidden;
+}
+
 at::Tensor block_scores(const at::Tensor& qb, const at::Tensor& kk, const AttentionMask& m, const Block& b,
                         int64_t G, double scale, at::ScalarType acc) {
   const int64_t B = qb.size(0), Hkv = qb.size(1), ns = b.ke - b.kb;
   at::Tensor s = at::matmul(qb, kk.transpose(-1, -2)).to(acc).mul_(scale).view({B, Hkv, G, b.tb, ns});
-  auto opts = at::TensorOptions().dtype(at::kLong);
-  at::Tensor pos = at::arange(m.q_offset + b.t0, m.q_offset + b.t0 + b.tb, opts).unsqueeze(1);
-  at::Tensor key = at::arange(b.kb, b.ke, opts).unsqueeze(0);
-  at::Tensor hidden = m.strict ? key.ge(pos) : key.gt(pos);
-  if (m.window > 0) hidden = hidden.logical_or(key.le(pos - m.window));
+  at::Tensor hidden = hidden_keys(m, b.t0, b.tb, b.kb, b.ke);
   if (m.key_start.defined()) {
+    at::Tensor key = at::arange(b.kb, b.ke, at::TensorOptions().dtype(at::kLong));
     // [B, 1, 1, 1, ns]: left padding of each sequence, against [tb, ns] broadcast to [B, Hkv, G, tb, ns].
     at::Tensor padded = key.lt(m.key_start.view({B, 1})).view({B, 1, 1, 1, ns});
     hidden = hidden.logical_or(padded);
@@ -226,11 +234,7 @@ at::Tensor fused_cpu_attention(const at::Tensor& q, const at::Tensor& k, const a
   if (!m.strict && m.window <= 0 && m.q_offset == 0 && T == S) {
     return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, scale, /*enable_gqa=*/true);
   }
-  auto opts = at::TensorOptions().dtype(at::kLong);
-  at::Tensor pos = at::arange(m.q_offset, m.q_offset + T, opts).unsqueeze(1);
-  at::Tensor key = at::arange(S, opts).unsqueeze(0);
-  at::Tensor visible = m.strict ? key.lt(pos) : key.le(pos);
-  if (m.window > 0) visible = visible.logical_and(key.gt(pos - m.window));
+  at::Tensor visible = hidden_keys(m, 0, T, 0, S).logical_not();
   const at::Tensor empty = visible.any(-1).logical_not();
   const bool any_empty = empty.any().item<bool>();
   if (any_empty) visible.select(1, 0).logical_or_(empty);

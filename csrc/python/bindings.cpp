@@ -17,6 +17,7 @@
 #include "lckv/io/safetensors.h"
 #include "lckv/model/lckv_model.h"
 #include "lckv/ops/condensed_attention.h"
+#include "lckv/ops/fused_ops.h"
 #include "lckv/train/trainer.h"
 
 namespace py = pybind11;
@@ -244,6 +245,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("strict"), py::arg("window"), py::arg("q_offset"),
       py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "rms_norm",
+      [](const torch::Tensor& x, const torch::Tensor& weight, double eps, std::optional<at::ScalarType> out_dtype) {
+        return ops::rms_norm(x, weight, eps,
+                             out_dtype.value_or(torch::promote_types(x.scalar_type(), weight.scalar_type())));
+      },
+      py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>());
+  m.def("apply_rotary", &ops::apply_rotary, py::arg("x"), py::arg("cos"), py::arg("sin"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("swiglu", &ops::swiglu, py::arg("gate"), py::arg("up"), py::call_guard<py::gil_scoped_release>());
+  m.def("cross_entropy", &ops::cross_entropy, py::arg("logits"), py::arg("targets"), py::arg("ignore_index"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("fused_cpu_capability", &ops::fused_cpu_capability);
 
   m.def("lm_loss", &lm_loss, py::arg("logits"), py::arg("targets"),
         "Mean cross-entropy of logits [B, T, V] against next-token targets [B, T] (-100 ignored).");

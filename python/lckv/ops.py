@@ -33,3 +33,41 @@ def condensed_attention(
     if scale is not None and not scale > 0:
         raise ValueError(f"condensed_attention: scale must be > 0, got {scale}")
     return _C.condensed_attention(q, k, v, bool(strict), int(window), int(q_offset), 0.0 if scale is None else float(scale))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Llama RMSNorm over the last dim, weight * x / sqrt(mean(x^2) + eps), with autograd.
+
+    Statistics in fp32 (fp64 for fp64 x); the result is written in out_dtype (default: the
+    promotion of x's and weight's dtypes), e.g. torch.bfloat16 to feed a bf16 matmul without a cast.
+    On CPU one fused kernel forward and one backward.
+    """
+    return _C.rms_norm(x, weight, float(eps), out_dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, x * cos + rotate_half(x) * sin (Hugging Face convention), with autograd.
+
+    x is [B, H, T, D] (any strides with unit stride in D, e.g. a transposed [B, T, H, D] view);
+    cos/sin are constant tables broadcastable to x ([B or 1, 1, T, D]). The result has x's dtype,
+    computed in fp32 (fp64 for fp64 x).
+    """
+    return _C.apply_rotary(x, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up with autograd (one fused kernel each way on CPU)."""
+    return _C.swiglu(gate, up)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, T, V] (or [N, V]) against targets [B, T] (or [N]), skipping
+    ignore_index; log-softmax statistics in fp32 (fp64 for fp64 logits) without an fp32 copy of the
+    logits. Equals F.cross_entropy(logits.float().flatten(0, -2), targets.flatten()).
+    """
+    return _C.cross_entropy(logits, targets, int(ignore_index))
+
+
+def fused_cpu_capability() -> str:
+    """The compiled variant of the fused CPU kernels in use: "DEFAULT", "AVX2" or "AVX512"."""
+    return _C.fused_cpu_capability()

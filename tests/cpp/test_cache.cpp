@@ -243,7 +243,8 @@ TEST_CASE("StreamingLLM eviction shifts kept keys and re-rotates them to their n
   RotaryEmbedding rope(c);
   auto rotated = [&](const torch::Tensor& k, int64_t first_position) {
     auto [cos, sin] = rope.cos_sin(torch::arange(first_position, first_position + k.size(2)), torch::kDouble);
-    return apply_rotary(k, cos, sin);
+    const int64_t half = D / 2;  // HF rotate_half, written out: the reference for the cache's own rotation
+    return k * cos + torch::cat({-k.narrow(-1, half, half), k.narrow(-1, 0, half)}, -1) * sin;
   };
   // Fill the cache with C tokens whose unrotated keys are known.
   torch::Tensor k_raw = torch::randn({B, Hkv, C, D}, torch::kDouble), v = torch::randn({B, Hkv, C, D}, torch::kDouble);

@@ -1,5 +1,7 @@
 #include "lckv/cache/condensed_kv_cache.h"
 
+#include "lckv/ops/fused_ops.h"
+
 namespace lckv {
 
 CondensedKVCache::CondensedKVCache(const LCKVConfig& config, int64_t batch, int64_t capacity,
@@ -109,13 +111,13 @@ void CondensedKVCache::evict(int64_t n) {
   const int64_t sink_end = max_key_start_ + streaming_->sink_tokens;
   const int64_t kept = length_ - sink_end - n;
   if (kept > 0) {
-    // Kept keys move n slots down: rotate them by -n positions, in fp32 (fp64 for fp64 buffers).
+    // Kept keys move n slots down: rotate them by -n positions (computed in fp32, fp64 for fp64 buffers).
     const auto acc = k_[0].scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
     auto [cos, sin] = rotary_.cos_sin(torch::full({1}, -n, torch::kLong), acc);
     cos = cos.to(k_[0].device());
     sin = sin.to(k_[0].device());
     for (size_t i = 0; i < k_.size(); ++i) {
-      torch::Tensor k_moved = apply_rotary(k_[i].narrow(2, sink_end + n, kept).to(acc), cos, sin);
+      torch::Tensor k_moved = ops::apply_rotary(k_[i].narrow(2, sink_end + n, kept), cos, sin);
       torch::Tensor v_moved = v_[i].narrow(2, sink_end + n, kept).clone();  // source and destination overlap
       k_[i].narrow(2, sink_end, kept).copy_(k_moved);
       v_[i].narrow(2, sink_end, kept).copy_(v_moved);

@@ -1,21 +1,25 @@
 #include "lckv/model/layers.h"
 
+#include <ATen/autocast_mode.h>
+
 #include <cmath>
 
-namespace lckv {
+#include "lckv/ops/fused_ops.h"
 
-namespace F = torch::nn::functional;
+namespace lckv {
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
   weight = register_parameter("weight", torch::ones({dim}));
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  const auto in_dtype = x.scalar_type();
-  const auto stat_dtype = in_dtype == torch::kDouble ? torch::kDouble : torch::kFloat;
-  torch::Tensor xs = x.to(stat_dtype);
-  xs = xs * torch::rsqrt(xs.pow(2).mean(-1, true) + eps);
-  return weight * xs.to(in_dtype);
+  // Under autocast a linear reading this output computes in the autocast dtype: write that dtype
+  // directly instead of fp32 the linear would cast.
+  const auto device = x.device().type();
+  const auto out_dtype = x.scalar_type() != torch::kDouble && at::autocast::is_autocast_enabled(device)
+                             ? at::autocast::get_autocast_dtype(device)
+                             : torch::promote_types(x.scalar_type(), weight.scalar_type());
+  return ops::rms_norm(x, weight, eps, out_dtype);
 }
 
 RotaryEmbedding::RotaryEmbedding(const LCKVConfig& c) {
@@ -47,12 +51,6 @@ std::pair<torch::Tensor, torch::Tensor> RotaryEmbedding::cos_sin(const torch::Te
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
 
-torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  torch::Tensor rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
-  return x * cos + rotated * sin;
-}
-
 MLPImpl::MLPImpl(const LCKVConfig& c) {
   auto lin = [&](int64_t in, int64_t out) { return torch::nn::LinearOptions(in, out).bias(c.mlp_bias); };
   gate_proj = register_module("gate_proj", torch::nn::Linear(lin(c.hidden_size, c.intermediate_size)));
@@ -61,7 +59,7 @@ MLPImpl::MLPImpl(const LCKVConfig& c) {
 }
 
 torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
-  return down_proj(F::silu(gate_proj(x)) * up_proj(x));
+  return down_proj(ops::swiglu(gate_proj(x), up_proj(x)));
 }
 
 LayerRole layer_role(const LCKVConfig& c, int layer) {
@@ -90,13 +88,13 @@ void AttentionImpl::write_kv(const torch::Tensor& x, const torch::Tensor& cos, c
   const int64_t B = x.size(0), T = x.size(1);
   torch::Tensor k = k_proj(x).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
   torch::Tensor v = v_proj(x).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
-  kv.write(role.index, apply_rotary(k, cos, sin), v);
+  kv.write(role.index, ops::apply_rotary(k, cos, sin), v);
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                                      KVStore& kv) {
   const int64_t B = x.size(0), T = x.size(1);
-  torch::Tensor q = apply_rotary(q_proj(x).view({B, T, num_heads, head_dim}).transpose(1, 2), cos, sin);
+  torch::Tensor q = ops::apply_rotary(q_proj(x).view({B, T, num_heads, head_dim}).transpose(1, 2), cos, sin);
   if (role.computes_kv) write_kv(x, cos, sin, kv);
   const KV target = kv.read(role.target);
   ops::AttentionParams params;

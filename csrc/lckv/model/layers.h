@@ -10,7 +10,8 @@
 
 namespace lckv {
 
-// Llama RMSNorm. Statistics in fp32 for low-precision inputs (as HF), in fp64 for fp64 inputs.
+// Llama RMSNorm (ops::rms_norm). Statistics in fp32 for low-precision inputs (as HF), in fp64 for
+// fp64 inputs; under autocast the output is in the autocast dtype.
 struct RMSNormImpl : torch::nn::Module {
   RMSNormImpl(int64_t dim, double eps);
   torch::Tensor forward(const torch::Tensor& x);
@@ -26,9 +27,6 @@ struct RotaryEmbedding {
   std::pair<torch::Tensor, torch::Tensor> cos_sin(const torch::Tensor& positions, torch::ScalarType dtype) const;
   torch::Tensor inv_freq;  // [D / 2], fp64
 };
-
-// x: [B, H, T, D]; HF rotate_half convention (first half / second half of the head dim).
-torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 
 struct MLPImpl : torch::nn::Module {
   explicit MLPImpl(const LCKVConfig& c);

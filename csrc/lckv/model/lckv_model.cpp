@@ -1,6 +1,6 @@
 #include "lckv/model/lckv_model.h"
 
-#include <ATen/autocast_mode.h>
+#include "lckv/ops/fused_ops.h"
 
 namespace lckv {
 
@@ -77,13 +77,8 @@ torch::Tensor LCKVModelImpl::forward_chunk(const torch::Tensor& input_ids, KVSto
   torch::Tensor pos = positions.defined()
                           ? positions
                           : torch::arange(kv.past_length(), kv.past_length() + T, input_ids.options().dtype(torch::kLong));
-  // Under autocast the q/k projections come out in the low-precision dtype: rotating them with
-  // tables of that dtype keeps them there, instead of a round trip through fp32 (and its backward)
-  // before the attention op casts them down again.
-  const auto device_type = h.device().type();
-  const auto rope_dtype =
-      at::autocast::is_autocast_enabled(device_type) ? at::autocast::get_autocast_dtype(device_type) : h.scalar_type();
-  auto [cos, sin] = rotary.cos_sin(pos, rope_dtype);
+  // Tables in the rotation's compute precision; ops::apply_rotary keeps q/k in their own dtype.
+  auto [cos, sin] = rotary.cos_sin(pos, h.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat);
   for (size_t s = 0; s < plan.segments.size(); ++s) {
     const Segment& seg = plan.segments[s];
     if (seg.cyclic) {
@@ -126,9 +121,7 @@ torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& targets)
   TORCH_CHECK(logits.dim() == 3 && targets.dim() == 2 && logits.size(0) == targets.size(0) &&
                   logits.size(1) == targets.size(1),
               "lm_loss: logits [B, T, V] and targets [B, T] expected, got ", logits.sizes(), " and ", targets.sizes());
-  const auto dt = logits.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-  return F::cross_entropy(logits.reshape({-1, logits.size(-1)}).to(dt), targets.reshape({-1}).to(torch::kLong),
-                          F::CrossEntropyFuncOptions().ignore_index(-100));
+  return ops::cross_entropy(logits, targets, /*ignore_index=*/-100);
 }
 
 namespace {

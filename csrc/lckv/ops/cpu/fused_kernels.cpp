@@ -1,0 +1,405 @@
+// Fused CPU kernels (see fused_kernels.h). Compiled once per capability: CMake defines
+// CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) and the matching -m flags for this file only.
+// Every kernel computes in acc_t (fp32, or fp64 for fp64 tensors) on at::vec::Vectorized<acc_t>,
+// loading two vectors' worth of elements per step so bf16/fp16 convert in one instruction.
+#include "lckv/ops/cpu/fused_kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace lckv::ops::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// T can be loaded into Vectorized<A>: itself, or bf16/fp16/fp32 into fp32.
+template <typename T, typename A>
+constexpr bool kLoadable = std::is_same_v<T, A> || (std::is_same_v<A, float> && !std::is_same_v<T, double>);
+
+// Loads and stores of 2 * Vectorized<A>::size() elements of T (or the first n), as two
+// Vectorized<A>. Tail lanes of a partial load are zero.
+template <typename T, typename A = acc_t<T>>
+struct Lanes {
+  using V = Vectorized<A>;
+  static constexpr int64_t kWidth = V::size();
+  static constexpr int64_t kStep = 2 * kWidth;
+
+  static std::pair<V, V> load(const T* p, int64_t n = kStep) {
+    if constexpr (std::is_same_v<T, A>) {
+      if (n >= kStep) return {V::loadu(p), V::loadu(p + kWidth)};
+      return {V::loadu(p, std::min(n, kWidth)), n > kWidth ? V::loadu(p + kWidth, n - kWidth) : V(A(0))};
+    } else {
+      const auto v = n >= kStep ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
+      auto [a, b] = at::vec::convert_to_float<T>(v);
+      return {a, b};
+    }
+  }
+
+  static void store(T* p, const V& a, const V& b, int64_t n = kStep) {
+    if constexpr (std::is_same_v<T, A>) {
+      if (n >= kStep) {
+        a.store(p);
+        b.store(p + kWidth);
+        return;
+      }
+      a.store(p, std::min(n, kWidth));
+      if (n > kWidth) b.store(p + kWidth, n - kWidth);
+    } else {
+      const auto v = at::vec::convert_from_float<T>(a, b);
+      n >= kStep ? v.store(p) : v.store(p, n);
+    }
+  }
+};
+
+template <typename A>
+A sum_lanes(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return x + y; }, v);
+}
+
+template <typename A>
+A max_lanes(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return at::vec::maximum(x, y); }, v);
+}
+
+// Rows per parallel task so that each task touches ~16k elements.
+int64_t row_grain(int64_t row_length) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_length, 1)); }
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+template <typename T, typename O>
+void rms_norm_forward_impl(const at::Tensor& x, const at::Tensor& weight, double eps, const at::Tensor& out,
+                           const at::Tensor& rstd) {
+  using A = acc_t<T>;
+  using In = Lanes<T, A>;
+  using Out = Lanes<O, A>;
+  using W = Lanes<A, A>;
+  const int64_t R = x.size(0), D = x.size(1);
+  const T* xp = x.const_data_ptr<T>();
+  const A* wp = weight.const_data_ptr<A>();
+  O* op = out.mutable_data_ptr<O>();
+  A* rp = rstd.mutable_data_ptr<A>();
+  at::parallel_for(0, R, row_grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = xp + r * D;
+      typename In::V ss(A(0));
+      for (int64_t j = 0; j < D; j += In::kStep) {
+        auto [a, b] = In::load(xr + j, D - j);
+        ss = at::vec::fmadd(a, a, at::vec::fmadd(b, b, ss));
+      }
+      const A inv = A(1) / std::sqrt(sum_lanes(ss) / A(D) + A(eps));
+      rp[r] = inv;
+      const typename In::V vinv(inv);
+      for (int64_t j = 0; j < D; j += In::kStep) {
+        auto [a, b] = In::load(xr + j, D - j);
+        auto [wa, wb] = W::load(wp + j, D - j);
+        Out::store(op + r * D + j, a * vinv * wa, b * vinv * wb, D - j);
+      }
+    }
+  });
+}
+
+template <typename T, typename G>
+void rms_norm_backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& rstd, const at::Tensor& dx, const at::Tensor& dweight_partial) {
+  using A = acc_t<T>;
+  using In = Lanes<T, A>;
+  using Gr = Lanes<G, A>;
+  using W = Lanes<A, A>;
+  using V = typename In::V;
+  const int64_t R = x.size(0), D = x.size(1);
+  const T* xp = x.const_data_ptr<T>();
+  const G* gp = grad.const_data_ptr<G>();
+  const A* wp = weight.const_data_ptr<A>();
+  const A* rp = rstd.const_data_ptr<A>();
+  T* dxp = dx.mutable_data_ptr<T>();
+  A* dwp = dweight_partial.mutable_data_ptr<A>();
+  const int64_t blocks = dweight_partial.size(0);
+  // y = w * x * r with r = (mean(x^2) + eps)^-1/2:
+  //   dx = r * (g * w) - x * r^3 * sum(g * w * x) / D,   dw = sum over rows of g * x * r.
+  at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    for (int64_t blk = block_begin; blk < block_end; ++blk) {
+      A* dw = dwp + blk * D;
+      std::fill(dw, dw + D, A(0));
+      const int64_t row_end = std::min(R, (blk + 1) * kRMSNormRowsPerPartial);
+      for (int64_t r = blk * kRMSNormRowsPerPartial; r < row_end; ++r) {
+        const T* xr = xp + r * D;
+        const G* gr = gp + r * D;
+        const A inv = rp[r];
+        V dot(A(0));
+        for (int64_t j = 0; j < D; j += In::kStep) {
+          auto [xa, xb] = In::load(xr + j, D - j);
+          auto [ga, gb] = Gr::load(gr + j, D - j);
+          auto [wa, wb] = W::load(wp + j, D - j);
+          dot = at::vec::fmadd(ga * wa, xa, at::vec::fmadd(gb * wb, xb, dot));
+        }
+        const V vinv(inv), coef(-inv * inv * inv * sum_lanes(dot) / A(D));
+        for (int64_t j = 0; j < D; j += In::kStep) {
+          auto [xa, xb] = In::load(xr + j, D - j);
+          auto [ga, gb] = Gr::load(gr + j, D - j);
+          auto [wa, wb] = W::load(wp + j, D - j);
+          In::store(dxp + r * D + j, at::vec::fmadd(xa, coef, ga * wa * vinv),
+                    at::vec::fmadd(xb, coef, gb * wb * vinv), D - j);
+          auto [da, db] = W::load(dw + j, D - j);
+          W::store(dw + j, at::vec::fmadd(ga * xa, vinv, da), at::vec::fmadd(gb * xb, vinv, db), D - j);
+        }
+      }
+    }
+  });
+}
+
+void rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps, const at::Tensor& out,
+                      const at::Tensor& rstd) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_forward", [&] {
+    using XT = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "rms_norm_forward", [&] {
+      if constexpr (kLoadable<scalar_t, acc_t<XT>>) {
+        rms_norm_forward_impl<XT, scalar_t>(x, weight, eps, out, rstd);
+      } else {
+        TORCH_CHECK(false, "rms_norm: output dtype ", out.scalar_type(), " with input dtype ", x.scalar_type());
+      }
+    });
+  });
+}
+
+void rms_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rstd,
+                       const at::Tensor& dx, const at::Tensor& dweight_partial) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_backward", [&] {
+    using XT = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "rms_norm_backward", [&] {
+      if constexpr (kLoadable<scalar_t, acc_t<XT>>) {
+        rms_norm_backward_impl<XT, scalar_t>(grad, x, weight, rstd, dx, dweight_partial);
+      } else {
+        TORCH_CHECK(false, "rms_norm: gradient dtype ", grad.scalar_type(), " with input dtype ", x.scalar_type());
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding
+
+template <typename T>
+void rotary_impl(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out,
+                 bool transpose) {
+  using A = acc_t<T>;
+  using In = Lanes<T, A>;
+  using C = Lanes<A, A>;
+  const int64_t H = x.size(1), T_ = x.size(2), half = x.size(3) / 2;
+  const int64_t rows = x.size(0) * H * T_;
+  const T* xp = x.const_data_ptr<T>();
+  const A* cp = cos.const_data_ptr<A>();
+  const A* sp = sin.const_data_ptr<A>();
+  T* op = out.mutable_data_ptr<T>();
+  auto offset = [&](const at::Tensor& t, int64_t r) {
+    return (r / (H * T_)) * t.stride(0) + (r / T_ % H) * t.stride(1) + (r % T_) * t.stride(2);
+  };
+  at::parallel_for(0, rows, row_grain(2 * half), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = xp + offset(x, r);
+      const A* cr = cp + offset(cos, r);
+      const A* sr = sp + offset(sin, r);
+      T* orow = op + offset(out, r);
+      for (int64_t j = 0; j < half; j += In::kStep) {
+        const int64_t n = half - j;
+        auto [x1a, x1b] = In::load(xr + j, n);
+        auto [x2a, x2b] = In::load(xr + half + j, n);
+        auto [c1a, c1b] = C::load(cr + j, n);
+        auto [c2a, c2b] = C::load(cr + half + j, n);
+        auto [s1a, s1b] = C::load(sr + j, n);
+        auto [s2a, s2b] = C::load(sr + half + j, n);
+        if (!transpose) {  // [o1, o2] = [x1 c1 - x2 s1, x2 c2 + x1 s2]
+          In::store(orow + j, x1a * c1a - x2a * s1a, x1b * c1b - x2b * s1b, n);
+          In::store(orow + half + j, at::vec::fmadd(x1a, s2a, x2a * c2a), at::vec::fmadd(x1b, s2b, x2b * c2b), n);
+        } else {  // the transpose: [d1, d2] = [g1 c1 + g2 s2, g2 c2 - g1 s1]
+          In::store(orow + j, at::vec::fmadd(x2a, s2a, x1a * c1a), at::vec::fmadd(x2b, s2b, x1b * c1b), n);
+          In::store(orow + half + j, x2a * c2a - x1a * s1a, x2b * c2b - x1b * s1b, n);
+        }
+      }
+    }
+  });
+}
+
+void rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out,
+            bool transpose) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary",
+                                  [&] { rotary_impl<scalar_t>(x, cos, sin, out, transpose); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+template <typename T>
+void swiglu_forward_impl(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  const T* gp = gate.const_data_ptr<T>();
+  const T* up_ = up.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  const V one(1);
+  at::parallel_for(0, gate.numel(), 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i += L::kStep) {
+      const int64_t n = end - i;
+      auto [ga, gb] = L::load(gp + i, n);
+      auto [ua, ub] = L::load(up_ + i, n);
+      L::store(op + i, ga / (one + ga.neg().exp()) * ua, gb / (one + gb.neg().exp()) * ub, n);
+    }
+  });
+}
+
+template <typename T>
+void swiglu_backward_impl(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up,
+                          const at::Tensor& dgate, const at::Tensor& dup) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  const T* dp = grad.const_data_ptr<T>();
+  const T* gp = gate.const_data_ptr<T>();
+  const T* up_ = up.const_data_ptr<T>();
+  T* dgp = dgate.mutable_data_ptr<T>();
+  T* dup_ = dup.mutable_data_ptr<T>();
+  const V one(1);
+  // s = sigmoid(g): d/dg [g s u] = u s (1 + g (1 - s)),  d/du = g s.
+  auto parts = [&](const V& d, const V& g, const V& u, V& dg, V& du) {
+    const V s = one / (one + g.neg().exp());
+    du = d * g * s;
+    dg = d * u * s * at::vec::fmadd(g, one - s, one);
+  };
+  at::parallel_for(0, gate.numel(), 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i += L::kStep) {
+      const int64_t n = end - i;
+      auto [da, db] = L::load(dp + i, n);
+      auto [ga, gb] = L::load(gp + i, n);
+      auto [ua, ub] = L::load(up_ + i, n);
+      V dga, dgb, dua, dub;
+      parts(da, ga, ua, dga, dua);
+      parts(db, gb, ub, dgb, dub);
+      L::store(dgp + i, dga, dgb, n);
+      L::store(dup_ + i, dua, dub, n);
+    }
+  });
+}
+
+void swiglu_forward(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "swiglu_forward",
+                                  [&] { swiglu_forward_impl<scalar_t>(gate, up, out); });
+}
+
+void swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& dgate,
+                     const at::Tensor& dup) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "swiglu_backward",
+                                  [&] { swiglu_backward_impl<scalar_t>(grad, gate, up, dgate, dup); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy
+
+template <typename T>
+void cross_entropy_forward_impl(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                                const at::Tensor& lse, const at::Tensor& loss) {
+  using A = acc_t<T>;
+  using L = Lanes<T>;
+  using V = typename L::V;
+  const int64_t Tn = logits.size(1), Vn = logits.size(2), rows = logits.size(0) * Tn;
+  const T* lp = logits.const_data_ptr<T>();
+  const int64_t* tp = targets.const_data_ptr<int64_t>();
+  A* lsep = lse.mutable_data_ptr<A>();
+  A* lossp = loss.mutable_data_ptr<A>();
+  const V neg_inf(-std::numeric_limits<A>::infinity());
+  at::parallel_for(0, rows, row_grain(Vn), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = lp + (r / Tn) * logits.stride(0) + (r % Tn) * logits.stride(1);
+      V mx = neg_inf;
+      for (int64_t j = 0; j < Vn; j += L::kStep) {
+        const int64_t n = Vn - j;
+        auto [a, b] = L::load(row + j, n);
+        if (n < L::kStep) {  // tail lanes are zeros: make them -inf so they cannot be the max
+          a = V::set(neg_inf, a, std::min(n, L::kWidth));
+          b = V::set(neg_inf, b, std::max<int64_t>(n - L::kWidth, 0));
+        }
+        mx = at::vec::maximum(mx, at::vec::maximum(a, b));
+      }
+      const A m = max_lanes(mx);
+      const V vm(m);
+      V sum(A(0));
+      for (int64_t j = 0; j < Vn; j += L::kStep) {
+        const int64_t n = Vn - j;
+        auto [a, b] = L::load(row + j, n);
+        V ea = (a - vm).exp(), eb = (b - vm).exp();
+        if (n < L::kStep) {
+          ea = V::set(V(A(0)), ea, std::min(n, L::kWidth));
+          eb = V::set(V(A(0)), eb, std::max<int64_t>(n - L::kWidth, 0));
+        }
+        sum = sum + ea + eb;
+      }
+      const A l = m + std::log(sum_lanes(sum));
+      lsep[r] = l;
+      const int64_t t = tp[r];
+      lossp[r] = t == ignore_index ? A(0) : l - static_cast<A>(row[t]);
+    }
+  });
+}
+
+template <typename T>
+void cross_entropy_backward_impl(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                                 const at::Tensor& lse, double scale, const at::Tensor& dlogits) {
+  using A = acc_t<T>;
+  using L = Lanes<T>;
+  using V = typename L::V;
+  const int64_t Tn = logits.size(1), Vn = logits.size(2), rows = logits.size(0) * Tn;
+  const T* lp = logits.const_data_ptr<T>();
+  const int64_t* tp = targets.const_data_ptr<int64_t>();
+  const A* lsep = lse.const_data_ptr<A>();
+  T* dp = dlogits.mutable_data_ptr<T>();
+  at::parallel_for(0, rows, row_grain(Vn), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = lp + (r / Tn) * logits.stride(0) + (r % Tn) * logits.stride(1);
+      T* drow = dp + r * Vn;
+      const int64_t t = tp[r];
+      if (t == ignore_index) {
+        std::fill(drow, drow + Vn, T(0));
+        continue;
+      }
+      const V vl(lsep[r]), vs(static_cast<A>(scale));
+      for (int64_t j = 0; j < Vn; j += L::kStep) {
+        auto [a, b] = L::load(row + j, Vn - j);
+        L::store(drow + j, (a - vl).exp() * vs, (b - vl).exp() * vs, Vn - j);
+      }
+      drow[t] = static_cast<T>((std::exp(static_cast<A>(row[t]) - lsep[r]) - A(1)) * static_cast<A>(scale));
+    }
+  });
+}
+
+void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                           const at::Tensor& lse, const at::Tensor& loss) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy_forward",
+                                  [&] { cross_entropy_forward_impl<scalar_t>(logits, targets, ignore_index, lse, loss); });
+}
+
+void cross_entropy_backward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                            const at::Tensor& lse, double scale, const at::Tensor& dlogits) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy_backward", [&] {
+    cross_entropy_backward_impl<scalar_t>(logits, targets, ignore_index, lse, scale, dlogits);
+  });
+}
+
+}  // namespace
+
+const FusedKernels& fused_kernels() {
+  static const FusedKernels table{rms_norm_forward, rms_norm_backward,  rotary,
+                                  swiglu_forward,   swiglu_backward,    cross_entropy_forward,
+                                  cross_entropy_backward};
+  return table;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace lckv::ops::cpu

@@ -1,0 +1,50 @@
+// The elementwise ops of a Llama block, differentiable. On CPU each is one fused kernel forward and
+// one backward (lckv/ops/cpu/fused_kernels.h), computing in fp32 (fp64 for fp64 tensors) and
+// rounding once; on other devices they are the same math composed from ATen ops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace lckv::ops {
+
+// RMSNorm over the last dim: weight * x / sqrt(mean(x^2) + eps), written in out_dtype (e.g. the
+// autocast dtype, so the linear that follows needs no cast). Statistics in fp32 (fp64 for fp64 x).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::ScalarType out_dtype);
+
+// Rotary embedding, Hugging Face rotate_half convention: x * cos + rotate_half(x) * sin.
+// x [B, H, T, D] (D even, unit stride in D); cos/sin broadcastable to x ([B or 1, 1, T, D]),
+// constants (no gradient). The result has x's dtype; the rotation is computed in fp32 (fp64 for
+// fp64 x) whatever the tables' dtype.
+at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// SwiGLU gate: silu(gate) * up, same shapes and dtype.
+at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
+
+// Mean cross-entropy of logits [B, T, V] (or [N, V]) against targets [B, T] (or [N]) over the
+// targets != ignore_index, with log-softmax statistics in fp32 (fp64 for fp64 logits), as
+// F.cross_entropy(logits.float(), targets) but without the fp32 copy of the logits.
+// Returns a 0-dim tensor of the accumulation dtype.
+at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index = -100);
+
+// Which compiled variant of the fused CPU kernels runs: "DEFAULT", "AVX2" or "AVX512" (the widest
+// this CPU and build support, or what ATEN_CPU_CAPABILITY asks for).
+std::string fused_cpu_capability();
+// Variants this build has and this CPU can run, narrowest first.
+std::vector<std::string> runnable_fused_cpu_capabilities();
+
+// Runs the fused CPU kernels of one variant while alive (tests compare every variant).
+class ScopedFusedCpuCapability {
+ public:
+  explicit ScopedFusedCpuCapability(const std::string& capability);
+  ~ScopedFusedCpuCapability();
+  ScopedFusedCpuCapability(const ScopedFusedCpuCapability&) = delete;
+  ScopedFusedCpuCapability& operator=(const ScopedFusedCpuCapability&) = delete;
+
+ private:
+  int previous_;  // the override before this scope (-1: none)
+};
+
+}  // namespace lckv::ops

@@ -1,0 +1,206 @@
+// The fused elementwise ops (RMSNorm, rotary, SwiGLU, cross-entropy), every compiled CPU variant
+// this machine runs, forward and backward against naive fp64 formulas differentiated by autograd.
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <string>
+
+#include "lckv/ops/fused_ops.h"
+
+namespace ops = lckv::ops;
+
+namespace {
+
+// max |a - b| / max(1, max |b|), in fp64.
+double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
+  const torch::Tensor bd = b.to(torch::kDouble);
+  const double scale = std::max(1.0, bd.abs().max().item<double>());
+  return (a.to(torch::kDouble) - bd).abs().max().item<double>() / scale;
+}
+
+// Tolerance for results stored in dtype, computed in fp32 (fp64 for fp64).
+double tolerance(torch::ScalarType dt) {
+  if (dt == torch::kDouble) return 1e-12;
+  if (dt == torch::kFloat) return 2e-5;
+  return 2e-2;  // one bf16/fp16 rounding of results and inputs' gradients
+}
+
+torch::Tensor naive_rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  return w * x / torch::sqrt(x.pow(2).mean(-1, true) + eps);
+}
+
+torch::Tensor naive_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  return x * cos + torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1) * sin;
+}
+
+torch::Tensor naive_cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets, int64_t ignore) {
+  const torch::Tensor lp = torch::log_softmax(logits.reshape({-1, logits.size(-1)}), -1);
+  const torch::Tensor t = targets.reshape({-1});
+  const torch::Tensor keep = t.ne(ignore);
+  const torch::Tensor picked = lp.gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1);
+  return -(picked * keep).sum() / keep.sum();
+}
+
+// A leaf of dtype dt holding `values`, and its fp64 copy (also a leaf) for the reference.
+std::pair<torch::Tensor, torch::Tensor> leaves(const torch::Tensor& values, torch::ScalarType dt) {
+  torch::Tensor low = values.to(dt).detach().requires_grad_(true);
+  torch::Tensor ref = low.detach().to(torch::kDouble).requires_grad_(true);
+  return {low, ref};
+}
+
+const torch::ScalarType kDtypes[] = {torch::kDouble, torch::kFloat, torch::kBFloat16};
+
+}  // namespace
+
+TEST_CASE("fused CPU kernels: the variants this CPU runs are known", "[ops][fused]") {
+  const auto variants = ops::runnable_fused_cpu_capabilities();
+  REQUIRE(!variants.empty());
+  CHECK(variants.front() == "DEFAULT");
+  CHECK(ops::fused_cpu_capability() == variants.back());
+  CHECK_THROWS_WITH(ops::ScopedFusedCpuCapability("AVX9000"), Catch::Contains("AVX9000"));
+}
+
+TEST_CASE("rms_norm matches the fp64 formula, forward and backward", "[ops][fused]") {
+  torch::manual_seed(0);
+  const int64_t R = 130, D = 72;  // rows beyond one partial block, D not a multiple of the vector step
+  const torch::Tensor xv = torch::randn({2, R / 2, D}) * 3, wv = torch::rand({D}) + 0.5, gv = torch::randn({2, R / 2, D});
+  for (const auto& cap : ops::runnable_fused_cpu_capabilities()) {
+    ops::ScopedFusedCpuCapability use(cap);
+    for (auto dt : kDtypes) {
+      // fp32 statistics written as bf16 (the autocast case) and as x's own dtype.
+      for (auto out_dt : {dt, dt == torch::kDouble ? torch::kDouble : torch::kBFloat16}) {
+        INFO(cap << " x " << dt << " out " << out_dt);
+        auto [x, xr] = leaves(xv, dt);
+        torch::Tensor w = wv.detach().clone().requires_grad_(true), wr = wv.to(torch::kDouble).requires_grad_(true);
+        torch::Tensor y = ops::rms_norm(x, w, 1e-5, out_dt);
+        torch::Tensor yr = naive_rms_norm(xr, wr, 1e-5);
+        CHECK(y.scalar_type() == out_dt);
+        CHECK(rel_err(y, yr) < std::max(tolerance(dt), tolerance(out_dt)));
+        const torch::Tensor g = gv.to(out_dt);
+        y.backward(g);
+        yr.backward(g.to(torch::kDouble));
+        CHECK(x.grad().scalar_type() == dt);
+        CHECK(w.grad().scalar_type() == torch::kFloat);
+        CHECK(rel_err(x.grad(), xr.grad()) < tolerance(dt));
+        CHECK(rel_err(w.grad(), wr.grad()) < std::max(tolerance(dt), 1e-5));
+      }
+    }
+  }
+}
+
+TEST_CASE("rms_norm's weight gradient has the same bits for any thread count", "[ops][fused]") {
+  torch::manual_seed(1);
+  const torch::Tensor xv = torch::randn({300, 64}), gv = torch::randn({300, 64});
+  auto weight_grad = [&](int threads) {
+    const int before = torch::get_num_threads();
+    torch::set_num_threads(threads);
+    torch::Tensor w = torch::ones({64}).requires_grad_(true);
+    ops::rms_norm(xv, w, 1e-6, torch::kFloat).backward(gv);
+    torch::set_num_threads(before);
+    return w.grad();
+  };
+  CHECK(torch::equal(weight_grad(1), weight_grad(2)));
+}
+
+TEST_CASE("apply_rotary matches the rotate_half formula on strided inputs, forward and backward", "[ops][fused]") {
+  torch::manual_seed(2);
+  const int64_t B = 2, H = 3, T = 5, D = 80;  // half = 40: a vector step plus a tail
+  // q/k come as transposed views of a linear's [B, T, H, D] output.
+  const torch::Tensor xv = torch::randn({B, T, H, D}), gv = torch::randn({B, H, T, D});
+  const torch::Tensor angles = torch::rand({1, 1, T, D / 2}, torch::kDouble) * 6;
+  const torch::Tensor rope_cos = torch::cat({angles.cos(), angles.cos()}, -1);
+  const torch::Tensor rope_sin = torch::cat({angles.sin(), angles.sin()}, -1);
+  // Tables whose halves differ (not RoPE, but the op's contract): catch a transpose written for
+  // symmetric tables only. Per-batch tables, as with per-sequence positions.
+  const torch::Tensor any_cos = torch::randn({B, 1, T, D}, torch::kDouble);
+  const torch::Tensor any_sin = torch::randn({B, 1, T, D}, torch::kDouble);
+  for (const auto& cap : ops::runnable_fused_cpu_capabilities()) {
+    ops::ScopedFusedCpuCapability use(cap);
+    for (auto dt : kDtypes) {
+      for (int tables = 0; tables < 2; ++tables) {
+        INFO(cap << " " << dt << " tables " << tables);
+        const torch::Tensor& c = tables == 0 ? rope_cos : any_cos;
+        const torch::Tensor& s = tables == 0 ? rope_sin : any_sin;
+        auto [x0, xr0] = leaves(xv, dt);
+        const torch::Tensor x = x0.transpose(1, 2), xr = xr0.transpose(1, 2);
+        const auto table_dt = dt == torch::kDouble ? torch::kDouble : torch::kFloat;
+        torch::Tensor y = ops::apply_rotary(x, c.to(table_dt), s.to(table_dt));
+        torch::Tensor yr = naive_rotary(xr, c, s);
+        CHECK(y.scalar_type() == dt);
+        CHECK(rel_err(y, yr) < tolerance(dt));
+        y.backward(gv.to(dt));
+        yr.backward(gv.to(dt).to(torch::kDouble));
+        CHECK(rel_err(x0.grad(), xr0.grad()) < tolerance(dt));
+      }
+    }
+  }
+}
+
+TEST_CASE("swiglu matches silu(gate) * up, forward and backward, saturated gates included", "[ops][fused]") {
+  torch::manual_seed(3);
+  torch::Tensor gate_v = torch::randn({7, 333}) * 4;
+  gate_v[0][0] = -100;  // exp(-gate) overflows to inf: silu must give -0, its gradient 0
+  gate_v[0][1] = 100;
+  const torch::Tensor up_v = torch::randn({7, 333}), gv = torch::randn({7, 333});
+  for (const auto& cap : ops::runnable_fused_cpu_capabilities()) {
+    ops::ScopedFusedCpuCapability use(cap);
+    for (auto dt : kDtypes) {
+      INFO(cap << " " << dt);
+      auto [g, gr] = leaves(gate_v, dt);
+      auto [u, ur] = leaves(up_v, dt);
+      torch::Tensor y = ops::swiglu(g, u);
+      torch::Tensor yr = gr * torch::sigmoid(gr) * ur;
+      CHECK(y.scalar_type() == dt);
+      CHECK(rel_err(y, yr) < tolerance(dt));
+      y.backward(gv.to(dt));
+      yr.backward(gv.to(dt).to(torch::kDouble));
+      CHECK(rel_err(g.grad(), gr.grad()) < tolerance(dt));
+      CHECK(rel_err(u.grad(), ur.grad()) < tolerance(dt));
+      CHECK(torch::isfinite(g.grad()).all().item<bool>());
+    }
+  }
+}
+
+TEST_CASE("cross_entropy matches log_softmax + nll in fp64, with ignored targets and strided logits",
+          "[ops][fused]") {
+  torch::manual_seed(4);
+  const int64_t B = 3, T = 37, V = 1000;
+  // Logits of T + 1 positions narrowed to T (the Hugging Face shift): rows are not contiguous.
+  const torch::Tensor full = torch::randn({B, T + 1, V}) * 5;
+  torch::Tensor targets = torch::randint(0, V, {B, T});
+  targets.index_put_({0, torch::indexing::Slice(0, 5)}, -100);
+  for (const auto& cap : ops::runnable_fused_cpu_capabilities()) {
+    ops::ScopedFusedCpuCapability use(cap);
+    for (auto dt : kDtypes) {
+      INFO(cap << " " << dt);
+      auto [lf, lfr] = leaves(full, dt);
+      const torch::Tensor logits = lf.narrow(1, 0, T), logits_r = lfr.narrow(1, 0, T);
+      torch::Tensor loss = ops::cross_entropy(logits, targets);
+      torch::Tensor loss_r = naive_cross_entropy(logits_r, targets, -100);
+      CHECK(loss.scalar_type() == (dt == torch::kDouble ? torch::kDouble : torch::kFloat));
+      CHECK(std::abs(loss.item<double>() - loss_r.item<double>()) < (dt == torch::kDouble ? 1e-12 : 1e-5));
+      (loss * 3).backward();
+      (loss_r * 3).backward();
+      CHECK(rel_err(lf.grad(), lfr.grad()) < (dt == torch::kBFloat16 ? 5e-4 : tolerance(dt)));
+      // [N, V] with [N] works the same.
+      const torch::Tensor flat = full.narrow(1, 0, T).reshape({-1, V}).to(dt);
+      CHECK(std::abs(ops::cross_entropy(flat, targets.reshape({-1})).item<double>() - loss.item<double>()) < 1e-6);
+    }
+  }
+}
+
+TEST_CASE("fused ops reject bad input with a message naming it", "[ops][fused]") {
+  const torch::Tensor logits = torch::randn({2, 3, 10});
+  CHECK_THROWS_WITH(ops::cross_entropy(logits, torch::tensor({{1, 2, 10}, {0, 0, 0}})),
+                    Catch::Contains("target 10 is outside [0, vocab_size = 10)"));
+  CHECK_THROWS_WITH(ops::cross_entropy(logits, torch::zeros({2, 4}, torch::kLong)), Catch::Contains("[B, T]"));
+  CHECK_THROWS_WITH(ops::rms_norm(torch::randn({4, 8}), torch::ones({7}), 1e-5, torch::kFloat),
+                    Catch::Contains("weight must be [8]"));
+  CHECK_THROWS_WITH(ops::apply_rotary(torch::randn({1, 2, 3, 7}), torch::ones({1, 1, 3, 7}), torch::ones({1, 1, 3, 7})),
+                    Catch::Contains("even D"));
+  CHECK_THROWS_WITH(ops::swiglu(torch::randn({4}), torch::randn({5})), Catch::Contains("share shape"));
+  CHECK_THROWS_WITH(ops::rms_norm(torch::ones({4}, torch::kLong), torch::ones({4}), 1e-5, torch::kFloat),
+                    Catch::Contains("x must be float32"));
+}

@@ -26,7 +26,7 @@ struct CompiledVariant {
 const std::vector<CompiledVariant>& compiled_variants() {
   static const std::vector<CompiledVariant> v{
       {"DEFAULT", &cpu::DEFAULT::fused_kernels},
-#ifdef LCKV_CPU_KERNELS_X86
+#if defined(__x86_64__)  // CMake compiles these variants on x86-64
       {"AVX2", &cpu::AVX2::fused_kernels},
       {"AVX512", &cpu::AVX512::fused_kernels},
 #endif

@@ -303,21 +303,38 @@ void swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::T
 // ---------------------------------------------------------------------------------------------
 // Cross-entropy
 
+// Row r = (b, t) of logits [B, T, V] (unit stride in V) and its target.
+template <typename T>
+struct LogitRows {
+  LogitRows(const at::Tensor& logits, const at::Tensor& targets_)
+      : base(logits.const_data_ptr<T>()),
+        targets(targets_.const_data_ptr<int64_t>()),
+        tokens(logits.size(1)),
+        vocab(logits.size(2)),
+        count(logits.size(0) * tokens),
+        batch_stride(logits.stride(0)),
+        token_stride(logits.stride(1)) {}
+  const T* row(int64_t r) const { return base + (r / tokens) * batch_stride + (r % tokens) * token_stride; }
+
+  const T* base;
+  const int64_t* targets;
+  int64_t tokens, vocab, count, batch_stride, token_stride;
+};
+
 template <typename T>
 void cross_entropy_forward_impl(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
                                 const at::Tensor& lse, const at::Tensor& loss) {
   using A = acc_t<T>;
   using L = Lanes<T>;
   using V = typename L::V;
-  const int64_t Tn = logits.size(1), Vn = logits.size(2), rows = logits.size(0) * Tn;
-  const T* lp = logits.const_data_ptr<T>();
-  const int64_t* tp = targets.const_data_ptr<int64_t>();
+  const LogitRows<T> rows(logits, targets);
+  const int64_t Vn = rows.vocab;
   A* lsep = lse.mutable_data_ptr<A>();
   A* lossp = loss.mutable_data_ptr<A>();
   const V neg_inf(-std::numeric_limits<A>::infinity());
-  at::parallel_for(0, rows, row_grain(Vn), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows.count, row_grain(Vn), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T* row = lp + (r / Tn) * logits.stride(0) + (r % Tn) * logits.stride(1);
+      const T* row = rows.row(r);
       V mx = neg_inf;
       for (int64_t j = 0; j < Vn; j += L::kStep) {
         const int64_t n = Vn - j;
@@ -343,7 +360,7 @@ void cross_entropy_forward_impl(const at::Tensor& logits, const at::Tensor& targ
       }
       const A l = m + std::log(sum_lanes(sum));
       lsep[r] = l;
-      const int64_t t = tp[r];
+      const int64_t t = rows.targets[r];
       lossp[r] = t == ignore_index ? A(0) : l - static_cast<A>(row[t]);
     }
   });
@@ -355,16 +372,15 @@ void cross_entropy_backward_impl(const at::Tensor& logits, const at::Tensor& tar
   using A = acc_t<T>;
   using L = Lanes<T>;
   using V = typename L::V;
-  const int64_t Tn = logits.size(1), Vn = logits.size(2), rows = logits.size(0) * Tn;
-  const T* lp = logits.const_data_ptr<T>();
-  const int64_t* tp = targets.const_data_ptr<int64_t>();
+  const LogitRows<T> rows(logits, targets);
+  const int64_t Vn = rows.vocab;
   const A* lsep = lse.const_data_ptr<A>();
   T* dp = dlogits.mutable_data_ptr<T>();
-  at::parallel_for(0, rows, row_grain(Vn), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows.count, row_grain(Vn), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T* row = lp + (r / Tn) * logits.stride(0) + (r % Tn) * logits.stride(1);
+      const T* row = rows.row(r);
       T* drow = dp + r * Vn;
-      const int64_t t = tp[r];
+      const int64_t t = rows.targets[r];
       if (t == ignore_index) {
         std::fill(drow, drow + Vn, T(0));
         continue;

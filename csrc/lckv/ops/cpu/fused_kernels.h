@@ -46,7 +46,7 @@ constexpr int64_t kRMSNormRowsPerPartial = 64;
 
 // The kernels compiled for each capability (fused_kernels.cpp defines them).
 namespace DEFAULT { const FusedKernels& fused_kernels(); }
-#ifdef LCKV_CPU_KERNELS_X86
+#if defined(__x86_64__)  // CMake compiles these variants on x86-64
 namespace AVX2 { const FusedKernels& fused_kernels(); }
 namespace AVX512 { const FusedKernels& fused_kernels(); }
 #endif

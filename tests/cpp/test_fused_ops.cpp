@@ -163,6 +163,30 @@ TEST_CASE("swiglu matches silu(gate) * up, forward and backward, saturated gates
   }
 }
 
+TEST_CASE("residual_add of an fp32 stream and a bf16 branch equals the promoted add, gradients too",
+          "[ops][fused]") {
+  torch::manual_seed(5);
+  const torch::Tensor hv = torch::randn({3, 7, 45}), bv = torch::randn({3, 7, 45}), gv = torch::randn({3, 7, 45});
+  for (const auto& cap : ops::runnable_fused_cpu_capabilities()) {
+    ops::ScopedFusedCpuCapability use(cap);
+    for (auto branch_dt : {torch::kBFloat16, torch::kHalf}) {
+      INFO(cap << " " << branch_dt);
+      torch::Tensor h = hv.clone().requires_grad_(true), b = bv.to(branch_dt).requires_grad_(true);
+      torch::Tensor y = ops::residual_add(h, b);
+      // fp32 + a widened bf16/fp16 value rounds once, exactly as the naive fp64 sum rounded to fp32.
+      CHECK(torch::equal(y, (hv.to(torch::kDouble) + b.detach().to(torch::kDouble)).to(torch::kFloat)));
+      y.backward(gv);
+      CHECK(torch::equal(h.grad(), gv));
+      CHECK(b.grad().scalar_type() == branch_dt);
+      CHECK(torch::equal(b.grad(), gv.to(branch_dt)));
+    }
+  }
+  // Other dtype pairs are the plain promoted add.
+  const torch::Tensor d = torch::randn({4, 5}, torch::kDouble), f = torch::randn({4, 5});
+  CHECK(torch::equal(ops::residual_add(d, f), d + f));
+  CHECK_THROWS_WITH(ops::residual_add(torch::randn({2, 3}), torch::randn({3, 2})), Catch::Contains("share shape"));
+}
+
 TEST_CASE("cross_entropy matches log_softmax + nll in fp64, with ignored targets and strided logits",
           "[ops][fused]") {
   torch::manual_seed(4);

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <map>
 
+#include "lckv/autocast.h"
 #include "lckv/model/lckv_model.h"
 
 using namespace lckv;
@@ -183,6 +184,35 @@ TEST_CASE("gradient stopping: only the last b iterations carry gradients", "[mod
   auto one = torch::autograd::grad({out.loss}, {k_proj})[0];
   CHECK(std::abs(out.loss.item<double>() - m->forward_sequential(ids, ids).loss.item<double>()) < 1e-10);
   CHECK(max_diff(one, seq) > 1e-8);
+}
+
+TEST_CASE("under bf16 autocast every parameter gets the fp32 gradient, to bf16 precision", "[model][autocast]") {
+  // The m no-grad iterations use the same weights as the b grad ones: a weight cast cached while
+  // gradients were off must not cut the gradient of the later uses.
+  LCKVConfig c = small_config("0_4_4_4_4_5", 6, 4, 2);
+  c.initializer_range = 0.05;
+  auto m = make_model(c, 6);
+  m->to(torch::kFloat);
+  torch::Tensor ids = torch::randint(0, 37, {2, 12});
+  auto params = m->parameters();
+  const IterationCounts counts{3, 2};
+  auto fp32 = torch::autograd::grad({m->forward(ids, ids, counts).loss}, params);
+  std::vector<torch::Tensor> bf16;
+  {
+    AutocastScope autocast(torch::kCPU, torch::kBFloat16);
+    torch::Tensor loss = m->forward(ids, ids, counts).loss;
+    bf16 = torch::autograd::grad({loss}, params, {}, /*retain_graph=*/std::nullopt, /*create_graph=*/false,
+                                 /*allow_unused=*/true);
+  }
+  auto names = m->named_parameters().keys();
+  for (size_t i = 0; i < params.size(); ++i) {
+    INFO(names[i]);
+    REQUIRE(bf16[i].defined());
+    const double norm = fp32[i].norm().item<double>();
+    CHECK(norm > 0);
+    const double rel = (bf16[i].to(torch::kFloat) - fp32[i]).norm().item<double>() / norm;
+    CHECK(rel < 0.05);
+  }
 }
 
 TEST_CASE("use_sequential in the config selects the sequential definition", "[model]") {

@@ -50,6 +50,7 @@ const Case kCases[] = {
     {1, 8, 1, 1, 6, 8, true, 0, 5, 256},    // a single decoded token, MQA
     {2, 2, 1, 16, 16, 8, false, 5, 0, 3},   // window smaller than blocks' spans
     {1, 2, 2, 6, 6, 4, true, 1, 0, 4},      // strict with window 1: every row empty
+    {1, 2, 2, 4, 9, 8, true, 2, 7, 256},    // keys end before the last query's window: a trailing empty row
 };
 
 }  // namespace

@@ -8,6 +8,10 @@
 
 namespace lckv {
 
+torch::Tensor linear(const torch::nn::Linear& layer, const torch::Tensor& x) {
+  return at::linear(x, layer->weight, layer->bias);
+}
+
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
   weight = register_parameter("weight", torch::ones({dim}));
 }
@@ -59,7 +63,7 @@ MLPImpl::MLPImpl(const LCKVConfig& c) {
 }
 
 torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
-  return down_proj(ops::swiglu(gate_proj(x), up_proj(x)));
+  return linear(down_proj, ops::swiglu(linear(gate_proj, x), linear(up_proj, x)));
 }
 
 LayerRole layer_role(const LCKVConfig& c, int layer) {
@@ -86,15 +90,15 @@ AttentionImpl::AttentionImpl(const LCKVConfig& c, const LayerRole& role_)
 void AttentionImpl::write_kv(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                              KVStore& kv) {
   const int64_t B = x.size(0), T = x.size(1);
-  torch::Tensor k = k_proj(x).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
-  torch::Tensor v = v_proj(x).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
+  torch::Tensor k = linear(k_proj, x).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
+  torch::Tensor v = linear(v_proj, x).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);
   kv.write(role.index, ops::apply_rotary(k, cos, sin), v);
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                                      KVStore& kv) {
   const int64_t B = x.size(0), T = x.size(1);
-  torch::Tensor q = ops::apply_rotary(q_proj(x).view({B, T, num_heads, head_dim}).transpose(1, 2), cos, sin);
+  torch::Tensor q = ops::apply_rotary(linear(q_proj, x).view({B, T, num_heads, head_dim}).transpose(1, 2), cos, sin);
   if (role.computes_kv) write_kv(x, cos, sin, kv);
   const KV target = kv.read(role.target);
   ops::AttentionParams params;
@@ -102,7 +106,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   params.mask.q_offset = kv.past_length();
   params.mask.key_start = kv.key_start();
   torch::Tensor out = ops::condensed_attention(q, target.k, target.v, params);
-  return o_proj(out.transpose(1, 2).reshape({B, T, num_heads * head_dim}));
+  return linear(o_proj, out.transpose(1, 2).reshape({B, T, num_heads * head_dim}));
 }
 
 DecoderLayerImpl::DecoderLayerImpl(const LCKVConfig& c, int layer) {
@@ -114,8 +118,8 @@ DecoderLayerImpl::DecoderLayerImpl(const LCKVConfig& c, int layer) {
 
 torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin,
                                         KVStore& kv) {
-  torch::Tensor x = h + self_attn(input_layernorm(h), cos, sin, kv);
-  return x + mlp(post_attention_layernorm(x));
+  torch::Tensor x = ops::residual_add(h, self_attn(input_layernorm(h), cos, sin, kv));
+  return ops::residual_add(x, mlp(post_attention_layernorm(x)));
 }
 
 void DecoderLayerImpl::write_kv(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin,

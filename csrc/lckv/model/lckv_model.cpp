@@ -4,8 +4,6 @@
 
 namespace lckv {
 
-namespace F = torch::nn::functional;
-
 LCKVModelImpl::LCKVModelImpl(const LCKVConfig& c) : config(c), plan(c.iteration_plan()), rotary(c) {
   config.validate();
   embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
@@ -114,7 +112,7 @@ LCKVForCausalLMImpl::LCKVForCausalLMImpl(const LCKVConfig& c) : config(c) {
 }
 
 torch::Tensor LCKVForCausalLMImpl::lm_logits(const torch::Tensor& hidden) {
-  return lm_head ? lm_head(hidden) : F::linear(hidden, model->embed_tokens->weight);
+  return lm_head ? linear(lm_head, hidden) : at::linear(hidden, model->embed_tokens->weight);
 }
 
 torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& targets) {

@@ -220,26 +220,39 @@ namespace {
 // (flash-style online softmax, GQA without repeated K/V, its own autograd) given the condensed
 // mask as a boolean [T, S] mask. On this CPU it is ~1.8x faster forward and ~1.2x forward+backward
 // than the ATen-composed blocks above, which stay the path for fp64 (the exactness reference),
-// per-sequence key_start and single-token decode. A row that sees no key gets key 0 and is zeroed
-// afterwards: SDPA returns NaN for an all-masked row.
+// per-sequence key_start and single-token decode.
 bool use_fused_cpu_attention(const at::Tensor& q, const at::Tensor& k, const AttentionParams& p) {
   return q.device().is_cpu() && q.scalar_type() != at::kDouble && !p.mask.key_start.defined() && q.size(2) > 1 &&
          k.size(2) > 0;
 }
 
-at::Tensor fused_cpu_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionParams& p) {
+// nullopt when no row sees any key: the blocked path gives those zeros, with their (zero) gradients.
+std::optional<at::Tensor> fused_cpu_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const AttentionParams& p) {
   const int64_t T = q.size(2), S = k.size(2);
   const std::optional<double> scale = p.scale > 0 ? std::optional<double>(p.scale) : std::nullopt;
   const AttentionMask& m = p.mask;
   if (!m.strict && m.window <= 0 && m.q_offset == 0 && T == S) {
     return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, scale, /*enable_gqa=*/true);
   }
-  at::Tensor visible = hidden_keys(m, 0, T, 0, S).logical_not();
-  const at::Tensor empty = visible.any(-1).logical_not();
-  const bool any_empty = empty.any().item<bool>();
-  if (any_empty) visible.select(1, 0).logical_or_(empty);
-  at::Tensor out = at::scaled_dot_product_attention(q, k, v, visible, 0.0, false, scale, /*enable_gqa=*/true);
-  return any_empty ? out.masked_fill(empty.view({1, 1, T, 1}), 0) : out;
+  const at::Tensor visible = hidden_keys(m, 0, T, 0, S).logical_not();
+  // SDPA gives NaN for a row that sees no key (a strict row at position 0, say). The rows that see
+  // some key are one run, since both ends of a row's key range only move forward with its
+  // position: attend with that run, and zero-pad the rest in [B, T, H, D] layout, so that the
+  // caller's transpose + reshape to [B, T, H * D] stays a view.
+  const at::Tensor sees = visible.any(-1);
+  const int64_t rows = sees.sum().item<int64_t>();
+  if (rows == 0) return std::nullopt;
+  const int64_t first = sees.to(at::kByte).argmax().item<int64_t>();
+  TORCH_INTERNAL_ASSERT(sees.narrow(0, first, rows).all().item<bool>(), "rows that see a key are not one run");
+  at::Tensor out = at::scaled_dot_product_attention(q.narrow(2, first, rows), k, v, visible.narrow(0, first, rows),
+                                                    0.0, false, scale, /*enable_gqa=*/true);
+  if (rows == T) return out;
+  at::Tensor padded = at::empty({q.size(0), T, q.size(1), q.size(3)}, out.options());  // zeroes only the pad rows
+  padded.narrow(1, 0, first).zero_();
+  padded.narrow(1, first + rows, T - first - rows).zero_();
+  padded.narrow(1, first, rows).copy_(out.transpose(1, 2));
+  return padded.transpose(1, 2);
 }
 
 }  // namespace
@@ -256,7 +269,7 @@ at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const a
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (use_fused_cpu_attention(qc, kc, p)) {
     check_inputs(qc, kc, vc, p);
-    return fused_cpu_attention(qc, kc, vc, p);
+    if (auto out = fused_cpu_attention(qc, kc, vc, p)) return *out;
   }
   std::optional<at::Tensor> key_start;
   if (p.mask.key_start.defined()) key_start = p.mask.key_start;

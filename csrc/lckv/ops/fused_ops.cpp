@@ -131,6 +131,21 @@ struct SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
   }
 };
 
+struct ResidualAddFunction : public torch::autograd::Function<ResidualAddFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& branch) {
+    const at::Tensor hc = h.contiguous(), bc = branch.contiguous();
+    at::Tensor out = at::empty_like(hc);
+    kernels().residual_add(hc, bc, out);
+    ctx->saved_data["branch_dtype"] = static_cast<int64_t>(branch.scalar_type());
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto branch_dtype = static_cast<at::ScalarType>(ctx->saved_data["branch_dtype"].toInt());
+    return {grads[0], grads[0].to(branch_dtype)};
+  }
+};
+
 struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
   // logits [B, T, V] (unit stride in V), targets [B, T] int64 contiguous, count = #non-ignored.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& targets,
@@ -205,6 +220,17 @@ at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
               " ", gate.device(), " and ", up.sizes(), " ", up.scalar_type(), " ", up.device());
   if (gate.device().is_cpu() && gate.numel() > 0) return SwiGLUFunction::apply(gate, up);
   return at::silu(gate) * up;
+}
+
+at::Tensor residual_add(const at::Tensor& h, const at::Tensor& branch) {
+  TORCH_CHECK(h.sizes() == branch.sizes() && h.device() == branch.device(),
+              "residual_add: h and branch must share shape and device, got ", h.sizes(), " on ", h.device(), " and ",
+              branch.sizes(), " on ", branch.device());
+  const auto b = branch.scalar_type();
+  if (h.device().is_cpu() && h.scalar_type() == at::kFloat && (b == at::kBFloat16 || b == at::kHalf)) {
+    return ResidualAddFunction::apply(h, branch);
+  }
+  return h + branch;
 }
 
 at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {

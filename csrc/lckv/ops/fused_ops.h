@@ -23,6 +23,10 @@ at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Te
 // SwiGLU gate: silu(gate) * up, same shapes and dtype.
 at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
 
+// h + branch in promote_types(h, branch): the residual stream (fp32) plus a block's output (bf16
+// under autocast) in one pass, without the fp32 copy of the branch that a mixed-dtype add makes.
+at::Tensor residual_add(const at::Tensor& h, const at::Tensor& branch);
+
 // Mean cross-entropy of logits [B, T, V] (or [N, V]) against targets [B, T] (or [N]) over the
 // targets != ignore_index, with log-softmax statistics in fp32 (fp64 for fp64 logits), as
 // F.cross_entropy(logits.float(), targets) but without the fp32 copy of the logits.

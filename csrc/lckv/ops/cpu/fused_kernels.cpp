@@ -301,6 +301,31 @@ void swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::T
 }
 
 // ---------------------------------------------------------------------------------------------
+// Residual add: fp32 stream + low-precision branch, without widening the branch into a temporary
+
+template <typename B>
+void residual_add_impl(const at::Tensor& h, const at::Tensor& branch, const at::Tensor& out) {
+  using Wide = Lanes<float>;
+  using Narrow = Lanes<B, float>;
+  const float* hp = h.const_data_ptr<float>();
+  const B* bp = branch.const_data_ptr<B>();
+  float* op = out.mutable_data_ptr<float>();
+  at::parallel_for(0, h.numel(), 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i += Wide::kStep) {
+      const int64_t n = end - i;
+      auto [ha, hb] = Wide::load(hp + i, n);
+      auto [ba, bb] = Narrow::load(bp + i, n);
+      Wide::store(op + i, ha + ba, hb + bb, n);
+    }
+  });
+}
+
+void residual_add(const at::Tensor& h, const at::Tensor& branch, const at::Tensor& out) {
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(branch.scalar_type(), "residual_add",
+                                     [&] { residual_add_impl<scalar_t>(h, branch, out); });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Cross-entropy
 
 // Row r = (b, t) of logits [B, T, V] (unit stride in V) and its target.
@@ -411,9 +436,9 @@ void cross_entropy_backward(const at::Tensor& logits, const at::Tensor& targets,
 }  // namespace
 
 const FusedKernels& fused_kernels() {
-  static const FusedKernels table{rms_norm_forward, rms_norm_backward,  rotary,
-                                  swiglu_forward,   swiglu_backward,    cross_entropy_forward,
-                                  cross_entropy_backward};
+  static const FusedKernels table{rms_norm_forward,      rms_norm_backward,     rotary,
+                                  swiglu_forward,        swiglu_backward,       residual_add,
+                                  cross_entropy_forward, cross_entropy_backward};
   return table;
 }
 

@@ -1,5 +1,5 @@
 // Fused CPU kernels for the elementwise parts of a Llama block: RMSNorm, rotary embedding,
-// SwiGLU and the cross-entropy of the LM head. Unfused, each is 3-10 ATen kernels (and as many
+// SwiGLU, the residual add and the cross-entropy of the LM head. Unfused, each is 3-10 ATen kernels (and as many
 // passes over memory, plus dtype conversions under autocast); together they were ~30% of a
 // bf16 training step on a 2-core CPU. Fused, each reads and writes its tensors once, computing in
 // fp32 (fp64 for fp64 tensors).
@@ -32,6 +32,8 @@ struct FusedKernels {
   void (*swiglu_forward)(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out);
   void (*swiglu_backward)(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up,
                           const at::Tensor& dgate, const at::Tensor& dup);
+  // h (fp32), branch (bf16/fp16), out (fp32): contiguous, one shape. out = h + branch.
+  void (*residual_add)(const at::Tensor& h, const at::Tensor& branch, const at::Tensor& out);
   // logits [B, T, V] with unit stride in V, targets [B, T] int64 (ignore_index rows are skipped).
   // Writes lse [B, T] and loss [B, T] = lse - logits[target] (0 for ignored rows), acc dtype.
   void (*cross_entropy_forward)(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,

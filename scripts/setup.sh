@@ -42,18 +42,22 @@ fi
 
 if [ "${LCKV_SKIP_BUILD:-0}" != 1 ]; then
   say "building (build/, ninja -j2)"
-  if [ ! -f build/build.ninja ]; then
-    cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -Wno-dev
+  # One position-independent build serves the programs, the tests and the Python extension
+  # (target lckv_python), so the library compiles once; setup.py is pointed at it below.
+  venv_python="$PWD/.venv/bin/python"
+  if ! grep -qsx "LCKV_PIC:BOOL=ON" build/CMakeCache.txt ||
+     ! grep -qsxF "LCKV_PYTHON:FILEPATH=$venv_python" build/CMakeCache.txt; then
+    cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLCKV_PIC=ON -DLCKV_PYTHON="$venv_python" -Wno-dev
   fi
   cmake --build build -j2
-  # The Python package lckv: an editable install whose extension lckv._C is built by setup.py
-  # through CMake in build-py/ (PIC) against .venv's torch. Once installed, refreshing the
-  # extension in place is enough (an incremental ninja build).
+  # The Python package lckv: an editable install whose extension lckv._C setup.py copies from
+  # build/. Once installed, refreshing the extension in place is enough.
+  export LCKV_PY_BUILD_DIR="$PWD/build"
   if .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('lckv') is None)"; then
-    say "Python package lckv: refreshing lckv._C (build-py/)"
+    say "Python package lckv: refreshing lckv._C (from build/)"
     .venv/bin/python setup.py -q build_ext --inplace
   else
-    say "Python package lckv: pip install -e . (builds lckv._C in build-py/)"
+    say "Python package lckv: pip install -e . (lckv._C from build/)"
     .venv/bin/pip install --no-build-isolation --no-deps -e .
   fi
 fi

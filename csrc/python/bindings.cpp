@@ -255,6 +255,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out_dtype"), py::call_guard<py::gil_scoped_release>());
   m.def("apply_rotary", &ops::apply_rotary, py::arg("x"), py::arg("cos"), py::arg("sin"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("residual_add", &ops::residual_add, py::arg("h"), py::arg("branch"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("swiglu", &ops::swiglu, py::arg("gate"), py::arg("up"), py::call_guard<py::gil_scoped_release>());
   m.def("cross_entropy", &ops::cross_entropy, py::arg("logits"), py::arg("targets"), py::arg("ignore_index"),
         py::call_guard<py::gil_scoped_release>());

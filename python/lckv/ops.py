@@ -60,6 +60,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _C.swiglu(gate, up)
 
 
+def residual_add(h: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """h + branch in the promoted dtype, with autograd. For an fp32 residual stream and a bf16/fp16
+    branch (the autocast case) one fused pass on CPU, without the fp32 copy of the branch a
+    mixed-dtype add makes."""
+    return _C.residual_add(h, branch)
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of logits [B, T, V] (or [N, V]) against targets [B, T] (or [N]), skipping
     ignore_index; log-softmax statistics in fp32 (fp64 for fp64 logits) without an fp32 copy of the

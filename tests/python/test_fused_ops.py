@@ -46,6 +46,18 @@ def test_swiglu_matches_silu_times_up_and_gradcheck():
     assert torch.autograd.gradcheck(ops.swiglu, (g, u))
 
 
+def test_residual_add_of_fp32_and_bf16_equals_the_promoted_add():
+    torch.manual_seed(5)
+    h = torch.randn(4, 33, requires_grad=True)
+    b = torch.randn(4, 33).bfloat16().requires_grad_(True)
+    y = ops.residual_add(h, b)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, h.detach() + b.detach().float())
+    g = torch.randn(4, 33)
+    y.backward(g)
+    assert torch.equal(h.grad, g) and b.grad.dtype == torch.bfloat16 and torch.equal(b.grad, g.bfloat16())
+
+
 def test_cross_entropy_matches_f_cross_entropy_and_gradcheck():
     torch.manual_seed(3)
     logits = torch.randn(2, 7, 50, dtype=torch.float64, requires_grad=True)

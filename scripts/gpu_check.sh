@@ -64,7 +64,8 @@ fi
 
 say "configure and build ($JOBS jobs)"
 build_start=$(date +%s)
-logged cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLCKV_PYTHON="$(command -v python3)" \
+# PIC, so step 6 builds the Python extension in this same tree instead of compiling the library again.
+logged cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLCKV_PYTHON="$(command -v python3)" -DLCKV_PIC=ON \
   -DLCKV_WITH_CUDA=ON -DLCKV_CUDA_ARCHS=90 "${extra_cmake[@]}" -Wno-dev || { fail "cmake configure"; exit 1; }
 logged cmake --build "$BUILD" -j"$JOBS" --target lckv_unit_tests lckv_torch_tests lckv-bench-attention ||
   { fail "build"; exit 1; }
@@ -96,7 +97,7 @@ fi
 if [ "${GPU_CHECK_PYTHON:-1}" != 0 ]; then
   say "Python package lckv against $(command -v python3)'s torch, then pytest"
   if python3 -c "import pytest" 2>/dev/null; then
-    LCKV_PY_BUILD_DIR=build-gpu-py LCKV_BUILD_JOBS="$JOBS" logged python3 setup.py -q build_ext --inplace ||
+    LCKV_PY_BUILD_DIR="$PWD/$BUILD" LCKV_BUILD_JOBS="$JOBS" logged python3 setup.py -q build_ext --inplace ||
       fail "building lckv._C"
     logged timeout 300 python3 -m pytest -q tests/python || fail "pytest"
   else

@@ -158,11 +158,10 @@ nlohmann::json bench_end_to_end(const std::vector<std::string>& configs, int64_t
                                 int64_t gen_batch, int64_t prompt, int64_t new_tokens) {
   nlohmann::json rows = nlohmann::json::array();
   for (const auto& path : configs) {
-    const lckv::LCKVConfig config = lckv::LCKVConfig::from_file(path);
     torch::manual_seed(0);
+    lckv::LCKVForCausalLM model = lckv::random_model(path);
+    const lckv::LCKVConfig& config = model->config;
     nlohmann::json row = {{"config", path}, {"layer_types", lckv::format_layer_types(config.layer_types)}};
-    lckv::LCKVForCausalLM model(config);
-    lckv::init_weights(model);
     model->to(torch::kCUDA);
     // Training step: fp32 weights, bf16 autocast, forward + backward.
     torch::Tensor ids = torch::randint(0, config.vocab_size, {batch, seq_len},

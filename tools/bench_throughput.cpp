@@ -108,10 +108,8 @@ int main(int argc, char** argv) {
     for (const auto& path : configs) {
       Model m;
       m.path = path;
-      m.config = lckv::LCKVConfig::from_file(path);
-      if (vocab > 0) m.config.vocab_size = vocab;
-      m.model = lckv::LCKVForCausalLM(m.config);
-      lckv::init_weights(m.model);
+      m.model = lckv::random_model(path, vocab);
+      m.config = m.model->config;
       m.model->to(scalar);
       const auto& c = m.config;
       config_json.push_back({{"config", path},

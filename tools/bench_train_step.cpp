@@ -51,10 +51,8 @@ int main(int argc, char** argv) {
     for (const auto& path : configs) {
       Run r;
       r.config_path = path;
-      r.config = lckv::LCKVConfig::from_file(path);
-      if (vocab > 0) r.config.vocab_size = vocab;
-      r.model = lckv::LCKVForCausalLM(r.config);
-      lckv::init_weights(r.model);
+      r.model = lckv::random_model(path, vocab);
+      r.config = r.model->config;
       runs.push_back(std::move(r));
     }
     torch::Tensor ids = torch::randint(0, runs[0].config.vocab_size, {batch, seq_len});

@@ -24,10 +24,8 @@ int main(int argc, char** argv) {
   try {
     torch::set_num_threads(threads);
     torch::manual_seed(0);
-    lckv::LCKVConfig config = lckv::LCKVConfig::from_file(config_path);
-    if (vocab > 0) config.vocab_size = vocab;
-    lckv::LCKVForCausalLM model(config);
-    lckv::init_weights(model);
+    lckv::LCKVForCausalLM model = lckv::random_model(config_path, vocab);
+    const lckv::LCKVConfig& config = model->config;
     std::cout << "config " << config_path << ": " << config.num_hidden_layers << " layers, layer_types "
               << lckv::format_layer_types(config.layer_types) << ", KV layers " << config.kv_layers().size() << "\n";
     torch::optim::AdamW opt(model->parameters(), torch::optim::AdamWOptions(1e-3));

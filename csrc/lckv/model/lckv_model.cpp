@@ -164,4 +164,12 @@ void init_weights(LCKVForCausalLM& m) {
   }
 }
 
+LCKVForCausalLM random_model(const std::string& config_path, int64_t vocab_size) {
+  LCKVConfig config = LCKVConfig::from_file(config_path);
+  if (vocab_size > 0) config.vocab_size = vocab_size;
+  LCKVForCausalLM model(config);
+  init_weights(model);
+  return model;
+}
+
 }  // namespace lckv

@@ -88,4 +88,8 @@ torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& targets)
 // Llama initialisation: normal(0, initializer_range) weights, zero biases, unit norm weights.
 void init_weights(LCKVForCausalLM& model);
 
+// The model of the config file at config_path with init_weights' random weights (tools and
+// benchmarks); vocab_size > 0 replaces the file's vocab_size.
+LCKVForCausalLM random_model(const std::string& config_path, int64_t vocab_size = 0);
+
 }  // namespace lckv

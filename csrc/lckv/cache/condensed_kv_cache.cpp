@@ -1,6 +1,7 @@
 #include "lckv/cache/condensed_kv_cache.h"
 
 #include "lckv/ops/fused_ops.h"
+#include "lckv/ops/accumulate.h"
 
 namespace lckv {
 
@@ -112,7 +113,7 @@ void CondensedKVCache::evict(int64_t n) {
   const int64_t kept = length_ - sink_end - n;
   if (kept > 0) {
     // Kept keys move n slots down: rotate them by -n positions (computed in fp32, fp64 for fp64 buffers).
-    const auto acc = k_[0].scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+    const auto acc = ops::accumulate_dtype(k_[0].scalar_type());
     auto [cos, sin] = rotary_.cos_sin(torch::full({1}, -n, torch::kLong), acc);
     cos = cos.to(k_[0].device());
     sin = sin.to(k_[0].device());

@@ -7,6 +7,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "lckv/ops/accumulate.h"
+
 namespace lckv {
 
 namespace {
@@ -145,7 +147,7 @@ GenerationResult generate(LCKVForCausalLM& model, const std::vector<std::vector<
   at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(config.seed);
   std::vector<bool> active(B, true);
   std::vector<torch::Tensor> step_logits;
-  const auto logit_dtype = weight.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  const auto logit_dtype = ops::accumulate_dtype(weight.scalar_type());
   for (int64_t step = 0; step < config.max_new_tokens; ++step) {
     torch::Tensor raw = logits.to(torch::kCPU, logit_dtype);
     if (config.return_logits) step_logits.push_back(raw);

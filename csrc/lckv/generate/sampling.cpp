@@ -4,6 +4,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "lckv/ops/accumulate.h"
+
 namespace lckv {
 
 void SamplingConfig::validate() const {
@@ -20,7 +22,7 @@ void SamplingConfig::validate() const {
 
 torch::Tensor process_logits(const torch::Tensor& logits, const SamplingConfig& c, const torch::Tensor& seen) {
   TORCH_CHECK(logits.dim() == 2, "sampling: logits must be [batch, vocab], got ", logits.sizes());
-  const auto dt = logits.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  const auto dt = ops::accumulate_dtype(logits.scalar_type());
   torch::Tensor x = logits.to(dt, /*non_blocking=*/false, /*copy=*/true);
   if (c.repetition_penalty != 1.0 && seen.defined()) {
     TORCH_CHECK(seen.sizes() == logits.sizes(), "sampling: seen must be ", logits.sizes(), ", got ", seen.sizes());

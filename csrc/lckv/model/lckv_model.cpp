@@ -1,6 +1,7 @@
 #include "lckv/model/lckv_model.h"
 
 #include "lckv/ops/fused_ops.h"
+#include "lckv/ops/accumulate.h"
 
 namespace lckv {
 
@@ -76,7 +77,7 @@ torch::Tensor LCKVModelImpl::forward_chunk(const torch::Tensor& input_ids, KVSto
                           ? positions
                           : torch::arange(kv.past_length(), kv.past_length() + T, input_ids.options().dtype(torch::kLong));
   // Tables in the rotation's compute precision; ops::apply_rotary keeps q/k in their own dtype.
-  auto [cos, sin] = rotary.cos_sin(pos, h.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat);
+  auto [cos, sin] = rotary.cos_sin(pos, ops::accumulate_dtype(h.scalar_type()));
   for (size_t s = 0; s < plan.segments.size(); ++s) {
     const Segment& seg = plan.segments[s];
     if (seg.cyclic) {

@@ -4,6 +4,7 @@
 // The backward recomputes probabilities from the saved log-sum-exp, as flash attention does,
 // so the [T, S] probability matrix is never kept between forward and backward.
 #include "lckv/ops/condensed_attention.h"
+#include "lckv/ops/accumulate.h"
 
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -61,8 +62,6 @@ double softmax_scale(const at::Tensor& q, const AttentionParams& p) {
   return p.scale > 0 ? p.scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
 }
 
-at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // One block of query rows [t0, t0 + tb) and the key range [kb, ke) they can see.
 struct Block {
   int64_t t0, tb, kb, ke;
@@ -111,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> condensed_attention_forward(const at::Tensor&
 #endif
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), G = Hq / Hkv;
-  const auto acc = accumulate_type(q.scalar_type());
+  const auto acc = accumulate_dtype(q.scalar_type());
   const double scale = softmax_scale(q, p);
 
   at::Tensor out = at::zeros({B, Hkv, G, T, D}, q.options());
@@ -147,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward(
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), G = Hq / Hkv;
   const auto dt = q.scalar_type();
-  const auto acc = accumulate_type(dt);
+  const auto acc = accumulate_dtype(dt);
   const double scale = softmax_scale(q, p);
 
   at::Tensor dq = at::zeros({B, Hkv, G, T, D}, q.options());

@@ -10,6 +10,7 @@
 #include <atomic>
 
 #include "lckv/ops/cpu/fused_kernels.h"
+#include "lckv/ops/accumulate.h"
 
 namespace lckv::ops {
 namespace {
@@ -47,8 +48,6 @@ const cpu::FusedKernels& kernels() {
   return compiled_variants()[o >= 0 ? o : widest_runnable()].kernels();
 }
 
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Our ops choose their own precisions; keep autocast from re-casting the ATen ops inside them.
 struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
@@ -62,9 +61,9 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     NoAutocast no_autocast;
     const int64_t D = x.size(-1);
     const at::Tensor rows = x.reshape({-1, D}).contiguous();
-    const at::Tensor w = weight.to(acc_dtype(x.scalar_type())).contiguous();
+    const at::Tensor w = weight.to(accumulate_dtype(x.scalar_type())).contiguous();
     at::Tensor out = at::empty(rows.sizes(), x.options().dtype(static_cast<at::ScalarType>(out_dtype)));
-    at::Tensor rstd = at::empty({rows.size(0)}, x.options().dtype(acc_dtype(x.scalar_type())));
+    at::Tensor rstd = at::empty({rows.size(0)}, x.options().dtype(accumulate_dtype(x.scalar_type())));
     kernels().rms_norm_forward(rows, w, eps, out, rstd);
     ctx->save_for_backward({rows, w, rstd});
     ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
@@ -93,7 +92,7 @@ struct RotaryFunction : public torch::autograd::Function<RotaryFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
     NoAutocast no_autocast;
     const at::Tensor xs = x.stride(3) == 1 ? x : x.contiguous();
-    const auto acc = acc_dtype(x.scalar_type());
+    const auto acc = accumulate_dtype(x.scalar_type());
     const at::Tensor c = cos.to(acc).contiguous().expand(x.sizes());
     const at::Tensor s = sin.to(acc).contiguous().expand(x.sizes());
     at::Tensor out = at::empty_like(xs);
@@ -151,7 +150,7 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& targets,
                             int64_t ignore_index, int64_t count) {
     NoAutocast no_autocast;
-    const auto acc = acc_dtype(logits.scalar_type());
+    const auto acc = accumulate_dtype(logits.scalar_type());
     at::Tensor lse = at::empty(targets.sizes(), logits.options().dtype(acc));
     at::Tensor loss = at::empty(targets.sizes(), logits.options().dtype(acc));
     kernels().cross_entropy_forward(logits, targets, ignore_index, lse, loss);
@@ -194,7 +193,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, a
       (x.scalar_type() == at::kDouble) == (out_dtype == at::kDouble)) {
     return RMSNormFunction::apply(x, weight, eps, static_cast<int64_t>(out_dtype));
   }
-  const auto acc = acc_dtype(x.scalar_type());
+  const auto acc = accumulate_dtype(x.scalar_type());
   const at::Tensor xs = x.to(acc);
   return (weight.to(acc) * (xs * at::rsqrt(xs.pow(2).mean(-1, true) + eps))).to(out_dtype);
 }
@@ -252,7 +251,7 @@ at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets, in
                 " is outside [0, vocab_size = ", V, ") and is not ignore_index (", ignore_index, ")");
   }
   if (!logits.device().is_cpu() || logits.numel() == 0) {
-    const auto acc = acc_dtype(logits.scalar_type());
+    const auto acc = accumulate_dtype(logits.scalar_type());
     return at::cross_entropy_loss(logits.reshape({-1, V}).to(acc), t.reshape({-1}), {}, at::Reduction::Mean,
                                   ignore_index, 0.0);
   }

@@ -42,7 +42,7 @@ int main(int argc, char** argv) {
     torch::NoGradGuard no_grad;
     model->to(torch::kDouble);
     torch::Tensor short_ids = ids.narrow(1, 0, 12);
-    const double diff = (model->forward(short_ids, {}, lckv::IterationCounts{12, 1}).logits -
+    const double diff = (model->forward(short_ids, {}, lckv::IterationOptions{12, 1}).logits -
                          model->forward_sequential(short_ids).logits).abs().max().item<double>();
     std::cout << "parallel (m+b = T) vs sequential, fp64: max |logit difference| = " << diff << "\n";
     return diff < 1e-9 ? 0 : 1;

@@ -164,7 +164,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             if (sequential) {
               out = self.forward_sequential(input_ids, lab);
             } else {
-              IterationCounts counts = self.default_counts();
+              IterationOptions counts = self.default_iterations();
               counts.forward_passes = forward_passes.value_or(counts.forward_passes);
               counts.backward_passes = backward_passes.value_or(counts.backward_passes);
               counts.observer = observer;

@@ -95,8 +95,8 @@ torch::Tensor cached_prefill_logits(LCKVForCausalLM& m, const std::vector<std::v
   std::vector<torch::Tensor> logits;
   for (int64_t s = 0; s < max_len; s += chunk) {
     const int64_t n = std::min(chunk, max_len - s);
-    const IterationCounts counts = mode == PrefillMode::kExact ? IterationCounts{int(n), 1}
-                                                               : IterationCounts{m->config.forward_passes, m->config.backward_passes};
+    const IterationOptions counts = mode == PrefillMode::kExact ? IterationOptions{int(n), 1}
+                                                               : IterationOptions{m->config.forward_passes, m->config.backward_passes};
     cache.make_room(n);
     logits.push_back(m->lm_logits(m->model->forward_chunk(ids.narrow(1, s, n), cache, counts, cache.positions(n))));
     cache.advance(n);
@@ -197,7 +197,7 @@ TEST_CASE("iterative prefill of a padded batch equals the parallel plan of each 
     torch::Tensor logits = cached_prefill_logits(m, prompts, 7, PrefillMode::kIterative);
     for (size_t b = 0; b < prompts.size(); ++b) {
       const int64_t len = prompts[b].size();
-      torch::Tensor ref = m->forward(row(prompts[b]), {}, m->default_counts()).logits[0];
+      torch::Tensor ref = m->forward(row(prompts[b]), {}, m->default_iterations()).logits[0];
       INFO(mc.layer_types << " sequence " << b);
       CHECK(max_diff(logits[b].narrow(0, 7 - len, len), ref) < 1e-10);
     }

@@ -24,7 +24,7 @@ std::vector<int64_t> greedy(LCKVForCausalLM& m, std::vector<int64_t> ids, int n)
   std::vector<int64_t> out;
   for (int i = 0; i < n; ++i) {
     torch::Tensor t = torch::tensor(ids).unsqueeze(0);
-    torch::Tensor logits = m->forward(t, {}, IterationCounts{int(ids.size()), 1}).logits;
+    torch::Tensor logits = m->forward(t, {}, IterationOptions{int(ids.size()), 1}).logits;
     const int64_t next = logits[0][-1].argmax().item<int64_t>();
     out.push_back(next);
     ids.push_back(next);
@@ -129,10 +129,10 @@ TEST_CASE("conformance vectors: exact and m=2,b=1 logits and greedy continuation
     torch::Tensor input = torch::tensor(ids).unsqueeze(0);
     torch::NoGradGuard g;
     const int T = static_cast<int>(ids.size());
-    torch::Tensor exact = m->forward(input, {}, IterationCounts{T, 1}).logits[0];
+    torch::Tensor exact = m->forward(input, {}, IterationOptions{T, 1}).logits[0];
     CHECK((exact - expected.at("logits_exact")).abs().max().item<double>() <= 1e-9);
     CHECK((exact - m->forward_sequential(input).logits[0]).abs().max().item<double>() <= 1e-9);
-    torch::Tensor m2b1 = m->forward(input, {}, IterationCounts{2, 1}).logits[0];
+    torch::Tensor m2b1 = m->forward(input, {}, IterationOptions{2, 1}).logits[0];
     CHECK((m2b1 - expected.at("logits_m2_b1")).abs().max().item<double>() <= 1e-9);
     CHECK(greedy(m, ids, 6) == c["greedy_next_6"].get<std::vector<int64_t>>());
   }

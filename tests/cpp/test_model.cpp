@@ -135,11 +135,11 @@ TEST_CASE("parallel iterative forward with m + b >= T equals the sequential defi
     auto seq = m->forward_sequential(ids, ids);
     INFO("layer_types " << mc.layer_types);
     // with autograd on (m no-grad + b grad iterations) and off
-    auto par = m->forward(ids, ids, IterationCounts{int(T) - 2, 2});
+    auto par = m->forward(ids, ids, IterationOptions{int(T) - 2, 2});
     CHECK(max_diff(par.logits, seq.logits) < 1e-10);
     CHECK(std::abs(par.loss.item<double>() - seq.loss.item<double>()) < 1e-10);
     torch::NoGradGuard g;
-    auto eval = m->forward(ids, {}, IterationCounts{int(T), 2});
+    auto eval = m->forward(ids, {}, IterationOptions{int(T), 2});
     CHECK(max_diff(eval.logits, seq.logits) < 1e-10);
   }
 }
@@ -150,7 +150,7 @@ TEST_CASE("after k iterations the first k positions are exact, later ones are no
   torch::NoGradGuard g;
   torch::Tensor seq = m->forward_sequential(ids).logits;
   for (int k = 1; k <= 4; ++k) {
-    torch::Tensor par = m->forward(ids, {}, IterationCounts{k - 1, 1}).logits;
+    torch::Tensor par = m->forward(ids, {}, IterationOptions{k - 1, 1}).logits;
     INFO("iterations " << k);
     CHECK(max_diff(par.narrow(1, 0, k), seq.narrow(1, 0, k)) < 1e-10);
     CHECK(max_diff(par.narrow(1, k, 10 - k), seq.narrow(1, k, 10 - k)) > 1e-6);
@@ -164,7 +164,7 @@ TEST_CASE("m = 0, b >= T gives the sequential gradients for every parameter (inv
     torch::Tensor ids = torch::randint(0, 37, {2, T});
     auto params = m->parameters();
     auto seq_grads = torch::autograd::grad({m->forward_sequential(ids, ids).loss}, params);
-    auto par_grads = torch::autograd::grad({m->forward(ids, ids, IterationCounts{0, int(T)}).loss}, params);
+    auto par_grads = torch::autograd::grad({m->forward(ids, ids, IterationOptions{0, int(T)}).loss}, params);
     INFO("layer_types " << mc.layer_types);
     for (size_t i = 0; i < params.size(); ++i) {
       INFO("parameter " << i);
@@ -180,7 +180,7 @@ TEST_CASE("gradient stopping: only the last b iterations carry gradients", "[mod
   torch::Tensor ids = torch::randint(0, 37, {1, 6});
   auto k_proj = m->model->layer_list[4]->self_attn->k_proj->weight;
   auto seq = torch::autograd::grad({m->forward_sequential(ids, ids).loss}, {k_proj})[0];
-  auto out = m->forward(ids, ids, IterationCounts{5, 1});
+  auto out = m->forward(ids, ids, IterationOptions{5, 1});
   auto one = torch::autograd::grad({out.loss}, {k_proj})[0];
   CHECK(std::abs(out.loss.item<double>() - m->forward_sequential(ids, ids).loss.item<double>()) < 1e-10);
   CHECK(max_diff(one, seq) > 1e-8);
@@ -195,7 +195,7 @@ TEST_CASE("under bf16 autocast every parameter gets the fp32 gradient, to bf16 p
   m->to(torch::kFloat);
   torch::Tensor ids = torch::randint(0, 37, {2, 12});
   auto params = m->parameters();
-  const IterationCounts counts{3, 2};
+  const IterationOptions counts{3, 2};
   auto fp32 = torch::autograd::grad({m->forward(ids, ids, counts).loss}, params);
   std::vector<torch::Tensor> bf16;
   {
@@ -220,9 +220,9 @@ TEST_CASE("use_sequential in the config selects the sequential definition", "[mo
   auto m = make_model(c, 2);
   torch::Tensor ids = torch::randint(0, 37, {1, 8});
   torch::NoGradGuard g;
-  torch::Tensor one_pass = m->forward(ids, {}, IterationCounts{0, 1}).logits;
+  torch::Tensor one_pass = m->forward(ids, {}, IterationOptions{0, 1}).logits;
   m->config.use_sequential = true;
-  CHECK(max_diff(m->forward(ids, {}, IterationCounts{0, 1}).logits, m->forward_sequential(ids).logits) == 0);
+  CHECK(max_diff(m->forward(ids, {}, IterationOptions{0, 1}).logits, m->forward_sequential(ids).logits) == 0);
   CHECK(max_diff(one_pass, m->forward_sequential(ids).logits) > 1e-6);
 }
 

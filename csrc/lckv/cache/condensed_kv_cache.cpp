@@ -149,13 +149,7 @@ int64_t max_batch_for_budget(const LCKVConfig& config, int64_t capacity, torch::
               capacity, " slots needs ", one, " bytes (", config.kv_layers().size(), " KV layers x ",
               config.num_key_value_heads, " KV heads x head_dim ", config.head_dim, " x 2 x ", c10::elementSize(dtype),
               " bytes per slot)");
-  int64_t lo = 1, hi = 2;  // fits(lo), and grow hi until it does not fit
-  while (CondensedKVCache::bytes_for(config, hi, capacity, dtype) <= budget_bytes) lo = hi, hi *= 2;
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    (CondensedKVCache::bytes_for(config, mid, capacity, dtype) <= budget_bytes ? lo : hi) = mid;
-  }
-  return lo;
+  return budget_bytes / one;  // bytes_for is linear in the batch
 }
 
 }  // namespace lckv

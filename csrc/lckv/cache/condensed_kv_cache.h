@@ -63,10 +63,8 @@ class CondensedKVCache : public KVStore {
 
   int64_t batch() const { return batch_; }
   int64_t capacity() const { return capacity_; }
-  int64_t num_kv_layers() const { return static_cast<int64_t>(kv_layers_.size()); }
   int64_t memory_bytes() const;  // bytes actually held by the buffers
   int64_t evicted() const { return evicted_; }  // slots evicted so far (streaming)
-  const std::optional<StreamingOptions>& streaming() const { return streaming_; }
 
  private:
   int buffer_index(int layer) const;
@@ -86,8 +84,8 @@ class CondensedKVCache : public KVStore {
   int64_t evicted_ = 0;
 };
 
-// The largest batch whose cache of `capacity` slots fits in `budget_bytes` (binary search over the
-// batch on bytes_for, the buffers' exact size). Throws with the needed and available bytes when
+// The largest batch whose cache of `capacity` slots fits in `budget_bytes` (bytes_for, the
+// buffers' exact size, is linear in the batch). Throws with the needed and available bytes when
 // not even batch 1 fits.
 int64_t max_batch_for_budget(const LCKVConfig& config, int64_t capacity, torch::ScalarType dtype, int64_t budget_bytes);
 

@@ -114,7 +114,7 @@ GenerationResult generate(LCKVForCausalLM& model, const std::vector<std::vector<
   for (const auto& p : prompts) st.prompt_tokens += p.size();
 
   // Runs one chunk [B, n] through the model on the cache; returns the final hidden states.
-  auto run_chunk = [&](const torch::Tensor& chunk, const IterationCounts& counts) {
+  auto run_chunk = [&](const torch::Tensor& chunk, const IterationOptions& counts) {
     const int64_t n = chunk.size(1);
     cache.make_room(n);
     torch::Tensor h = model->model->forward_chunk(chunk, cache, counts, cache.positions(n).to(weight.device()));
@@ -133,9 +133,9 @@ GenerationResult generate(LCKVForCausalLM& model, const std::vector<std::vector<
   torch::Tensor last_hidden;
   for (int64_t s = 0; s < max_len; s += chunk) {
     const int64_t n = std::min(chunk, max_len - s);
-    const IterationCounts counts = config.prefill == PrefillMode::kExact
-                                       ? IterationCounts{static_cast<int>(n), 1}
-                                       : IterationCounts{mc.forward_passes, mc.backward_passes};
+    const IterationOptions counts = config.prefill == PrefillMode::kExact
+                                       ? IterationOptions{static_cast<int>(n), 1}
+                                       : IterationOptions{mc.forward_passes, mc.backward_passes};
     torch::Tensor h = run_chunk(ids.narrow(1, s, n), counts);
     if (s + n == max_len) last_hidden = h.narrow(1, n - 1, 1);
   }
@@ -171,7 +171,7 @@ GenerationResult generate(LCKVForCausalLM& model, const std::vector<std::vector<
     if (!go_on || step + 1 == config.max_new_tokens || std::none_of(active.begin(), active.end(), [](bool a) { return a; })) {
       break;
     }
-    torch::Tensor h = run_chunk(next.to(weight.device()).view({B, 1}), IterationCounts{0, 1});
+    torch::Tensor h = run_chunk(next.to(weight.device()).view({B, 1}), IterationOptions{0, 1});
     logits = model->lm_logits(h).squeeze(1);
   }
   st.decode_seconds = seconds_since(t0);
@@ -191,7 +191,7 @@ double decode_nll(LCKVForCausalLM& model, const std::vector<int64_t>& ids, int64
   for (size_t t = 0; t + 1 < ids.size(); ++t) {
     cache.make_room(1);
     torch::Tensor token = torch::full({1, 1}, ids[t], torch::kLong).to(weight.device());
-    torch::Tensor h = model->model->forward_chunk(token, cache, IterationCounts{0, 1}, cache.positions(1).to(weight.device()));
+    torch::Tensor h = model->model->forward_chunk(token, cache, IterationOptions{0, 1}, cache.positions(1).to(weight.device()));
     cache.advance(1);
     torch::Tensor target = torch::full({1, 1}, ids[t + 1], torch::kLong).to(weight.device());
     total += lm_loss(model->lm_logits(h), target).item<double>();

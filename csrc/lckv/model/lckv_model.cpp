@@ -17,7 +17,7 @@ LCKVModelImpl::LCKVModelImpl(const LCKVConfig& c) : config(c), plan(c.iteration_
 }
 
 torch::Tensor LCKVModelImpl::run_cyclic_segment(int segment, const Segment& seg, const torch::Tensor& h, const torch::Tensor& cos,
-                                                const torch::Tensor& sin, KVStore& kv, const IterationCounts& counts) {
+                                                const torch::Tensor& sin, KVStore& kv, const IterationOptions& counts) {
   const int64_t B = h.size(0), T = h.size(1);
   // Before iteration 1 the top targets' KVs of this chunk are zeros.
   {
@@ -57,7 +57,7 @@ torch::Tensor LCKVModelImpl::run_cyclic_segment(int segment, const Segment& seg,
   return out;
 }
 
-torch::Tensor LCKVModelImpl::forward_chunk(const torch::Tensor& input_ids, KVStore& kv, const IterationCounts& counts,
+torch::Tensor LCKVModelImpl::forward_chunk(const torch::Tensor& input_ids, KVStore& kv, const IterationOptions& counts,
                                            const torch::Tensor& positions) {
   TORCH_CHECK(input_ids.dim() == 2, "input_ids must be [batch, tokens], got ", input_ids.sizes());
   TORCH_CHECK(input_ids.scalar_type() == torch::kLong || input_ids.scalar_type() == torch::kInt,
@@ -89,7 +89,7 @@ torch::Tensor LCKVModelImpl::forward_chunk(const torch::Tensor& input_ids, KVSto
   return norm(h);
 }
 
-torch::Tensor LCKVModelImpl::forward(const torch::Tensor& input_ids, const IterationCounts& counts) {
+torch::Tensor LCKVModelImpl::forward(const torch::Tensor& input_ids, const IterationOptions& counts) {
   SequenceKV kv(config.num_hidden_layers);
   return forward_chunk(input_ids, kv, counts);
 }
@@ -140,9 +140,9 @@ CausalLMOutput head_and_loss(LCKVForCausalLMImpl& m, const torch::Tensor& hidden
 }  // namespace
 
 CausalLMOutput LCKVForCausalLMImpl::forward(const torch::Tensor& input_ids, const torch::Tensor& labels,
-                                            std::optional<IterationCounts> counts) {
+                                            std::optional<IterationOptions> counts) {
   if (config.use_sequential) return forward_sequential(input_ids, labels);
-  return head_and_loss(*this, model->forward(input_ids, counts.value_or(default_counts())), labels);
+  return head_and_loss(*this, model->forward(input_ids, counts.value_or(default_iterations())), labels);
 }
 
 CausalLMOutput LCKVForCausalLMImpl::forward_sequential(const torch::Tensor& input_ids, const torch::Tensor& labels) {

@@ -20,9 +20,10 @@ namespace lckv {
 using IterationObserver = std::function<void(int segment, int iteration, int layer, const torch::Tensor& k,
                                              const torch::Tensor& v)>;
 
-// How many times each cyclic segment runs: `forward_passes` (m) iterations without autograd,
-// then `backward_passes` (b) with autograd. Under no-grad every iteration is a no-grad one.
-struct IterationCounts {
+// Options of the parallel iterative forward: how many times each cyclic segment runs
+// (`forward_passes` (m) iterations without autograd, then `backward_passes` (b) with autograd;
+// under no-grad every iteration is a no-grad one) and an optional observer of the KVs.
+struct IterationOptions {
   int forward_passes = 7;
   int backward_passes = 2;
   IterationObserver observer;  // optional
@@ -34,10 +35,10 @@ struct LCKVModelImpl : torch::nn::Module {
   // Final normed hidden states [B, T, H] of a chunk of tokens whose first token sits at position
   // kv.past_length(); the chunk's KVs are left in `kv`. positions: optional [B, T] absolute positions
   // for RoPE (defaults to past_length() + t).
-  torch::Tensor forward_chunk(const torch::Tensor& input_ids, KVStore& kv, const IterationCounts& counts,
+  torch::Tensor forward_chunk(const torch::Tensor& input_ids, KVStore& kv, const IterationOptions& counts,
                               const torch::Tensor& positions = {});
   // The parallel iterative forward over a whole sequence (training).
-  torch::Tensor forward(const torch::Tensor& input_ids, const IterationCounts& counts);
+  torch::Tensor forward(const torch::Tensor& input_ids, const IterationOptions& counts);
   // The sequential definition: one token at a time through all layers.
   torch::Tensor forward_sequential(const torch::Tensor& input_ids);
 
@@ -51,7 +52,7 @@ struct LCKVModelImpl : torch::nn::Module {
 
  private:
   torch::Tensor run_cyclic_segment(int segment, const Segment& seg, const torch::Tensor& h, const torch::Tensor& cos,
-                                   const torch::Tensor& sin, KVStore& kv, const IterationCounts& counts);
+                                   const torch::Tensor& sin, KVStore& kv, const IterationOptions& counts);
 };
 TORCH_MODULE(LCKVModel);
 
@@ -67,12 +68,12 @@ struct LCKVForCausalLMImpl : torch::nn::Module {
   // at t predict labels[t + 1]); -100 is ignored. counts default to the config's m and b, and
   // config.use_sequential selects the sequential definition.
   CausalLMOutput forward(const torch::Tensor& input_ids, const torch::Tensor& labels = {},
-                         std::optional<IterationCounts> counts = std::nullopt);
+                         std::optional<IterationOptions> counts = std::nullopt);
   CausalLMOutput forward_sequential(const torch::Tensor& input_ids, const torch::Tensor& labels = {});
   // Logits from final hidden states (tied or untied head).
   torch::Tensor lm_logits(const torch::Tensor& hidden);
 
-  IterationCounts default_counts() const { return {config.forward_passes, config.backward_passes}; }
+  IterationOptions default_iterations() const { return {config.forward_passes, config.backward_passes}; }
 
   LCKVConfig config;
   LCKVModel model{nullptr};

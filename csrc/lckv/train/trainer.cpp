@@ -424,7 +424,7 @@ StepStats Trainer::train_step() {
     torch::Tensor loss;
     {
       AutocastScope autocast(device_.type(), at::kBFloat16, bf16);
-      loss = lm_loss(model_->lm_logits(model_->model->forward(inputs, model_->default_counts())), targets);
+      loss = lm_loss(model_->lm_logits(model_->model->forward(inputs, model_->default_iterations())), targets);
     }
     const double value = loss.item<double>();
     if (!std::isfinite(value)) throw not_finite("the training loss", value);
@@ -458,7 +458,7 @@ EvalStats Trainer::evaluate() {
     torch::Tensor loss;
     {
       AutocastScope autocast(device_.type(), at::kBFloat16, options_.dtype == "bf16");
-      loss = lm_loss(model_->lm_logits(model_->model->forward(tokens.narrow(1, 0, options_.seq_len), model_->default_counts())),
+      loss = lm_loss(model_->lm_logits(model_->model->forward(tokens.narrow(1, 0, options_.seq_len), model_->default_iterations())),
                      tokens.narrow(1, 1, options_.seq_len));
     }
     const int64_t n = batch->rows * options_.seq_len;

@@ -139,10 +139,21 @@ CausalLMOutput head_and_loss(LCKVForCausalLMImpl& m, const torch::Tensor& hidden
 }
 }  // namespace
 
+torch::Tensor LCKVForCausalLMImpl::hidden_states(const torch::Tensor& input_ids, std::optional<IterationOptions> iterations) {
+  if (config.use_sequential) return model->forward_sequential(input_ids);
+  return model->forward(input_ids, iterations.value_or(default_iterations()));
+}
+
 CausalLMOutput LCKVForCausalLMImpl::forward(const torch::Tensor& input_ids, const torch::Tensor& labels,
                                             std::optional<IterationOptions> counts) {
-  if (config.use_sequential) return forward_sequential(input_ids, labels);
-  return head_and_loss(*this, model->forward(input_ids, counts.value_or(default_iterations())), labels);
+  return head_and_loss(*this, hidden_states(input_ids, std::move(counts)), labels);
+}
+
+torch::Tensor LCKVForCausalLMImpl::next_token_loss(const torch::Tensor& input_ids, const torch::Tensor& targets,
+                                                   std::optional<IterationOptions> iterations) {
+  TORCH_CHECK(targets.sizes() == input_ids.sizes(), "next_token_loss: targets must be [batch, tokens] like input_ids ",
+              input_ids.sizes(), ", got ", targets.sizes());
+  return lm_loss(lm_logits(hidden_states(input_ids, std::move(iterations))), targets);
 }
 
 CausalLMOutput LCKVForCausalLMImpl::forward_sequential(const torch::Tensor& input_ids, const torch::Tensor& labels) {

@@ -70,6 +70,14 @@ struct LCKVForCausalLMImpl : torch::nn::Module {
   CausalLMOutput forward(const torch::Tensor& input_ids, const torch::Tensor& labels = {},
                          std::optional<IterationOptions> counts = std::nullopt);
   CausalLMOutput forward_sequential(const torch::Tensor& input_ids, const torch::Tensor& labels = {});
+  // The mean next-token loss of input_ids [B, T] against targets [B, T] that are already next-token
+  // targets (targets[t] is predicted at t; -100 ignored): what training and validation minimise.
+  // Same computation as forward (iterations default to the config's; use_sequential honoured).
+  torch::Tensor next_token_loss(const torch::Tensor& input_ids, const torch::Tensor& targets,
+                                std::optional<IterationOptions> iterations = std::nullopt);
+  // Final normed hidden states [B, T, H]: the parallel iterative forward, or the sequential
+  // definition when config.use_sequential.
+  torch::Tensor hidden_states(const torch::Tensor& input_ids, std::optional<IterationOptions> iterations = std::nullopt);
   // Logits from final hidden states (tied or untied head).
   torch::Tensor lm_logits(const torch::Tensor& hidden);
 

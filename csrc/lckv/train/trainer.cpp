@@ -4,178 +4,20 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <limits>
-#include <set>
 #include <sstream>
 
 #include "lckv/autocast.h"
-#include "lckv/io/checkpoint.h"
-#include "lckv/io/safetensors.h"
+#include "lckv/data/tokenizer.h"
+#include "lckv/generate/generate.h"
 
 namespace lckv::train {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
-
-// ---------------------------------------------------------------------------------------------
-// Options
-
-namespace {
-
-// One list of the run-file fields, used by from_json and to_json alike.
-template <class Options, class F>
-void for_each_field(Options& o, F&& f) {
-  f("model_config", o.model_config);
-  f("data", o.data);
-  f("out", o.out);
-  f("seq_len", o.seq_len);
-  f("batch_size", o.batch_size);
-  f("grad_accum", o.grad_accum);
-  f("max_steps", o.max_steps);
-  f("max_tokens", o.max_tokens);
-  f("lr", o.lr);
-  f("min_lr_ratio", o.min_lr_ratio);
-  f("warmup_steps", o.warmup_steps);
-  f("weight_decay", o.weight_decay);
-  f("beta1", o.beta1);
-  f("beta2", o.beta2);
-  f("adam_eps", o.adam_eps);
-  f("grad_clip", o.grad_clip);
-  f("seed", o.seed);
-  f("threads", o.threads);
-  f("dtype", o.dtype);
-  f("device", o.device);
-  f("eval_every", o.eval_every);
-  f("eval_batches", o.eval_batches);
-  f("save_every", o.save_every);
-  f("keep_checkpoints", o.keep_checkpoints);
-  f("log_every", o.log_every);
-  f("resume", o.resume);
-  f("metrics", o.metrics);
-  f("prompt", o.prompt);
-  f("generate_tokens", o.generate_tokens);
-}
-
-template <class T>
-const char* kind_name() {
-  if constexpr (std::is_same_v<T, std::string>) return "a string";
-  else if constexpr (std::is_same_v<T, bool>) return "true or false";
-  else if constexpr (std::is_integral_v<T>) return "an integer";
-  else return "a number";
-}
-
-// Writes `text` to `path` through a temporary file in the same directory and a rename.
-void write_file_atomically(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << text;
-    out.flush();
-    if (!out) throw TrainError("cannot write '" + tmp.string() + "'");
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) throw TrainError("cannot rename '" + tmp.string() + "' to '" + path.string() + "': " + ec.message());
-}
-
-json read_json_file(const fs::path& path, const std::string& what) {
-  std::ifstream in(path);
-  if (!in) throw TrainError("cannot open " + what + " '" + path.string() + "'");
-  try {
-    return json::parse(in);
-  } catch (const json::parse_error& e) {
-    throw TrainError(what + " '" + path.string() + "' is not valid JSON (" + e.what() + ")");
-  }
-}
-
-}  // namespace
-
-TrainOptions TrainOptions::from_json(const json& j) {
-  if (!j.is_object()) throw TrainError("run file: expected a JSON object of options, got " + j.dump());
-  TrainOptions o;
-  std::set<std::string> known;
-  for_each_field(o, [&](const char* key, auto& field) {
-    known.insert(key);
-    const auto it = j.find(key);
-    if (it == j.end()) return;
-    using T = std::decay_t<decltype(field)>;
-    const bool ok = std::is_same_v<T, std::string> ? it->is_string()
-                    : std::is_same_v<T, bool>      ? it->is_boolean()
-                    : std::is_integral_v<T>        ? it->is_number_integer()
-                                                   : it->is_number();
-    if (!ok) throw TrainError(std::string("run file field '") + key + "': expected " + kind_name<T>() + ", got " + it->dump());
-    it->get_to(field);
-  });
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    if (!known.count(it.key())) throw TrainError("run file: unknown field '" + it.key() + "'");
-  }
-  return o;
-}
-
-TrainOptions TrainOptions::from_file(const std::string& path) {
-  try {
-    return from_json(read_json_file(path, "run file"));
-  } catch (const TrainError& e) {
-    const std::string msg = e.what();
-    throw TrainError(msg.rfind("run file", 0) == 0 ? "'" + path + "': " + msg : msg);
-  }
-}
-
-json TrainOptions::to_json() const {
-  json j = json::object();
-  for_each_field(*this, [&](const char* key, const auto& field) { j[key] = field; });
-  return j;
-}
-
-void TrainOptions::validate() const {
-  auto need = [](bool ok, const std::string& what) {
-    if (!ok) throw TrainError("option " + what);
-  };
-  need(!model_config.empty(), "model_config (--model-config) is required: a model config.json such as configs/tiny-lckv-w2.json");
-  need(!data.empty(), "data (--data) is required: a directory written by lckv-prepare");
-  need(!out.empty(), "out (--out) is required: the run's output directory");
-  need(seq_len > 0, "seq_len must be positive, got " + std::to_string(seq_len));
-  need(batch_size > 0, "batch_size must be positive, got " + std::to_string(batch_size));
-  need(grad_accum > 0, "grad_accum must be positive, got " + std::to_string(grad_accum));
-  need(max_steps > 0 || max_tokens > 0, "max_steps or max_tokens must be positive");
-  need(max_tokens >= 0, "max_tokens must be >= 0, got " + std::to_string(max_tokens));
-  need(std::isfinite(lr) && lr > 0, "lr must be a positive number");
-  need(min_lr_ratio >= 0 && min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]");
-  need(warmup_steps >= 0, "warmup_steps must be >= 0");
-  need(weight_decay >= 0, "weight_decay must be >= 0");
-  need(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "beta1 and beta2 must be in [0, 1)");
-  need(adam_eps > 0, "adam_eps must be positive");
-  need(grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)");
-  need(threads > 0, "threads must be positive, got " + std::to_string(threads));
-  need(dtype == "bf16" || dtype == "fp32", "dtype must be \"bf16\" or \"fp32\", got \"" + dtype + "\"");
-  need(device == "cpu" || device.rfind("cuda", 0) == 0, "device must be \"cpu\" or \"cuda[:N]\", got \"" + device + "\"");
-  need(eval_every >= 0 && eval_batches >= 0 && save_every >= 0, "eval_every, eval_batches and save_every must be >= 0");
-  need(keep_checkpoints > 0, "keep_checkpoints must be positive");
-  need(log_every > 0, "log_every must be positive");
-  need(generate_tokens >= 0, "generate_tokens must be >= 0");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Schedule and parameter groups
-
-double learning_rate(const TrainOptions& o, int64_t step, int64_t total_steps) {
-  if (step < o.warmup_steps) return o.lr * static_cast<double>(step + 1) / static_cast<double>(o.warmup_steps);
-  const int64_t decay_steps = total_steps - o.warmup_steps;
-  if (decay_steps <= 1) return o.lr;
-  const double progress = std::clamp(static_cast<double>(step - o.warmup_steps) / static_cast<double>(decay_steps - 1), 0.0, 1.0);
-  const double min_lr = o.lr * o.min_lr_ratio;
-  return min_lr + 0.5 * (1.0 + std::cos(M_PI * progress)) * (o.lr - min_lr);
-}
-
-ParamGroups weight_decay_groups(LCKVForCausalLM& model) {
-  ParamGroups g;
-  for (auto& [name, p] : io::hf_state_dict(model)) (p.dim() >= 2 ? g.decay : g.no_decay).emplace_back(name, p);
-  return g;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Stop signals
@@ -198,58 +40,12 @@ int requested_stop_signal() { return g_stop_signal; }
 void clear_stop_request() { g_stop_signal = 0; }
 
 // ---------------------------------------------------------------------------------------------
-// Trainer
+
+torch::Tensor batch_tensor(const data::Batch& b, torch::Device device) {
+  return torch::from_blob(const_cast<int32_t*>(b.tokens.data()), {b.rows, b.cols}, torch::kInt).to(device, torch::kLong);
+}
 
 namespace {
-
-std::string checkpoint_name(int64_t step) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "step_%06lld", static_cast<long long>(step));
-  return buf;
-}
-
-std::string to_hex(const torch::Tensor& bytes) {
-  const torch::Tensor b = bytes.contiguous();
-  const auto* p = b.data_ptr<uint8_t>();
-  static const char* digits = "0123456789abcdef";
-  std::string s;
-  s.reserve(2 * b.numel());
-  for (int64_t i = 0; i < b.numel(); ++i) {
-    s.push_back(digits[p[i] >> 4]);
-    s.push_back(digits[p[i] & 15]);
-  }
-  return s;
-}
-
-torch::Tensor from_hex(const std::string& s, const std::string& source) {
-  if (s.size() % 2) throw TrainError(source + ": field 'rng_cpu' has an odd number of hex digits");
-  torch::Tensor b = torch::empty({static_cast<int64_t>(s.size() / 2)}, torch::kUInt8);
-  auto* p = b.data_ptr<uint8_t>();
-  auto digit = [&](char c) -> int {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    throw TrainError(source + ": field 'rng_cpu' holds a non-hex character");
-  };
-  for (std::size_t i = 0; i < s.size() / 2; ++i) p[i] = static_cast<uint8_t>(digit(s[2 * i]) << 4 | digit(s[2 * i + 1]));
-  return b;
-}
-
-torch::Tensor cpu_rng_state() {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get_state();
-}
-
-void set_cpu_rng_state(const torch::Tensor& state) {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  gen.set_state(state);
-}
-
-// [rows, T + 1] token windows to int64 on `device`.
-torch::Tensor batch_tensor(data::Batch& b, torch::Device device) {
-  return torch::from_blob(b.tokens.data(), {b.rows, b.cols}, torch::kInt).to(device, torch::kLong);
-}
 
 std::string format_duration(double seconds) {
   const auto s = static_cast<int64_t>(std::max(0.0, seconds));
@@ -262,7 +58,8 @@ std::string format_duration(double seconds) {
 
 }  // namespace
 
-Trainer::Trainer(const TrainOptions& options, std::ostream* log) : options_(options), log_(log) {
+Trainer::Trainer(const TrainOptions& options, std::ostream* log, const OptimizerFactory& make_optimizer)
+    : options_(options), log_(log) {
   options_.validate();
   torch::set_num_threads(options_.threads);
   try {
@@ -274,7 +71,8 @@ Trainer::Trainer(const TrainOptions& options, std::ostream* log) : options_(opti
     throw TrainError("option device \"" + options_.device + "\": this LibTorch has no CUDA or sees no GPU");
   }
 
-  // Inputs first: data, model config, checkpoint. Nothing under `out` is touched until all pass.
+  // Inputs first: data, model config, tokenizer, checkpoint. Nothing under `out` is written until
+  // they pass (but the lock, taken before the checkpoint is read).
   data_ = data::read_prepared(options_.data);
   if (data_.train_shards.empty()) throw TrainError("'" + options_.data + "/meta.json' lists no training shards");
   LCKVConfig config = LCKVConfig::from_file(options_.model_config);
@@ -309,50 +107,50 @@ Trainer::Trainer(const TrainOptions& options, std::ostream* log) : options_(opti
     val_loader_ = std::make_unique<data::SequentialLoader>(data_.val_shards, lo);
     check_vocab(val_loader_->vocab_size(), data_.val_shards, "validation");
   }
-  total_steps_ = options_.max_tokens > 0 ? (options_.max_tokens + tokens_per_step() - 1) / tokens_per_step() : options_.max_steps;
+  total_steps_ = options_.max_tokens > 0 ? (options_.max_tokens + tokens_per_step() - 1) / tokens_per_step()
+                                         : options_.max_steps;
+  if (!options_.prompt.empty() && options_.generate_tokens > 0) {
+    try {
+      const data::Tokenizer tokenizer = data::Tokenizer::load(data_.tokenizer);
+      check_tokenizer_vocab(config, tokenizer.vocab_size(), data_.tokenizer);
+    } catch (const std::exception& e) {
+      throw TrainError(std::string("option prompt: the sample after training needs the data's tokenizer: ") + e.what());
+    }
+  }
 
   torch::manual_seed(options_.seed);
   model_ = LCKVForCausalLM(config);
   init_weights(model_);
   model_->to(device_);
-  const ParamGroups groups = weight_decay_groups(model_);
-  auto adamw = [&](double wd) {
-    return std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(options_.lr)
-                                                            .betas({options_.beta1, options_.beta2})
-                                                            .eps(options_.adam_eps)
-                                                            .weight_decay(wd));
-  };
-  auto tensors = [](const std::vector<std::pair<std::string, torch::Tensor>>& named) {
-    std::vector<torch::Tensor> out;
-    for (const auto& [name, t] : named) out.push_back(t);
-    return out;
-  };
-  std::vector<torch::optim::OptimizerParamGroup> param_groups;
-  param_groups.emplace_back(tensors(groups.decay), adamw(options_.weight_decay));
-  param_groups.emplace_back(tensors(groups.no_decay), adamw(0.0));
-  optimizer_ = std::make_unique<torch::optim::AdamW>(param_groups, *adamw(options_.weight_decay));
+  optimizer_ = make_optimizer ? make_optimizer(model_, options_) : std::make_unique<FusedAdamW>(model_, options_);
+  if (!optimizer_) throw TrainError("the optimizer factory returned no optimizer");
 
   const fs::path out(options_.out);
-  const fs::path latest = out / "latest";
-  if (options_.resume) {
-    std::ifstream in(latest);
-    std::string name;
-    if (!in || !std::getline(in, name) || name.empty()) {
-      throw TrainError("resume: '" + latest.string() + "' not found: '" + options_.out + "' holds no checkpoint to continue");
-    }
-    load_checkpoint((out / name).string());
-  } else if (fs::exists(latest)) {
-    throw TrainError("'" + options_.out + "' already holds a run (see '" + latest.string() +
-                     "'): pass --resume to continue it, or choose another --out");
-  }
-
-  // Outputs.
   std::error_code ec;
   fs::create_directories(out, ec);
   if (ec || !fs::is_directory(out)) {
     throw TrainError("cannot create output directory '" + options_.out + "': " +
                      (ec ? ec.message() : std::string("a file of that name exists")));
   }
+  try {
+    out_lock_ = std::make_unique<FileLock>(out / ".lock", "output directory '" + options_.out + "'");
+  } catch (const FileError& e) {
+    throw TrainError(std::string(e.what()) + ": two runs cannot share an output directory");
+  }
+  const std::optional<std::string> latest = latest_checkpoint(options_.out);
+  if (options_.resume) {
+    if (!latest) {
+      throw TrainError("resume: '" + (out / "latest").string() + "' not found: '" + options_.out +
+                       "' holds no checkpoint to continue");
+    }
+    resume_from(*latest);
+  } else if (latest || fs::exists(out / "latest")) {
+    throw TrainError("'" + options_.out + "' already holds a run (see '" + (out / "latest").string() +
+                     "'): pass --resume to continue it, or choose another --out");
+  }
+
+  // Outputs.
+  remove_stale_temporaries(options_.out);
   write_file_atomically(out / "train.json", options_.to_json().dump(2) + "\n");
   metrics_path_ = options_.metrics.empty() ? (out / "metrics.jsonl").string() : options_.metrics;
   // A resumed run continues the metrics file from its checkpoint: records of steps after it
@@ -368,47 +166,63 @@ Trainer::Trainer(const TrainOptions& options, std::ostream* log) : options_(opti
   write_file_atomically(metrics_path_, kept);
 }
 
-int64_t Trainer::tokens_per_step() const { return options_.seq_len * options_.batch_size * options_.grad_accum; }
-
-void fused_adamw_step(torch::optim::AdamW& opt) {
-  torch::NoGradGuard no_grad;
-  for (auto& group : opt.param_groups()) {
-    const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
-    std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
-    std::vector<torch::optim::AdamWParamState*> states;
-    for (auto& p : group.params()) {
-      if (!p.grad().defined()) continue;
-      auto& slot = opt.state()[p.unsafeGetTensorImpl()];
-      if (!slot) {
-        auto st = std::make_unique<torch::optim::AdamWParamState>();
-        st->step(0);
-        st->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-        st->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-        slot = std::move(st);
-      }
-      auto& st = static_cast<torch::optim::AdamWParamState&>(*slot);
-      st.step(st.step() + 1);  // the fused kernel takes the already-incremented step, as in PyTorch
-      params.push_back(p);
-      grads.push_back(p.grad());
-      exp_avgs.push_back(st.exp_avg());
-      exp_avg_sqs.push_back(st.exp_avg_sq());
-      steps.push_back(torch::full({}, static_cast<double>(st.step()), p.options().dtype(torch::kFloat)));
+void Trainer::resume_from(const std::string& dir) {
+  const TrainerState s = load_checkpoint(dir, model_, *optimizer_, device_);
+  // Every changed option is reported; those that change the result must be allowed by name.
+  const json now = options_.to_json();
+  std::vector<std::string> refused;
+  for (const std::string& change : changed_fields(s.options, now, /*changes_result_only=*/true)) {
+    const std::string name = change.substr(0, change.find(':'));
+    if (std::find(options_.allow_changes.begin(), options_.allow_changes.end(), name) == options_.allow_changes.end()) {
+      refused.push_back(change);
     }
-    if (params.empty()) continue;
-    at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, steps, o.lr(),
-                      std::get<0>(o.betas()), std::get<1>(o.betas()), o.weight_decay(), o.eps(),
-                      /*amsgrad=*/false, /*maximize=*/false);
   }
+  if (!refused.empty()) {
+    std::string list;
+    for (const std::string& r : refused) list += (list.empty() ? "" : "; ") + r;
+    throw TrainError("cannot resume from '" + dir + "' with changed options that change the result (" + list +
+                     "): use the checkpoint's values, or allow them with --allow-changes " +
+                     refused.front().substr(0, refused.front().find(':')) + ",...");
+  }
+  if (log_) {
+    for (const std::string& change : changed_fields(s.options, now, /*changes_result_only=*/false)) {
+      if (change.rfind("resume:", 0) != 0 && change.rfind("allow_changes:", 0) != 0) {
+        *log_ << "note: resuming with a changed option: " << change << "\n";
+      }
+    }
+  }
+  if (total_steps_ <= s.step) {
+    throw TrainError("nothing to train: the checkpoint '" + dir + "' is at step " + std::to_string(s.step) +
+                     " and this run ends at step " + std::to_string(total_steps_) +
+                     " (max_steps / max_tokens); raise --max-steps (with --allow-changes max_steps) to continue");
+  }
+  step_ = s.step;
+  tokens_seen_ = s.tokens_seen;
+  elapsed_s_ = s.elapsed_s;
+  try {
+    train_loader_->restore(s.loader);
+  } catch (const std::exception& e) {
+    throw TrainError("cannot resume from '" + dir + "': its data-loader position does not fit this run's data (" +
+                     e.what() + ")");
+  }
+  set_cpu_rng_state(s.rng_cpu);
+  last_checkpoint_ = dir;
+  if (log_) *log_ << "resuming from " << dir << " at step " << step_ << "\n";
+}
+
+torch::Tensor Trainer::batch_loss(const data::Batch& batch) {
+  const torch::Tensor tokens = batch_tensor(batch, device_);
+  AutocastScope autocast(device_.type(), at::kBFloat16, options_.bf16());
+  return model_->next_token_loss(tokens.narrow(1, 0, options_.seq_len), tokens.narrow(1, 1, options_.seq_len));
 }
 
 StepStats Trainer::train_step() {
   const auto t0 = std::chrono::steady_clock::now();
   StepStats s;
   s.lr = learning_rate(options_, step_, total_steps_);
-  for (auto& group : optimizer_->param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(s.lr);
+  optimizer_->set_lr(s.lr);
   model_->train();
   optimizer_->zero_grad();
-  const bool bf16 = options_.dtype == "bf16";
   auto not_finite = [&](const std::string& what, double value) {
     return TrainError("step " + std::to_string(step_ + 1) + ": " + what + " is " + std::to_string(value) +
                       "; stopping without applying this step. The last good checkpoint is " +
@@ -417,15 +231,7 @@ StepStats Trainer::train_step() {
   };
   double loss_sum = 0;
   for (int micro = 0; micro < options_.grad_accum; ++micro) {
-    data::Batch batch = train_loader_->next();
-    const torch::Tensor tokens = batch_tensor(batch, device_);
-    const torch::Tensor inputs = tokens.narrow(1, 0, options_.seq_len);
-    const torch::Tensor targets = tokens.narrow(1, 1, options_.seq_len);
-    torch::Tensor loss;
-    {
-      AutocastScope autocast(device_.type(), at::kBFloat16, bf16);
-      loss = lm_loss(model_->lm_logits(model_->model->forward(inputs, model_->default_iterations())), targets);
-    }
+    const torch::Tensor loss = batch_loss(train_loader_->next());
     const double value = loss.item<double>();
     if (!std::isfinite(value)) throw not_finite("the training loss", value);
     (loss / options_.grad_accum).backward();
@@ -435,7 +241,7 @@ StepStats Trainer::train_step() {
   s.grad_norm = torch::nn::utils::clip_grad_norm_(
       model_->parameters(), options_.grad_clip > 0 ? options_.grad_clip : std::numeric_limits<double>::infinity());
   if (!std::isfinite(s.grad_norm)) throw not_finite("the gradient norm", s.grad_norm);
-  fused_adamw_step(*optimizer_);
+  optimizer_->step();
   ++step_;
   tokens_seen_ += tokens_per_step();
   s.step = step_;
@@ -445,7 +251,7 @@ StepStats Trainer::train_step() {
 }
 
 EvalStats Trainer::evaluate() {
-  TORCH_CHECK(val_loader_, "evaluate: '", options_.data, "' has no validation split");
+  if (!val_loader_) throw TrainError("evaluate: '" + options_.data + "' has no validation split");
   torch::NoGradGuard no_grad;
   model_->eval();
   val_loader_->reset();
@@ -454,15 +260,8 @@ EvalStats Trainer::evaluate() {
   EvalStats e;
   while (auto batch = val_loader_->next()) {
     if (options_.eval_batches > 0 && batches == options_.eval_batches) break;
-    const torch::Tensor tokens = batch_tensor(*batch, device_);
-    torch::Tensor loss;
-    {
-      AutocastScope autocast(device_.type(), at::kBFloat16, options_.dtype == "bf16");
-      loss = lm_loss(model_->lm_logits(model_->model->forward(tokens.narrow(1, 0, options_.seq_len), model_->default_iterations())),
-                     tokens.narrow(1, 1, options_.seq_len));
-    }
     const int64_t n = batch->rows * options_.seq_len;
-    loss_sum += loss.item<double>() * static_cast<double>(n);
+    loss_sum += batch_loss(*batch).item<double>() * static_cast<double>(n);
     e.tokens += n;
     ++batches;
   }
@@ -473,100 +272,42 @@ EvalStats Trainer::evaluate() {
 }
 
 std::string Trainer::save_checkpoint() {
-  const fs::path out(options_.out);
-  const std::string name = checkpoint_name(step_);
-  const fs::path tmp = out / (".tmp_" + name);
-  const fs::path final_dir = out / name;
-  fs::remove_all(tmp);
-  io::save_pretrained(model_, tmp.string(), torch::kFloat);
-  torch::save(*optimizer_, (tmp / "optimizer.pt").string());
-  const json state = {{"format", "lckv-train-state"},
-                      {"version", 1},
-                      {"step", step_},
-                      {"total_steps", total_steps_},
-                      {"tokens_seen", tokens_seen_},
-                      {"elapsed_s", elapsed_s_},
-                      {"loader", train_loader_->state()},
-                      {"rng_cpu", to_hex(cpu_rng_state())},
-                      {"options", options_.to_json()}};
-  write_file_atomically(tmp / "trainer_state.json", state.dump(2) + "\n");
-  // Replace a checkpoint of the same step (a run resumed and stopped again at once) only
-  // after the new one is complete.
-  const fs::path old = out / (".old_" + name);
-  fs::remove_all(old);
-  if (fs::exists(final_dir)) fs::rename(final_dir, old);
-  fs::rename(tmp, final_dir);
-  write_file_atomically(out / "latest", name + "\n");
-  fs::remove_all(old);
-  last_checkpoint_ = final_dir.string();
-
-  std::vector<fs::path> checkpoints;
-  for (const auto& entry : fs::directory_iterator(out)) {
-    const std::string n = entry.path().filename().string();
-    if (entry.is_directory() && n.rfind("step_", 0) == 0) checkpoints.push_back(entry.path());
-  }
-  std::sort(checkpoints.begin(), checkpoints.end());
-  for (std::size_t i = 0; i + options_.keep_checkpoints < checkpoints.size(); ++i) {
-    if (checkpoints[i] != final_dir) fs::remove_all(checkpoints[i]);
-  }
+  TrainerState s;
+  s.step = step_;
+  s.total_steps = total_steps_;
+  s.tokens_seen = tokens_seen_;
+  s.elapsed_s = elapsed_s_;
+  s.loader = train_loader_->state();
+  s.rng_cpu = cpu_rng_state();
+  s.optimizer = optimizer_->kind();
+  s.options = options_.to_json();
+  last_checkpoint_ = train::save_checkpoint(options_.out, model_, *optimizer_, s, options_.keep_checkpoints);
   return last_checkpoint_;
 }
 
-void Trainer::load_checkpoint(const std::string& dir) {
-  const fs::path d(dir);
-  for (const char* file : {"config.json", "model.safetensors", "optimizer.pt", "trainer_state.json"}) {
-    if (!fs::exists(d / file)) throw TrainError("cannot resume from '" + dir + "': it has no " + file);
-  }
-  // The checkpoint's model must be the one this run builds.
-  json saved, current = model_->config.to_json();
-  try {
-    saved = LCKVConfig::from_file((d / "config.json").string()).to_json();
-  } catch (const ConfigError& e) {
-    throw TrainError("cannot resume from '" + dir + "': " + e.what());
-  }
-  saved.erase("torch_dtype");
-  current.erase("torch_dtype");
-  std::string differences;
-  for (auto it = current.begin(); it != current.end(); ++it) {
-    const auto other = saved.find(it.key());
-    if (other == saved.end() || *other != it.value()) {
-      differences += std::string(differences.empty() ? "" : ", ") + it.key() + " " +
-                     (other == saved.end() ? std::string("(missing)") : other->dump()) + " vs " + it.value().dump();
-    }
-  }
-  if (!differences.empty()) {
-    throw TrainError("cannot resume from '" + dir + "': its config.json does not match this run's model (" +
-                     options_.model_config + ", vocab_size from the data): " + differences +
-                     " (checkpoint vs this run)");
-  }
-  const std::string weights = (d / "model.safetensors").string();
-  try {
-    io::load_state(model_, io::load_safetensors(weights), weights);
-  } catch (const io::FormatError& e) {
-    throw TrainError("cannot resume from '" + dir + "': " + e.what());
-  }
-  const fs::path state_path = d / "trainer_state.json";
-  const json state = read_json_file(state_path, "trainer state");
-  try {
-    step_ = state.at("step").get<int64_t>();
-    tokens_seen_ = state.at("tokens_seen").get<int64_t>();
-    elapsed_s_ = state.at("elapsed_s").get<double>();
-    train_loader_->restore(state.at("loader").get<data::LoaderState>());
-    set_cpu_rng_state(from_hex(state.at("rng_cpu").get<std::string>(), state_path.string()));
-  } catch (const json::exception& e) {
-    throw TrainError("cannot resume from '" + dir + "': " + state_path.string() + ": " + e.what());
-  } catch (const TrainError&) {
-    throw;
-  } catch (const std::exception& e) {
-    throw TrainError("cannot resume from '" + dir + "': " + e.what());
-  }
-  try {
-    torch::load(*optimizer_, (d / "optimizer.pt").string(), device_);
-  } catch (const c10::Error& e) {
-    throw TrainError("cannot resume from '" + dir + "': optimizer.pt is unreadable (" + e.what_without_backtrace() + ")");
-  }
-  last_checkpoint_ = dir;
-  if (log_) *log_ << "resuming from " << dir << " at step " << step_ << "\n";
+std::string Trainer::generate_sample(const std::string& prompt_text, int64_t tokens) {
+  const data::Tokenizer tokenizer = data::Tokenizer::load(data_.tokenizer);
+  // In the shards every document follows an EOS, so an EOS in front makes the prompt a document start.
+  std::vector<int32_t> text = tokenizer.encode(prompt_text);
+  std::vector<int64_t> prompt(text.begin(), text.end());
+  if (tokenizer.eos_id() >= 0) prompt.insert(prompt.begin(), tokenizer.eos_id());
+  GenerationConfig g;  // greedy, with the condensed KV cache
+  g.max_new_tokens = tokens;
+  if (tokenizer.eos_id() >= 0) g.stop_tokens = {tokenizer.eos_id()};
+  g.vocab_limit = tokenizer.vocab_size();
+  torch::NoGradGuard no_grad;
+  model_->eval();
+  AutocastScope autocast(device_.type(), at::kBFloat16, options_.bf16());
+  bool stopped = false;
+  std::vector<int64_t> generated = generate(model_, {prompt}, g, [&](const torch::Tensor&, const std::vector<bool>&) {
+                                     stopped = requested_stop_signal() != 0;
+                                     return !stopped;
+                                   }).tokens[0];
+  model_->train();
+  if (stopped) return "";
+  if (!generated.empty() && generated.back() == tokenizer.eos_id()) generated.pop_back();
+  text.insert(text.end(), generated.begin(), generated.end());
+  return tokenizer.decode(text);
 }
 
 void Trainer::log_metrics(const json& record) {
@@ -589,12 +330,13 @@ RunResult Trainer::run(const std::function<void(const StepStats&)>& after_step) 
                {"layer_types", format_layer_types(c.layer_types)}, {"forward_passes", c.forward_passes},
                {"backward_passes", c.backward_passes}, {"params", params}, {"tokens_per_step", tokens_per_step()},
                {"total_steps", total_steps_}, {"threads", options_.threads}, {"dtype", options_.dtype},
-               {"device", options_.device}});
+               {"device", options_.device}, {"optimizer", optimizer_->kind()}});
   if (log_) {
     *log_ << "model " << options_.model_config << ": " << params << " parameters, layer_types "
           << format_layer_types(c.layer_types) << ", m=" << c.forward_passes << " b=" << c.backward_passes << "\n"
           << "training steps " << step_ << " -> " << total_steps_ << ", " << tokens_per_step() << " tokens/step, "
-          << options_.dtype << " on " << options_.device << " with " << options_.threads << " threads\n";
+          << options_.dtype << " on " << options_.device << " with " << options_.threads << " threads, optimizer "
+          << optimizer_->kind() << "\n";
   }
   auto run_eval = [&] {
     if (!val_loader_) return;
@@ -647,9 +389,12 @@ RunResult Trainer::run(const std::function<void(const StepStats&)>& after_step) 
       break;
     }
   }
-  if (step_ == total_steps_ && step_ == session_first_step) run_eval();  // resumed a finished run
   result.step = step_;
   result.last_checkpoint = last_checkpoint_;
+  if (!result.stop_signal && !options_.prompt.empty() && options_.generate_tokens > 0) {
+    result.sample = generate_sample(options_.prompt, options_.generate_tokens);
+    if (requested_stop_signal()) result.stop_signal = requested_stop_signal();
+  }
   return result;
 }
 

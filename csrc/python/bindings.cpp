@@ -18,6 +18,7 @@
 #include "lckv/model/lckv_model.h"
 #include "lckv/ops/condensed_attention.h"
 #include "lckv/ops/fused_ops.h"
+#include "lckv/files.h"
 #include "lckv/train/trainer.h"
 
 namespace py = pybind11;
@@ -37,11 +38,6 @@ LCKVConfig config_from_json_text(const std::string& text) {
   return LCKVConfig::from_json(j);
 }
 
-// A batch of token windows as an int64 tensor [rows, seq_len + 1].
-torch::Tensor batch_tensor(const data::Batch& b) {
-  return torch::from_blob(const_cast<int32_t*>(b.tokens.data()), {b.rows, b.cols}, torch::kInt).to(torch::kLong);
-}
-
 data::LoaderOptions loader_options(int64_t seq_len, int64_t batch_size, uint64_t seed, int rank, int world_size) {
   data::LoaderOptions o;
   o.seq_len = seq_len;
@@ -52,50 +48,47 @@ data::LoaderOptions loader_options(int64_t seq_len, int64_t batch_size, uint64_t
   return o;
 }
 
-// `steps` training steps (forward, backward, torch::optim::AdamW) on one batch entirely in C++:
-// the baseline that scripts/bench_python_overhead.py compares the Python training loop with.
-std::vector<double> cpp_train_steps(const ModelPtr& model, const torch::Tensor& input_ids, const torch::Tensor& labels,
-                                    int steps, double lr, double weight_decay, bool bf16_autocast) {
-  torch::optim::AdamW opt(model->parameters(), torch::optim::AdamWOptions(lr).weight_decay(weight_decay));
-  std::vector<double> losses;
-  for (int s = 0; s < steps; ++s) {
-    opt.zero_grad();
-    torch::Tensor loss;
-    {
-      AutocastScope autocast(torch::kCPU, torch::kBFloat16, bf16_autocast);
-      loss = model->forward(input_ids, labels).loss;
-    }
-    loss.backward();
-    opt.step();
-    losses.push_back(loss.item<double>());
+// The trainer's optimizer seam filled by a Python object with the methods kind(), set_lr(lr),
+// zero_grad(), step(), save(path), load(path, device) (lckv.train.TorchOptimizer adapts any
+// torch.optim optimizer). The trainer runs without the GIL; each call takes it.
+class PyOptimizer : public train::Optimizer {
+ public:
+  explicit PyOptimizer(py::object impl) : impl_(std::move(impl)) {}
+  ~PyOptimizer() override {
+    py::gil_scoped_acquire gil;
+    impl_ = py::object();
   }
-  return losses;
-}
+  std::string kind() const override {
+    py::gil_scoped_acquire gil;
+    return impl_.attr("kind")().cast<std::string>();
+  }
+  void set_lr(double lr) override { call("set_lr", lr); }
+  void zero_grad() override { call("zero_grad"); }
+  void step() override { call("step"); }
+  void save(const std::string& path) override { call("save", path); }
+  void load(const std::string& path, torch::Device device) override { call("load", path, device.str()); }
 
-py::tuple generate_py(const ModelPtr& model, const std::vector<std::vector<int64_t>>& prompts, const GenerationConfig& config) {
-  LCKVForCausalLM holder(model);
-  GenerationResult r;
-  {
-    py::gil_scoped_release no_gil;
-    r = generate(holder, prompts, config);
+ private:
+  template <class... Args>
+  void call(const char* method, Args&&... args) {
+    py::gil_scoped_acquire gil;
+    impl_.attr(method)(std::forward<Args>(args)...);
   }
-  const GenerationStats& s = r.stats;
-  py::dict stats(py::arg("batch") = s.batch, py::arg("prompt_tokens") = s.prompt_tokens,
-                 py::arg("padded_prompt_length") = s.padded_prompt_length, py::arg("steps") = s.steps,
-                 py::arg("new_tokens") = s.new_tokens, py::arg("prefill_seconds") = s.prefill_seconds,
-                 py::arg("decode_seconds") = s.decode_seconds, py::arg("cache_bytes") = s.cache_bytes,
-                 py::arg("cache_capacity") = s.cache_capacity, py::arg("evicted") = s.evicted);
-  return py::make_tuple(r.tokens, r.logits.defined() ? py::cast(r.logits) : py::none(), stats);
-}
+  py::object impl_;
+};
 
-train::TrainOptions train_options_from_json_text(const std::string& text) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw train::TrainError(std::string("run options are not valid JSON: ") + e.what());
+// Binds every field of the option table as a read/write attribute of the TrainOptions class.
+void bind_option_fields(py::class_<train::TrainOptions>& cls) {
+  for (const train::OptionField& f : train::option_fields()) {
+    std::visit(
+        [&](auto member) {
+          using T = std::decay_t<decltype(train::TrainOptions{}.*member)>;
+          cls.def_property(
+              f.name, [member](const train::TrainOptions& o) { return o.*member; },
+              [member](train::TrainOptions& o, const T& v) { o.*member = v; }, f.help);
+        },
+        f.member);
   }
-  return train::TrainOptions::from_json(j);
 }
 
 }  // namespace
@@ -205,33 +198,70 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("directory"), py::arg("dtype"), py::call_guard<py::gil_scoped_release>())
       .def(
           "_generate",
-          [](const ModelPtr& self, const std::vector<std::vector<int64_t>>& prompts, int64_t max_new_tokens,
-             bool do_sample, double temperature, int64_t top_k, double top_p, double repetition_penalty, uint64_t seed,
-             const std::vector<int64_t>& stop_tokens, const std::string& prefill, int64_t prefill_chunk,
-             int64_t cache_capacity, std::optional<std::pair<int64_t, int64_t>> streaming, bool return_logits) {
-            GenerationConfig c;
-            c.max_new_tokens = max_new_tokens;
-            c.sampling = {do_sample, temperature, top_k, top_p, repetition_penalty};
-            c.seed = seed;
-            c.stop_tokens = stop_tokens;
-            c.prefill = parse_prefill_mode(prefill);
-            c.prefill_chunk = prefill_chunk;
-            c.cache_capacity = cache_capacity;
-            if (streaming) c.streaming = StreamingOptions{streaming->first, streaming->second};
-            c.return_logits = return_logits;
-            return generate_py(self, prompts, c);
+          [](const ModelPtr& self, const std::vector<std::vector<int64_t>>& prompts, const GenerationConfig& config) {
+            LCKVForCausalLM holder(self);
+            py::gil_scoped_release no_gil;
+            return generate(holder, prompts, config);
           },
-          py::arg("prompts"), py::arg("max_new_tokens"), py::arg("do_sample"), py::arg("temperature"), py::arg("top_k"),
-          py::arg("top_p"), py::arg("repetition_penalty"), py::arg("seed"), py::arg("stop_tokens"), py::arg("prefill"),
-          py::arg("prefill_chunk"), py::arg("cache_capacity"), py::arg("streaming"), py::arg("return_logits"))
-      .def("_weight_decay_groups",
-           [](const ModelPtr& self) {
-             LCKVForCausalLM holder(self);
-             train::ParamGroups g = train::weight_decay_groups(holder);
-             return std::make_pair(g.decay, g.no_decay);
-           })
-      .def("_cpp_train_steps", &cpp_train_steps, py::arg("input_ids"), py::arg("labels"), py::arg("steps"),
-           py::arg("lr"), py::arg("weight_decay"), py::arg("bf16_autocast"), py::call_guard<py::gil_scoped_release>());
+          py::arg("prompts"), py::arg("config"))
+      .def("_weight_decay_groups", [](const ModelPtr& self) {
+        LCKVForCausalLM holder(self);
+        train::ParamGroups g = train::weight_decay_groups(holder);
+        return std::make_pair(g.decay, g.no_decay);
+      });
+
+  // ---- generation: the C++ structs, so the field lists live in C++ only
+  py::class_<SamplingConfig>(m, "SamplingConfig", "Next-token selection (Hugging Face's processors and order).")
+      .def(py::init<>())
+      .def_readwrite("do_sample", &SamplingConfig::do_sample)
+      .def_readwrite("temperature", &SamplingConfig::temperature)
+      .def_readwrite("top_k", &SamplingConfig::top_k)
+      .def_readwrite("top_p", &SamplingConfig::top_p)
+      .def_readwrite("repetition_penalty", &SamplingConfig::repetition_penalty)
+      .def("validate", &SamplingConfig::validate);
+  py::class_<StreamingOptions>(m, "StreamingOptions", "StreamingLLM: sink tokens kept, slots evicted at once.")
+      .def(py::init([](int64_t sink_tokens, int64_t evict_block) { return StreamingOptions{sink_tokens, evict_block}; }),
+           py::arg("sink_tokens") = 4, py::arg("evict_block") = 1)
+      .def_readwrite("sink_tokens", &StreamingOptions::sink_tokens)
+      .def_readwrite("evict_block", &StreamingOptions::evict_block);
+  py::class_<GenerationConfig>(m, "GenerationConfig", "lckv::GenerationConfig (csrc/lckv/generate/generate.h).")
+      .def(py::init<>())
+      .def_readwrite("max_new_tokens", &GenerationConfig::max_new_tokens)
+      .def_readwrite("sampling", &GenerationConfig::sampling)
+      .def_readwrite("seed", &GenerationConfig::seed)
+      .def_readwrite("stop_tokens", &GenerationConfig::stop_tokens)
+      .def_property(
+          "prefill", [](const GenerationConfig& c) { return to_string(c.prefill); },
+          [](GenerationConfig& c, const std::string& name) { c.prefill = parse_prefill_mode(name); },
+          "\"iterative\" (the config's m + b iterations) or \"exact\" (the sequential definition)")
+      .def_readwrite("prefill_chunk", &GenerationConfig::prefill_chunk)
+      .def_readwrite("cache_capacity", &GenerationConfig::cache_capacity)
+      .def_readwrite("streaming", &GenerationConfig::streaming)
+      .def_readwrite("vocab_limit", &GenerationConfig::vocab_limit)
+      .def_readwrite("return_logits", &GenerationConfig::return_logits)
+      .def("validate", &GenerationConfig::validate);
+  py::class_<GenerationStats>(m, "GenerationStats")
+      .def_readonly("batch", &GenerationStats::batch)
+      .def_readonly("prompt_tokens", &GenerationStats::prompt_tokens)
+      .def_readonly("padded_prompt_length", &GenerationStats::padded_prompt_length)
+      .def_readonly("steps", &GenerationStats::steps)
+      .def_readonly("new_tokens", &GenerationStats::new_tokens)
+      .def_readonly("prefill_seconds", &GenerationStats::prefill_seconds)
+      .def_readonly("decode_seconds", &GenerationStats::decode_seconds)
+      .def_readonly("cache_bytes", &GenerationStats::cache_bytes)
+      .def_readonly("cache_capacity", &GenerationStats::cache_capacity)
+      .def_readonly("evicted", &GenerationStats::evicted)
+      .def("__getitem__", [](py::object self, const std::string& key) { return self.attr(key.c_str()); })
+      .def("__repr__", [](const GenerationStats& s) {
+        return "GenerationStats(batch=" + std::to_string(s.batch) + ", new_tokens=" + std::to_string(s.new_tokens) +
+               ", prefill_seconds=" + std::to_string(s.prefill_seconds) +
+               ", decode_seconds=" + std::to_string(s.decode_seconds) + ")";
+      });
+  py::class_<GenerationResult>(m, "GenerationResult")
+      .def_readonly("tokens", &GenerationResult::tokens)
+      .def_property_readonly("logits",
+                             [](const GenerationResult& r) { return r.logits.defined() ? py::cast(r.logits) : py::none(); })
+      .def_readonly("stats", &GenerationResult::stats);
 
   // ---- ops
   m.def(
@@ -262,26 +292,87 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("fused_cpu_capability", &ops::fused_cpu_capability);
 
-  m.def("lm_loss", &lm_loss, py::arg("logits"), py::arg("targets"),
-        "Mean cross-entropy of logits [B, T, V] against next-token targets [B, T] (-100 ignored).");
 
-  // ---- training: lckv-train's run options, schedule and parameter groups
+  // ---- training: the C++ trainer behind lckv-train (python -m lckv.train drives it)
   py::register_exception<train::TrainError>(m, "TrainError", PyExc_ValueError);
+  py::register_exception<FileError>(m, "FileError", PyExc_OSError);
+  py::class_<train::TrainOptions> options(m, "TrainOptions",
+                                          "lckv-train's run options; the fields are those of option_fields().");
+  options.def(py::init<>())
+      .def_static(
+          "from_json",
+          [](const std::string& text, const std::string& source) {
+            const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+            if (j.is_discarded()) throw train::TrainError(source + " is not valid JSON");
+            return train::TrainOptions::from_json(j, source);
+          },
+          py::arg("json_text"), py::arg("source") = "run options")
+      .def_static("from_file", &train::TrainOptions::from_file, py::arg("path"))
+      .def("to_json", [](const train::TrainOptions& o) { return o.to_json().dump(); })
+      .def("validate", &train::TrainOptions::validate);
+  bind_option_fields(options);
   m.def(
-      "train_options",
-      [](const std::string& json_text, bool validate) {
-        train::TrainOptions o = train_options_from_json_text(json_text);
-        if (validate) o.validate();
-        return o.to_json().dump();
+      "train_option_fields",
+      [] {
+        const nlohmann::json defaults = train::TrainOptions{}.to_json();
+        py::list out;
+        for (const train::OptionField& f : train::option_fields()) {
+          out.append(py::dict(py::arg("name") = f.name, py::arg("flag") = train::flag_name(f),
+                              py::arg("kind") = train::kind_name(f), py::arg("default") = defaults.at(f.name).dump(),
+                              py::arg("help") = f.help, py::arg("changes_result") = f.changes_result));
+        }
+        return out;
       },
-      py::arg("json_text"), py::arg("validate"),
-      "lckv-train's run options: the given fields over the defaults, checked; raises TrainError naming the field.");
-  m.def(
-      "learning_rate",
-      [](const std::string& options_json, int64_t step, int64_t total_steps) {
-        return train::learning_rate(train_options_from_json_text(options_json), step, total_steps);
-      },
-      py::arg("options_json"), py::arg("step"), py::arg("total_steps"));
+      "The option table: name, flag, kind (string/bool/int/float/list), default (JSON), help, changes_result.");
+  m.def("learning_rate", &train::learning_rate, py::arg("options"), py::arg("step"), py::arg("total_steps"));
+
+  py::class_<train::StepStats>(m, "StepStats")
+      .def_readonly("step", &train::StepStats::step)
+      .def_readonly("loss", &train::StepStats::loss)
+      .def_readonly("lr", &train::StepStats::lr)
+      .def_readonly("grad_norm", &train::StepStats::grad_norm)
+      .def_readonly("seconds", &train::StepStats::seconds);
+  py::class_<train::EvalStats>(m, "EvalStats")
+      .def_readonly("loss", &train::EvalStats::loss)
+      .def_readonly("ppl", &train::EvalStats::ppl)
+      .def_readonly("tokens", &train::EvalStats::tokens);
+  py::class_<train::RunResult>(m, "RunResult")
+      .def_readonly("step", &train::RunResult::step)
+      .def_readonly("stop_signal", &train::RunResult::stop_signal)
+      .def_readonly("final_eval", &train::RunResult::final_eval)
+      .def_readonly("last_checkpoint", &train::RunResult::last_checkpoint)
+      .def_readonly("sample", &train::RunResult::sample);
+
+  py::class_<train::Trainer>(m, "Trainer")
+      .def(py::init([](const train::TrainOptions& options, bool log, py::object make_optimizer) {
+             train::OptimizerFactory factory;
+             if (!make_optimizer.is_none()) {
+               factory = [make_optimizer](LCKVForCausalLM& model, const train::TrainOptions&) {
+                 py::gil_scoped_acquire gil;
+                 return std::unique_ptr<train::Optimizer>(new PyOptimizer(make_optimizer(model.ptr())));
+               };
+             }
+             py::gil_scoped_release no_gil;  // the factory takes it back
+             return std::make_unique<train::Trainer>(options, log ? &std::cerr : nullptr, factory);
+           }),
+           py::arg("options"), py::arg("log") = true, py::arg("make_optimizer") = py::none(),
+           "make_optimizer(cpp_model) -> an object with kind/set_lr/zero_grad/step/save/load (or None: fused AdamW).")
+      .def("train_step", &train::Trainer::train_step, py::call_guard<py::gil_scoped_release>())
+      .def("evaluate", &train::Trainer::evaluate, py::call_guard<py::gil_scoped_release>())
+      .def("save_checkpoint", &train::Trainer::save_checkpoint, py::call_guard<py::gil_scoped_release>())
+      .def("generate_sample", &train::Trainer::generate_sample, py::arg("prompt"), py::arg("tokens"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("run", &train::Trainer::run, py::arg("after_step") = std::function<void(const train::StepStats&)>{},
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("step", &train::Trainer::step)
+      .def_property_readonly("total_steps", &train::Trainer::total_steps)
+      .def_property_readonly("tokens_per_step", &train::Trainer::tokens_per_step)
+      .def_property_readonly("options", &train::Trainer::options)
+      .def_property_readonly("last_checkpoint", &train::Trainer::last_checkpoint)
+      .def_property_readonly("_cpp_model", [](train::Trainer& t) { return t.model().ptr(); });
+  m.def("install_stop_handlers", &train::install_stop_handlers,
+        "SIGINT/SIGTERM make Trainer.run save a checkpoint and return (as lckv-train does).");
+  m.def("clear_stop_request", &train::clear_stop_request);
 
   // ---- data: the tokenizer and the loaders over lckv-prepare's shards
   py::class_<data::Tokenizer>(m, "Tokenizer")
@@ -330,7 +421,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            py::arg("shards"), py::arg("seq_len"), py::arg("batch_size"), py::arg("seed") = 0, py::arg("rank") = 0,
            py::arg("world_size") = 1)
-      .def("next", [](data::TrainLoader& l) { return batch_tensor(l.next()); },
+      .def("next", [](data::TrainLoader& l) { return train::batch_tensor(l.next()); },
            "The next batch of windows, int64 [batch, seq_len + 1].")
       .def("state", [](const data::TrainLoader& l) { return nlohmann::json(l.state()).dump(); })
       .def("restore", [](data::TrainLoader& l, const std::string& state) {
@@ -348,7 +439,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            [](data::SequentialLoader& l) -> std::optional<torch::Tensor> {
              auto b = l.next();
              if (!b) return std::nullopt;
-             return batch_tensor(*b);
+             return train::batch_tensor(*b);
            })
       .def("reset", &data::SequentialLoader::reset)
       .def("num_windows", &data::SequentialLoader::num_windows);

@@ -29,5 +29,10 @@ from .model import CausalLMOutput, GenerationOutput, LCKVForCausalLM  # noqa: E4
 ConfigError = _C.ConfigError
 CheckpointError = _C.CheckpointError
 TrainError = _C.TrainError
+FileError = _C.FileError
+GenerationConfig = _C.GenerationConfig
+SamplingConfig = _C.SamplingConfig
+StreamingOptions = _C.StreamingOptions
 
-__all__ = ["LCKVConfig", "LCKVForCausalLM", "CausalLMOutput", "GenerationOutput", "ConfigError", "CheckpointError", "TrainError", "data", "ops"]
+__all__ = ["LCKVConfig", "LCKVForCausalLM", "CausalLMOutput", "GenerationOutput", "ConfigError", "CheckpointError", "TrainError",
+           "FileError", "GenerationConfig", "SamplingConfig", "StreamingOptions", "data", "ops"]

@@ -33,7 +33,7 @@ class CausalLMOutput:
 class GenerationOutput:
     tokens: List[List[int]]  # the new tokens of each prompt (a stop token is kept)
     logits: Optional[torch.Tensor]  # [B, steps, V] raw logits of every step, with return_logits=True
-    stats: Dict[str, float]  # prompt / new token counts, prefill and decode seconds, cache bytes, ...
+    stats: "_C.GenerationStats"  # prompt / new token counts, prefill and decode seconds, cache bytes, ...
 
 
 class LCKVForCausalLM(_C._LCKVForCausalLM):
@@ -163,40 +163,26 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
     def generate(
         self,
         prompts: Union[torch.Tensor, Sequence[Sequence[int]]],
-        max_new_tokens: int = 32,
+        max_new_tokens: Optional[int] = None,
         *,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int = 0,
-        stop_tokens: Sequence[int] = (),
-        prefill: str = "iterative",
-        prefill_chunk: int = 0,
-        cache_size: int = 0,
-        streaming: bool = False,
-        sink_tokens: int = 4,
-        evict_block: int = 1,
-        return_logits: bool = False,
+        generation_config: Optional["_C.GenerationConfig"] = None,
+        **options,
     ) -> GenerationOutput:
         """Continues a batch of prompts (a [B, T] tensor or lists of token ids of any lengths).
 
-        Greedy by default; do_sample with temperature / top_k / top_p / repetition_penalty and
-        seed samples (Hugging Face's rules). prefill: "iterative" (m + b iterations, as in
-        training) or "exact" (equal to the sequential definition). cache_size: slots per
-        sequence (0: prompt + max_new_tokens); streaming keeps sink_tokens + the most recent
-        tokens when it is full (StreamingLLM)."""
+        The options are the fields of the C++ GenerationConfig (lckv.GenerationConfig: seed,
+        stop_tokens, prefill "iterative" | "exact", prefill_chunk, cache_capacity, streaming (a
+        lckv.StreamingOptions, True for the defaults, or None), vocab_limit, return_logits) and of
+        its SamplingConfig (do_sample, temperature, top_k, top_p, repetition_penalty), set over
+        `generation_config` (default: GenerationConfig()). Greedy by default; Hugging Face's
+        sampling rules. cache_capacity 0 means prompt + max_new_tokens slots per sequence."""
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() != 2:
                 raise ValueError(f"prompts must be [batch, tokens] or a list of token lists, got shape {tuple(prompts.shape)}")
             prompts = prompts.tolist()
-        tokens, logits, stats = self.cpp_module._generate(
-            [list(map(int, p)) for p in prompts], max_new_tokens, do_sample, temperature, top_k, top_p,
-            repetition_penalty, seed, list(stop_tokens), prefill, prefill_chunk, cache_size,
-            (sink_tokens, evict_block) if streaming else None, return_logits,
-        )
-        return GenerationOutput(tokens=tokens, logits=logits, stats=stats)
+        config = _generation_config(generation_config, max_new_tokens, options)
+        r = self.cpp_module._generate([list(map(int, p)) for p in prompts], config)
+        return GenerationOutput(tokens=r.tokens, logits=r.logits, stats=r.stats)
 
     def __repr__(self) -> str:
         c = self.config
@@ -226,3 +212,25 @@ def _mask_padding(input_ids: torch.Tensor, labels: Optional[torch.Tensor], atten
     if labels is None:
         return None
     return labels.masked_fill(mask.to(labels.device) == 0, -100)
+
+
+def _generation_config(base: Optional["_C.GenerationConfig"], max_new_tokens: Optional[int], options: Dict):
+    """A GenerationConfig: `base` (copied) or the defaults, with `options` set by field name."""
+    config = _C.GenerationConfig()
+    if base is not None:
+        for name in dir(base):
+            if not name.startswith("_") and not callable(getattr(base, name)):
+                setattr(config, name, getattr(base, name))
+    if max_new_tokens is not None:
+        options["max_new_tokens"] = max_new_tokens
+    sampling = config.sampling
+    for name, value in options.items():
+        if name == "streaming" and value is True:
+            value = _C.StreamingOptions()
+        target = config if hasattr(config, name) else sampling if hasattr(sampling, name) else None
+        if target is None or name.startswith("_") or callable(getattr(target, name)):
+            raise TypeError(f"generate() got an unexpected keyword argument '{name}' (the options are the fields of "
+                            "lckv.GenerationConfig and lckv.SamplingConfig)")
+        setattr(target, name, value)
+    config.sampling = sampling
+    return config

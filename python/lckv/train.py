@@ -1,207 +1,155 @@
-"""python -m lckv.train: train the C++ model from Python with torch.optim.AdamW.
+"""python -m lckv.train: lckv-train from Python — the same C++ trainer (lckv::train::Trainer).
 
-It reads the same run file and flags as lckv-train (the fields of lckv::train::TrainOptions,
-flags with '-' for '_'; flags override the run file) and the same lckv-prepare directory,
-and uses lckv-train's pieces where they define the run: option checking, the learning-rate
-schedule, the weight-decay groups, the data loaders and the loss. The initial weights are the
-C++ trainer's for the same seed. Differences: the optimizer is torch.optim.AdamW, one process
-(no data parallelism), and checkpoints hold the model only (config.json + model.safetensors,
-loadable by lckv-generate and from_pretrained), so `resume` is not supported.
+The run file, the flags (derived from the C++ option table, `_C.train_option_fields()`), the
+checkpoints, resume, metrics records and the sample after training are lckv-train's, because this
+module only drives the C++ trainer. What Python users may replace:
+
+* the optimizer: `Trainer(options, optimizer=lambda model: torch.optim.SGD(model.parameters(), 0.1))`
+  (any torch.optim optimizer, adapted by TorchOptimizer; its state_dict is the checkpoint's
+  optimizer.pt, so such a run resumes only with the same kind of optimizer);
+* a per-step callback: `trainer.run(callback)` calls `callback(stats)` after every step with
+  lckv.train.StepStats (step, loss, lr, grad_norm, seconds).
+
+Users who write their own loop use lckv.LCKVForCausalLM directly (examples/own_training_loop.py).
 
     python -m lckv.train --config run.json [--max-steps 100 --lr 3e-4 ...]
 """
 
 import argparse
 import json
-import math
-import os
-import shutil
 import sys
-import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, List, Optional, Union
 
 import torch
 
 from . import _C
-from .config import LCKVConfig
 from .model import LCKVForCausalLM
 
-
-def parse_options(argv: Optional[List[str]] = None) -> Dict:
-    """The run's options: defaults < run file (--config) < flags, checked by lckv-train's code."""
-    defaults = json.loads(_C.train_options("{}", False))
-    parser = argparse.ArgumentParser(prog="python -m lckv.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="JSON run file with lckv-train's option fields; flags override it")
-    for key, value in defaults.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(flag, dest=key, type=type(value), default=None, help=f"(default: {value!r})")
-    args = parser.parse_args(argv)
-    fields = {}
-    if args.config:
-        try:
-            fields = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise _C.TrainError(f"run file '{args.config}': {e}") from None
-        if not isinstance(fields, dict):
-            raise _C.TrainError(f"run file '{args.config}': expected a JSON object of options")
-    fields.update({k: getattr(args, k) for k in defaults if getattr(args, k) is not None})
-    options = json.loads(_C.train_options(json.dumps(fields), True))
-    if options["resume"]:
-        raise _C.TrainError("option resume: python -m lckv.train does not resume runs; use lckv-train --resume")
-    return options
+TrainOptions = _C.TrainOptions
+StepStats = _C.StepStats
+EvalStats = _C.EvalStats
+RunResult = _C.RunResult
 
 
-class PythonTrainer:
-    def __init__(self, options: Dict, log=sys.stdout):
-        self.o = options
-        self.options_json = json.dumps(options)
-        self.log = log
-        self.device = torch.device(options["device"])
-        torch.set_num_threads(options["threads"])
-        self.data = _C.read_prepared(options["data"])
-        if not self.data["train_shards"]:
-            raise _C.TrainError(f"'{options['data']}/meta.json' lists no training shards")
-        config = LCKVConfig.from_json_file(options["model_config"])
-        config.vocab_size = self.data["vocab_size"]
-        if options["seq_len"] > config.max_position_embeddings:
-            raise _C.TrainError(
-                f"option seq_len {options['seq_len']} exceeds max_position_embeddings "
-                f"{config.max_position_embeddings} of {options['model_config']}"
-            )
-        seq_len, batch = options["seq_len"], options["batch_size"]
-        self.train_loader = _C.TrainLoader(self.data["train_shards"], seq_len, batch, options["seed"])
-        self.val_loader = _C.SequentialLoader(self.data["val_shards"], seq_len, batch) if self.data["val_shards"] else None
-        self.tokens_per_step = seq_len * batch * options["grad_accum"]
-        self.total_steps = (
-            math.ceil(options["max_tokens"] / self.tokens_per_step) if options["max_tokens"] > 0 else options["max_steps"]
-        )
-        # The C++ trainer's order: seed, build, initialise. Same seed, same initial weights.
-        torch.manual_seed(options["seed"])
-        self.model = LCKVForCausalLM(config).to(self.device)
-        decay, no_decay = self.model.cpp_module._weight_decay_groups()
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for _, p in decay], "weight_decay": options["weight_decay"]},
-                {"params": [p for _, p in no_decay], "weight_decay": 0.0},
-            ],
-            lr=options["lr"],
-            betas=(options["beta1"], options["beta2"]),
-            eps=options["adam_eps"],
-        )
-        self.bf16 = options["dtype"] == "bf16"
-        self.step = 0
-        self.out = Path(options["out"])
-        self.metrics_path = Path(options["metrics"] or self.out / "metrics.jsonl")
+class TorchOptimizer:
+    """Adapts a torch.optim optimizer to the C++ trainer's optimizer seam."""
 
-    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens.to(self.device)
-        seq_len = self.o["seq_len"]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(tokens[:, :seq_len]).logits
-            return _C.lm_loss(logits, tokens[:, 1 : seq_len + 1])
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
 
-    def train_step(self) -> Dict:
-        t0 = time.perf_counter()
-        lr = _C.learning_rate(self.options_json, self.step, self.total_steps)
+    def kind(self) -> str:
+        cls = type(self.optimizer)
+        return f"python:{cls.__module__}.{cls.__qualname__}"
+
+    def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
+
+    def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        accum = self.o["grad_accum"]
-        loss_sum = 0.0
-        for _ in range(accum):
-            loss = self._loss(self.train_loader.next())
-            value = loss.item()
-            if not math.isfinite(value):
-                raise _C.TrainError(f"step {self.step + 1}: the training loss is {value}; stopping without applying this step")
-            (loss / accum).backward()
-            loss_sum += value
-        clip = self.o["grad_clip"] if self.o["grad_clip"] > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), clip).item()
-        if not math.isfinite(grad_norm):
-            raise _C.TrainError(f"step {self.step + 1}: the gradient norm is {grad_norm}; stopping without applying this step")
+
+    def step(self) -> None:
         self.optimizer.step()
-        self.step += 1
-        return {"type": "train", "step": self.step, "loss": loss_sum / accum, "lr": lr, "grad_norm": grad_norm,
-                "seconds": time.perf_counter() - t0, "tokens": self.step * self.tokens_per_step}
 
-    @torch.no_grad()
-    def evaluate(self) -> Dict:
-        """Mean next-token loss over the validation split, summed as lckv-train sums it."""
-        self.model.eval()
-        self.val_loader.reset()
-        loss_sum, tokens, batches = 0.0, 0, 0
-        while (batch := self.val_loader.next()) is not None:
-            if self.o["eval_batches"] > 0 and batches == self.o["eval_batches"]:
-                break
-            n = batch.shape[0] * self.o["seq_len"]
-            loss_sum += self._loss(batch).item() * float(n)
-            tokens += n
-            batches += 1
-        self.model.train()
-        loss = loss_sum / tokens
-        return {"type": "eval", "step": self.step, "val_loss": loss, "val_ppl": math.exp(loss), "tokens": tokens}
+    def save(self, path: str) -> None:  # into the checkpoint's temporary directory: published atomically with it
+        torch.save(self.optimizer.state_dict(), path)
 
-    def save_checkpoint(self) -> Path:
-        """<out>/step_NNNNNN (config.json + fp32 model.safetensors), written to a temporary
-        directory and renamed into place; keeps the newest keep_checkpoints."""
-        final = self.out / f"step_{self.step:06d}"
-        tmp = self.out / f".tmp_step_{self.step:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, dtype=torch.float32)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        steps = sorted(self.out.glob("step_[0-9]*"))
-        for old in steps[: max(0, len(steps) - self.o["keep_checkpoints"])]:
-            shutil.rmtree(old)
-        return final
+    def load(self, path: str, device: str) -> None:
+        self.optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
 
-    def _record(self, record: Dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
-    def run(self) -> Dict:
-        if (self.out / "latest").exists():
-            raise _C.TrainError(f"'{self.out}' already holds an lckv-train run; choose another --out")
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "train.json").write_text(json.dumps(self.o, indent=2))
-        self.metrics_path.unlink(missing_ok=True)
-        print(f"python -m lckv.train: {self.model!r}, {self.total_steps} steps of {self.tokens_per_step} tokens",
-              file=self.log)
-        last_eval = None
-        for _ in range(self.total_steps):
-            s = self.train_step()
-            if self.step % self.o["log_every"] == 0 or self.step == self.total_steps:
-                self._record(s)
-                print(f"step {s['step']}/{self.total_steps} loss {s['loss']:.4f} lr {s['lr']:.2e} "
-                      f"grad_norm {s['grad_norm']:.3f} {self.tokens_per_step / s['seconds']:.0f} tok/s", file=self.log)
-            if self.val_loader and self.o["eval_every"] > 0 and self.step % self.o["eval_every"] == 0:
-                last_eval = self.evaluate()
-                self._record(last_eval)
-            if self.o["save_every"] > 0 and self.step % self.o["save_every"] == 0:
-                self.save_checkpoint()
-        if self.val_loader and (last_eval is None or last_eval["step"] != self.step):
-            last_eval = self.evaluate()
-            self._record(last_eval)
-        if last_eval:
-            print(f"validation: loss {last_eval['val_loss']:.4f} ppl {last_eval['val_ppl']:.2f}", file=self.log)
-        saved = self.o["save_every"] > 0 and self.step % self.o["save_every"] == 0
-        checkpoint = self.out / f"step_{self.step:06d}" if saved else self.save_checkpoint()
-        print(f"checkpoint: {checkpoint}", file=self.log)
-        return {"step": self.step, "final_eval": last_eval, "checkpoint": str(checkpoint)}
+class Trainer:
+    """The C++ trainer. `options`: a TrainOptions, a dict of run-file fields, or a run file path.
+    `optimizer`: None (lckv-train's fused AdamW) or a callable model -> torch.optim.Optimizer."""
+
+    def __init__(self, options: Union[TrainOptions, dict, str, Path], *,
+                 optimizer: Optional[Callable[[LCKVForCausalLM], torch.optim.Optimizer]] = None, log: bool = True):
+        if isinstance(options, (str, Path)):
+            options = TrainOptions.from_file(str(options))
+        elif isinstance(options, dict):
+            options = TrainOptions.from_json(json.dumps(options), "run options")
+        elif not isinstance(options, TrainOptions):
+            raise TypeError(f"options must be a TrainOptions, a dict or a run file path, got {type(options).__name__}")
+        make = None
+        if optimizer is not None:
+            def make(cpp_model):
+                opt = optimizer(LCKVForCausalLM._wrap(cpp_model))
+                return opt if isinstance(opt, TorchOptimizer) else TorchOptimizer(opt)
+        self._cpp = _C.Trainer(options, log, make)
+        self.model = LCKVForCausalLM._wrap(self._cpp._cpp_model)  # the trainer's own parameters
+
+    def run(self, callback: Optional[Callable[[StepStats], None]] = None) -> RunResult:
+        return self._cpp.run(callback) if callback is not None else self._cpp.run()
+
+    def train_step(self) -> StepStats:
+        return self._cpp.train_step()
+
+    def evaluate(self) -> EvalStats:
+        return self._cpp.evaluate()
+
+    def save_checkpoint(self) -> str:
+        return self._cpp.save_checkpoint()
+
+    @property
+    def step(self) -> int:
+        return self._cpp.step
+
+    @property
+    def total_steps(self) -> int:
+        return self._cpp.total_steps
+
+    @property
+    def options(self) -> TrainOptions:
+        return self._cpp.options
+
+
+_PARSERS = {"int": int, "float": float, "string": str}
+
+
+def parse_options(argv: Optional[List[str]] = None) -> TrainOptions:
+    """The run's options as lckv-train reads them: defaults < run file (--config) < flags, checked
+    by the C++ code (TrainError names the file and field)."""
+    parser = argparse.ArgumentParser(prog="python -m lckv.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="JSON run file whose fields (the flag names with '_' for '-') set the defaults")
+    fields = _C.train_option_fields()
+    for f in fields:
+        default = json.loads(f["default"])
+        help_text = f"{f['help']} (default: {default!r})"
+        if f["kind"] == "bool":
+            parser.add_argument(f["flag"], dest=f["name"], action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f["kind"] == "list":
+            parser.add_argument(f["flag"], dest=f["name"], type=lambda s: [x for x in s.split(",") if x], default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(f["flag"], dest=f["name"], type=_PARSERS[f["kind"]], default=None, help=help_text)
+    args = parser.parse_args(argv)
+    options = TrainOptions.from_file(args.config) if args.config else TrainOptions()
+    flags = {f["name"]: getattr(args, f["name"]) for f in fields if getattr(args, f["name"]) is not None}
+    if flags:  # flags over the run file, type- and range-checked by the C++ table like the file's fields
+        merged = {**json.loads(options.to_json()), **flags}
+        options = TrainOptions.from_json(json.dumps(merged), "command-line flags")
+    options.validate()
+    return options
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     try:
-        PythonTrainer(parse_options(argv)).run()
-    except (_C.TrainError, _C.ConfigError, _C.CheckpointError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        options = parse_options(argv)
+        _C.install_stop_handlers()
+        result = Trainer(options).run()
+    except (_C.TrainError, _C.ConfigError, _C.CheckpointError, _C.FileError, RuntimeError, OSError, ValueError) as e:
+        print(f"python -m lckv.train: error: {e}", file=sys.stderr)
         return 1
-    return 0
+    if result.final_eval is not None:
+        e = result.final_eval
+        print(f"final validation: loss {e.loss}, perplexity {e.ppl} (step {result.step}, "
+              f"checkpoint {result.last_checkpoint})")
+    if result.sample:
+        print(f'greedy continuation of "{options.prompt}":\n{result.sample}')
+    return 128 + result.stop_signal if result.stop_signal else 0
 
 
 if __name__ == "__main__":

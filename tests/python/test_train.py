@@ -12,7 +12,8 @@ from conftest import ROOT
 
 import lckv
 from lckv import LCKVForCausalLM
-from lckv.train import PythonTrainer, main, parse_options
+import torch
+from lckv.train import Trainer, main, parse_options
 
 BUILD = Path(os.environ.get("LCKV_BUILD_DIR", ROOT / "build"))
 
@@ -58,39 +59,92 @@ def test_python_training_reduces_the_loss_and_writes_a_checkpoint(prepared, tmp_
     assert records(out / "metrics.jsonl", "eval")[-1]["step"] == 10
     model = LCKVForCausalLM.from_pretrained(out / "step_000010")
     assert model.config.layer_types == "0_3_3_3"
+    assert (out / "step_000010" / "optimizer.pt").is_file() and (out / "latest").read_text() == "step_000010\n"
 
 
 def test_options_are_lckv_trains(prepared, tmp_path):
     o = parse_options(["--config", str(run_file(prepared, tmp_path / "o")), "--lr", "0.01", "--no-resume"])
-    assert o["lr"] == 0.01 and o["seq_len"] == 32 and o["beta2"] == 0.95  # flag > run file > default
+    assert o.lr == 0.01 and o.seq_len == 32 and o.beta2 == 0.95 and not o.resume  # flag > run file > default
+    # Every field of the C++ option table is a flag here, with its help text.
+    names = {f["name"] for f in lckv._C.train_option_fields()}
+    assert names == set(json.loads(o.to_json())) and {"seq_len", "allow_changes", "prompt"} <= names
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"model_config": "m", "data": "d", "out": "o", "learning_rate": 1}))
     with pytest.raises(lckv.TrainError, match="unknown field 'learning_rate'"):
         parse_options(["--config", str(bad)])
+    bad.write_text(json.dumps({"model_config": "m", "data": "d", "out": "o", "grad_accum": 8.9}))
+    with pytest.raises(lckv.TrainError, match=r"bad.json.*'grad_accum': expected an integer.*8.9"):
+        parse_options(["--config", str(bad)])
+    with pytest.raises(lckv.TrainError, match=r"flags: field 'grad_accum': expected an integer in \[.*4294967304"):
+        parse_options(["--config", str(run_file(prepared, tmp_path / "g")), "--grad-accum", str(2**32 + 8)])
     with pytest.raises(lckv.TrainError, match="data"):
         parse_options(["--model-config", "m", "--out", "o"])
-    with pytest.raises(lckv.TrainError, match="resume"):
-        parse_options(["--config", str(run_file(prepared, tmp_path / "r")), "--resume"])
 
 
-def test_lckv_train_checkpoint_gives_the_cpp_losses_in_python(prepared, tmp_path):
-    """A run of the C++ trainer and the Python trainer with the same run file: the same initial
-    weights and batch give the same first loss, and lckv-train's final checkpoint loaded in Python
-    gives bit-identical logits, hence exactly the validation loss lckv-train computed."""
+def strip_timing(recs):
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in recs]
+
+
+def test_lckv_train_and_python_m_lckv_train_write_the_same_run(prepared, tmp_path):
+    """The same run file through lckv-train and python -m lckv.train: the same metrics records
+    (losses bitwise; only the timings differ), bit-identical weights and the same trainer states."""
     exe = BUILD / "lckv-train"
     if not exe.exists():
         pytest.skip(f"{exe} is not built (set LCKV_BUILD_DIR)")
-    out = tmp_path / "cpp"
-    rf = run_file(prepared, out, max_steps=3)
-    subprocess.run([str(exe), "--config", str(rf)], check=True, capture_output=True, cwd=ROOT)
-    cpp_train = records(out / "metrics.jsonl", "train")
-    cpp_eval = records(out / "metrics.jsonl", "eval")[-1]
+    rf = run_file(prepared, tmp_path / "run", max_steps=6, eval_every=3, log_every=2, save_every=3)
+    cpp, py = tmp_path / "cpp", tmp_path / "py"
+    subprocess.run([str(exe), "--config", str(rf), "--out", str(cpp)], check=True, capture_output=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "lckv.train", "--config", str(rf), "--out", str(py)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    cpp_recs = list(map(json.loads, (cpp / "metrics.jsonl").read_text().splitlines()))
+    py_recs = list(map(json.loads, (py / "metrics.jsonl").read_text().splitlines()))
+    assert [x["type"] for x in cpp_recs] == ["run", "train", "eval", "train", "train", "eval"]
+    assert strip_timing(py_recs) == strip_timing(cpp_recs)
+    for step in ("step_000003", "step_000006"):
+        assert (py / step / "model.safetensors").read_bytes() == (cpp / step / "model.safetensors").read_bytes()
+        # optimizer.pt is a zip archive with a per-write record id: compare the trainer states instead.
+        states = [json.loads((d / step / "trainer_state.json").read_text()) for d in (py, cpp)]
+        for s in states:
+            del s["elapsed_s"], s["options"]["out"]
+        assert states[0] == states[1]
+    assert json.loads((py / "train.json").read_text())["out"] == str(py)
 
-    trainer = PythonTrainer(parse_options(["--config", str(rf), "--out", str(tmp_path / "py")]))
-    assert trainer.train_step()["loss"] == cpp_train[0]["loss"]
 
-    trainer.model = LCKVForCausalLM.from_pretrained(out / "step_000003")
-    assert trainer.evaluate()["val_loss"] == cpp_eval["val_loss"]
+def test_python_optimizer_and_callback_through_the_cpp_trainer(prepared, tmp_path):
+    """The seams: a torch.optim optimizer and a per-step callback; the run checkpoints the
+    optimizer's state_dict, resumes exactly with it, and refuses to resume with another kind."""
+    out = tmp_path / "sgd"
+    options = json.loads(run_file(prepared, out, max_steps=4).read_text())
+    make = lambda model: torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)  # noqa: E731
+    whole = []
+    Trainer({**options, "out": str(tmp_path / "whole")}, optimizer=make, log=False).run(lambda s: whole.append(s.loss))
+    assert len(whole) == 4
+
+    first = Trainer({**options, "max_steps": 4}, optimizer=make, log=False)
+    seen = []
+    for _ in range(2):
+        seen.append(first.train_step().loss)
+    first.save_checkpoint()
+    assert torch.load(out / "step_000002" / "optimizer.pt", weights_only=True)["state"], "momentum buffers saved"
+    del first
+    resumed = Trainer({**options, "resume": True}, optimizer=make, log=False)
+    assert resumed.step == 2
+    resumed.run(lambda s: seen.append(s.loss))
+    assert seen == whole  # bitwise: weights, momentum and data position restored
+    with pytest.raises(lckv.TrainError, match="in use by another process"):  # the run still holds out's lock
+        Trainer({**options, "resume": True}, optimizer=make, log=False)
+    del resumed
+    with pytest.raises(lckv.TrainError, match=r"optimizer 'python:torch.optim.sgd.SGD'.*'adamw'"):
+        Trainer({**options, "resume": True, "max_steps": 6, "allow_changes": ["max_steps"]}, log=False)
+
+
+def test_the_trainer_model_is_the_trained_module(prepared, tmp_path):
+    t = Trainer(json.loads(run_file(prepared, tmp_path / "m", max_steps=2).read_text()), log=False)
+    before = t.model.state_dict()["model.norm.weight"].clone()
+    t.train_step()
+    assert not torch.equal(before, t.model.state_dict()["model.norm.weight"])
+    assert isinstance(t.model, torch.nn.Module) and t.total_steps == 2
 
 
 def test_example_perplexity_and_kv_convergence_plot(prepared, tmp_path):

@@ -2,6 +2,9 @@
 // stop signal, checkpoints, and every bad-input case of the training program.
 #include <catch2/catch.hpp>
 
+#include <CLI/CLI.hpp>
+#include <sys/resource.h>
+
 #include "test_files.h"
 #include <torch/torch.h>
 
@@ -9,8 +12,11 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <set>
+#include <sstream>
 
 #include "lckv/data/shards.h"
+#include "lckv/data/tokenizer.h"
 #include "lckv/io/checkpoint.h"
 #include "lckv/io/safetensors.h"
 #include "lckv/generate/generate.h"
@@ -356,4 +362,222 @@ TEST_CASE("the fused AdamW step equals libtorch's AdamW step", "[train]") {
   }
   auto& st = static_cast<torch::optim::AdamWParamState&>(*fused.state().at(b[0].unsafeGetTensorImpl()));
   CHECK(st.step() == 3);
+}
+
+TEST_CASE("the option table: JSON fields, flags and help come from one list; integers are exact", "[train][options]") {
+  const nlohmann::json defaults = TrainOptions{}.to_json();
+  std::set<std::string> names;
+  for (const auto& f : train::option_fields()) {
+    INFO(f.name);
+    CHECK(names.insert(f.name).second);  // no field twice
+    CHECK(defaults.contains(f.name));
+    CHECK(std::string(f.help).size() > 10);
+  }
+  CHECK(names.size() == defaults.size());
+  // Every field is a flag of lckv-train, and flags set the same member as the run-file field.
+  CLI::App app;
+  TrainOptions o;
+  train::add_cli_options(app, o);
+  for (const auto& f : train::option_fields()) CHECK(app.get_option_no_throw(train::flag_name(f)) != nullptr);
+  std::vector<std::string> args = {"--seq-len", "64", "--lr", "0.25", "--no-resume", "--allow-changes", "lr,seed",
+                                   "--dtype", "fp32"};
+  std::vector<const char*> argv = {"lckv-train"};
+  for (const auto& a : args) argv.push_back(a.c_str());
+  app.parse(static_cast<int>(argv.size()), argv.data());
+  CHECK(o.seq_len == 64);
+  CHECK(o.lr == 0.25);
+  CHECK(o.allow_changes == std::vector<std::string>{"lr", "seed"});
+  CHECK(TrainOptions::from_json(o.to_json()).to_json() == o.to_json());
+
+  // Integers are taken as they are, or refused naming the field and value.
+  auto refused = [](const std::string& text) {
+    try {
+      TrainOptions::from_json(nlohmann::json::parse(text), "run.json");
+    } catch (const TrainError& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  CHECK_THAT(refused(R"({"grad_accum": 8.9})"), Contains("run.json") && Contains("'grad_accum'") && Contains("8.9"));
+  CHECK_THAT(refused(R"({"grad_accum": 4294967304})"), Contains("'grad_accum'") && Contains("4294967304") &&
+                                                           Contains("2147483647"));
+  CHECK_THAT(refused(R"({"seed": -1})"), Contains("'seed'") && Contains("-1"));
+  CHECK_THAT(refused(R"({"seq_len": true})"), Contains("'seq_len'") && Contains("integer"));
+  CHECK_THAT(refused(R"({"lr": "fast"})"), Contains("'lr'") && Contains("number"));
+  CHECK_THAT(refused(R"({"allow_changes": [1]})"), Contains("'allow_changes'"));
+  CHECK_THAT(refused(R"({"max_steps": 1e300})"), Contains("'max_steps'"));
+  CHECK(refused(R"({"seq_len": 64, "seed": 18446744073709551615})").empty());
+  // CLI11 refuses a fraction or an out-of-range value for an integer flag.
+  for (const char* bad : {"8.9", "4294967304"}) {
+    CLI::App app2;
+    TrainOptions o2;
+    train::add_cli_options(app2, o2);
+    const char* argv2[] = {"lckv-train", "--grad-accum", bad};
+    CHECK_THROWS_AS(app2.parse(3, argv2), CLI::ParseError);
+  }
+  TrainOptions bad = TrainOptions{};
+  bad.model_config = bad.data = bad.out = "x";
+  bad.allow_changes = {"threads"};
+  CHECK_THROWS_WITH(bad.validate(), Contains("allow_changes") && Contains("threads"));
+}
+
+TEST_CASE("resume: changed options are listed; those that change the result need allow_changes", "[train]") {
+  const TempDir tmp;
+  const fs::path root = tmp.path;
+  const fs::path data = make_data(root / "data", random_tokens(2000, 64, 11), random_tokens(200, 64, 12), 64, 64);
+  TrainOptions o = tiny_options(root, data, "out");
+  o.max_steps = 2;
+  train::Trainer(o).run();
+  o.resume = true;
+
+  SECTION("every refused change is named, with both values") {
+    o.lr = 1e-2;
+    o.seed = 99;
+    o.batch_size = 2;
+    o.max_steps = 4;
+    try {
+      train::Trainer t(o);
+      FAIL("resume with changed options was accepted");
+    } catch (const TrainError& e) {
+      const std::string m = e.what();
+      CHECK_THAT(m, Contains("lr: 0.003 -> 0.01") && Contains("seed: 1234 -> 99") && Contains("batch_size: 4 -> 2") &&
+                        Contains("max_steps: 2 -> 4") && Contains("--allow-changes"));
+    }
+  }
+  SECTION("allowed changes are used and recorded in train.json; others are reported") {
+    o.max_steps = 4;
+    o.lr = 1e-2;
+    o.allow_changes = {"max_steps", "lr"};
+    o.log_every = 1;  // not a result-changing option: allowed, noted
+    std::ostringstream log;
+    train::Trainer t(o, &log);
+    CHECK_THAT(log.str(), Contains("changed option: log_every: 2 -> 1"));
+    const train::RunResult r = t.run();
+    CHECK(r.step == 4);
+    const auto recorded = nlohmann::json::parse(read_bytes(root / "out" / "train.json"));
+    CHECK(recorded["lr"] == 1e-2);
+    CHECK(recorded["max_steps"] == 4);
+    bool saw_lr = false;
+    std::ifstream metrics(root / "out" / "metrics.jsonl");
+    for (std::string line; std::getline(metrics, line);) {
+      const auto rec = nlohmann::json::parse(line);
+      if (rec["type"] == "train" && rec["step"] == 3) saw_lr = rec["lr"].get<double>() > 3e-3;
+    }
+    CHECK(saw_lr);  // the run really uses the new peak lr
+  }
+  SECTION("max_steps at or below the checkpoint's step says so") {
+    try {
+      train::Trainer t(o);
+      FAIL("resuming a finished run was accepted");
+    } catch (const TrainError& e) {
+      CHECK_THAT(std::string(e.what()), Contains("nothing to train") && Contains("step 2") && Contains("--max-steps"));
+    }
+  }
+}
+
+TEST_CASE("one run per output directory: a second trainer on the same out is refused at once", "[train]") {
+  const TempDir tmp;
+  const fs::path root = tmp.path;
+  const fs::path data = make_data(root / "data", random_tokens(2000, 64, 13), random_tokens(200, 64, 14), 64, 64);
+  TrainOptions o = tiny_options(root, data, "out");
+  train::Trainer first(o);
+  CHECK_THROWS_WITH(train::Trainer(o), Contains("in use by another process") && Contains(".lock"));
+  o.resume = true;
+  CHECK_THROWS_WITH(train::Trainer(o), Contains("in use by another process"));
+}
+
+TEST_CASE("checkpoint saves that fail keep the last good checkpoint and leave no temporary", "[train]") {
+  const TempDir tmp;
+  const fs::path root = tmp.path;
+  const fs::path data = make_data(root / "data", random_tokens(2000, 64, 15), random_tokens(200, 64, 16), 64, 64);
+  TrainOptions o = tiny_options(root, data, "out");
+  o.max_steps = 3;
+  train::Trainer t(o);
+  t.train_step();
+  const std::string good = t.save_checkpoint();
+  t.train_step();
+  // A full disk: files may not grow beyond 64 KiB (EFBIG, as ENOSPC would be), far less than the weights.
+  struct rlimit old {};
+  getrlimit(RLIMIT_FSIZE, &old);
+  struct rlimit small = old;
+  small.rlim_cur = 64 * 1024;
+  auto* previous_handler = std::signal(SIGXFSZ, SIG_IGN);
+  setrlimit(RLIMIT_FSIZE, &small);
+  std::string message;
+  try {
+    t.save_checkpoint();
+  } catch (const TrainError& e) {
+    message = e.what();
+  }
+  setrlimit(RLIMIT_FSIZE, &old);
+  std::signal(SIGXFSZ, previous_handler);
+  CHECK_THAT(message, Contains("cannot save checkpoint") && Contains("step_000002") && Contains(good));
+  CHECK(latest_name(o.out) == "step_000001");
+  for (const auto& e : fs::directory_iterator(o.out)) {
+    INFO(e.path());
+    CHECK(e.path().filename().string().rfind(".tmp", 0) != 0);
+  }
+  CHECK_NOTHROW(io::load_pretrained(good));
+  CHECK(t.save_checkpoint() == (fs::path(o.out) / "step_000002").string());  // space again: it saves
+}
+
+TEST_CASE("pruning renames old checkpoints away first; a killed run's leftovers are cleaned on start", "[train]") {
+  const TempDir tmp;
+  const fs::path root = tmp.path;
+  const fs::path data = make_data(root / "data", random_tokens(2000, 64, 17), random_tokens(200, 64, 18), 64, 64);
+  TrainOptions o = tiny_options(root, data, "out");
+  o.max_steps = 4;
+  o.save_every = 1;
+  o.keep_checkpoints = 2;
+  train::Trainer(o).run();
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(o.out)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  CHECK(names == std::vector<std::string>{".lock", "latest", "metrics.jsonl", "step_000003", "step_000004", "train.json"});
+  // What a kill in the middle of a save or a prune leaves behind.
+  fs::create_directories(fs::path(o.out) / ".tmp_step_000005");
+  fs::create_directories(fs::path(o.out) / ".trash_step_000001.tmp.1.0");
+  o.resume = true;
+  o.max_steps = 5;
+  o.allow_changes = {"max_steps"};
+  train::Trainer resumed(o);
+  CHECK_FALSE(fs::exists(fs::path(o.out) / ".tmp_step_000005"));
+  CHECK_FALSE(fs::exists(fs::path(o.out) / ".trash_step_000001.tmp.1.0"));
+}
+
+TEST_CASE("a prompt needs the data's tokenizer, checked before training; a stop signal ends the sample", "[train]") {
+  const TempDir tmp;
+  const fs::path root = tmp.path;
+  const fs::path data = make_data(root / "data", random_tokens(2000, 64, 19), random_tokens(200, 64, 20), 64, 64);
+  TrainOptions o = tiny_options(root, data, "out");
+  o.prompt = "In the beginning";
+  CHECK_THROWS_WITH(train::Trainer(o), Contains("option prompt") && Contains("tokenizer.model"));
+  CHECK_FALSE(fs::exists(root / "out"));
+  write_bytes(data / "tokenizer.model", "not a sentencepiece model");
+  CHECK_THROWS_WITH(train::Trainer(o), Contains("option prompt") && Contains("tokenizer.model"));
+}
+
+TEST_CASE("the sample after training: the prompt's continuation, cut short by a stop signal", "[train]") {
+  const TempDir tmp;
+  const fs::path root = tmp.path;
+  std::vector<std::string> lines;
+  for (int i = 0; i < 200; ++i) lines.push_back("in the beginning was the word and the word was " + std::to_string(i));
+  std::vector<std::string_view> views(lines.begin(), lines.end());
+  data::TokenizerTrainOptions to;
+  to.vocab_size = 300;
+  const fs::path data = make_data(root / "data", random_tokens(2000, 300, 21), random_tokens(200, 300, 22), 300, 300);
+  data::train_tokenizer_from_lines(views, (data / "tokenizer").string(), to);
+  TrainOptions o = tiny_options(root, data, "out");
+  o.max_steps = 1;
+  o.prompt = "in the beginning";
+  o.generate_tokens = 5;
+  train::Trainer t(o);
+  const train::RunResult r = t.run();
+  CHECK(r.sample.rfind("in the beginning", 0) == 0);
+  CHECK(r.sample.size() > o.prompt.size());
+  train::install_stop_handlers();
+  train::clear_stop_request();
+  std::raise(SIGTERM);
+  CHECK(t.generate_sample(o.prompt, 50).empty());
+  train::clear_stop_request();
 }

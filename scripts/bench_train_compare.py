@@ -6,7 +6,7 @@ curves (scripts/plot_metrics.py). JSON goes to bench/results/train_compare.json.
     .venv/bin/python scripts/bench_train_compare.py --data data/kjv --tokens 393216 --threads 2
 
 The default budget (192 steps of 16 x 128 tokens) should take about 10 minutes on 2 idle cores
-(estimated from the rates in DESIGN.md section 7, not measured: the cores were shared when this was
+(estimated from the rates in docs/design.md §7, not measured: the cores were shared when this was
 written). The paper compares at 100B tokens; a budget this small compares early training only.
 """
 import argparse

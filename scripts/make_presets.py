@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the layer_types presets of DESIGN.md §1 for the tiny, small and TinyLlama-1.1B shapes
+"""Writes the layer_types presets of docs/design.md §1 for the tiny, small and TinyLlama-1.1B shapes
 into configs/. Run it after changing a shape or a preset; the JSON files are committed."""
 import json
 import os

@@ -30,7 +30,7 @@ def max_diff(a, b):
 @pytest.mark.parametrize("case", CASES)
 def test_conformance_checkpoint_logits_fp64(case):
     """Checkpoints in the C++ programs' layout, expected logits from an independent float64
-    implementation of DESIGN.md."""
+    implementation of docs/design.md."""
     d = CONFORMANCE / case
     model = LCKVForCausalLM.from_pretrained(d, dtype=torch.float64).eval()
     info = json.loads((d / "case.json").read_text())

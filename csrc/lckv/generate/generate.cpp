@@ -1,5 +1,7 @@
 #include "lckv/generate/generate.h"
 
+#include <ATen/autocast_mode.h>
+
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
@@ -130,12 +132,19 @@ GenerationResult generate(LCKVForCausalLM& model, const std::vector<std::vector<
     invalid("generate: a cache of ", capacity, " slots leaves no room for prompt tokens after ",
             max_len - min_len, " pad and ", config.streaming->sink_tokens, " sink slots");
   }
+  const at::DeviceType device_type = weight.device().type();
+  const torch::ScalarType compute_dtype = at::autocast::is_autocast_enabled(device_type)
+                                              ? at::autocast::get_autocast_dtype(device_type)
+                                              : weight.scalar_type();
   torch::Tensor last_hidden;
   for (int64_t s = 0; s < max_len; s += chunk) {
     const int64_t n = std::min(chunk, max_len - s);
-    const IterationOptions counts = config.prefill == PrefillMode::kExact
-                                       ? IterationOptions{static_cast<int>(n), 1}
-                                       : IterationOptions{mc.forward_passes, mc.backward_passes};
+    // exact: iterate until the KVs stop changing (at most n iterations, the theorem's bound), to
+    // the rounding of the dtype the layers compute in.
+    const IterationOptions counts =
+        config.prefill == PrefillMode::kExact
+            ? IterationOptions{static_cast<int>(n), 1, {}, convergence_tolerance(compute_dtype)}
+            : IterationOptions{mc.forward_passes, mc.backward_passes};
     torch::Tensor h = run_chunk(ids.narrow(1, s, n), counts);
     if (s + n == max_len) last_hidden = h.narrow(1, n - 1, 1);
   }

@@ -17,8 +17,9 @@
 namespace lckv {
 
 // How the prompt's cyclic segments are iterated.
-//   exact: as many iterations as tokens in the chunk, so the prompt's KVs equal the sequential
-//          definition (DESIGN.md theorem; no-grad iterations stop there anyway).
+//   exact: the prompt's KVs equal the sequential definition: each cyclic segment iterates until its
+//          top targets' KVs stop changing (to the compute dtype's rounding, convergence_tolerance),
+//          at most as many times as the chunk has tokens (the theorem's bound).
 //   iterative: the config's forward_passes + backward_passes iterations, as in training (the paper's choice).
 enum class PrefillMode { kExact, kIterative };
 PrefillMode parse_prefill_mode(const std::string& name);  // "exact" | "iterative"

@@ -31,6 +31,10 @@ torch::Tensor LCKVModelImpl::run_cyclic_segment(int segment, const Segment& seg,
   // Without autograd T iterations already give the exact result (DESIGN.md theorem) and
   // further ones reproduce it, so stop there. With autograd the count shapes the gradients.
   if (!grad) total = static_cast<int>(std::min<int64_t>(total, std::max<int64_t>(T, 1)));
+  // Convergence (counts.tolerance > 0) is measured on the no-grad iterations: the first grad one
+  // (or, without autograd, the final one) is where the loop jumps once the KVs stopped changing.
+  const int last_no_grad = grad ? total - counts.backward_passes - 1 : total - 2;
+  std::vector<torch::Tensor> previous;  // the top targets' chunk K and V after the last iteration
   torch::Tensor out;
   for (int it = 0; it < total; ++it) {
     const bool last = it == total - 1;
@@ -53,8 +57,37 @@ torch::Tensor LCKVModelImpl::run_cyclic_segment(int segment, const Segment& seg,
         counts.observer(segment, it, t, target_kv.k, target_kv.v);
       }
     }
+    if (counts.tolerance > 0 && it <= last_no_grad) {
+      torch::NoGradGuard no_grad;
+      std::vector<torch::Tensor> current;
+      double change = 0;
+      for (int t : seg.top_targets) {
+        const KV target_kv = kv.read(t);
+        for (const torch::Tensor& x_kv : {target_kv.k, target_kv.v}) {
+          // clone: a cache writes the next iteration's KVs into the same slots
+          current.push_back(x_kv.narrow(2, kv.past_length(), T).clone());
+          if (previous.empty()) continue;
+          const torch::Tensor& before = previous[current.size() - 1];
+          const double scale = current.back().abs().max().item<double>();
+          const double diff = (current.back() - before).abs().max().item<double>();
+          change = std::max(change, scale > 0 ? diff / scale : diff);
+        }
+      }
+      const bool converged = !previous.empty() && change <= counts.tolerance;
+      previous = std::move(current);
+      if (converged) it = last_no_grad;  // next: the first grad iteration, or the final one
+    }
   }
   return out;
+}
+
+double convergence_tolerance(torch::ScalarType dtype) {
+  switch (dtype) {
+    case torch::kDouble: return 1e-13;
+    case torch::kFloat: return 4e-6;
+    case torch::kHalf: return 2e-3;  // about 4 units of fp16 rounding (2^-11)
+    default: return 1.6e-2;          // bfloat16: about 4 units of its rounding (2^-8)
+  }
 }
 
 torch::Tensor LCKVModelImpl::forward_chunk(const torch::Tensor& input_ids, KVStore& kv, const IterationOptions& counts,

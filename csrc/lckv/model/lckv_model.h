@@ -27,7 +27,17 @@ struct IterationOptions {
   int forward_passes = 7;
   int backward_passes = 2;
   IterationObserver observer;  // optional
+  // > 0: stop the no-grad iterations of a segment early once they have converged: when no top
+  // target's chunk K or V changed by more than tolerance x its largest magnitude between two
+  // iterations, the remaining no-grad ones would only repeat it up to rounding (the iteration's
+  // fixed point is the sequential result), so the segment goes on with its grad / final iteration.
+  // 0: always run every iteration (training: the counts shape the computation).
+  double tolerance = 0;
 };
+
+// The convergence tolerance of exact prefill: a small multiple of the dtype's rounding (the fp32
+// change between iterations plateaus near 1e-6 relative rather than reaching 0).
+double convergence_tolerance(torch::ScalarType dtype);
 
 struct LCKVModelImpl : torch::nn::Module {
   explicit LCKVModelImpl(const LCKVConfig& c);

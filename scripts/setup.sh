@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION=2.11.0   # the GPU machine has torch 2.11 + CUDA 13; this wheel is cu130 too
 APT_PACKAGES=(cmake ninja-build ccache g++ pkg-config catch2 libsentencepiece-dev sentencepiece
               nlohmann-json3-dev libcli11-dev python3-venv python3-dev bible-kjv)
+APT_PACKAGES+=(clang libclang-rt-14-dev)  # scripts/fuzz.sh: libFuzzer and the sanitizer runtimes
 
 say() { printf '\n== %s\n' "$*"; }
 

@@ -1,6 +1,7 @@
 // safetensors I/O, checkpoint directories (invariant 6), and the conformance vectors: expected
 // fp64 logits of an independent implementation of DESIGN.md for five tiny checkpoints.
 #include <catch2/catch.hpp>
+#include <dlfcn.h>
 
 #include "test_files.h"
 #include <torch/torch.h>
@@ -80,6 +81,21 @@ TEST_CASE("corrupt safetensors files are rejected naming the file and the proble
   CHECK_THROWS_WITH(io::load_safetensors(huge_header.string()), Catch::Contains("exceeds the file size"));
 
   CHECK_THROWS_WITH(io::load_safetensors((dir / "missing.safetensors").string()), Catch::Contains("cannot open"));
+
+  // a number JSON cannot hold is a parse error too (nlohmann reports it as out_of_range)
+  const fs::path overflow = dir / "overflow.safetensors";
+  const std::string h = R"({"w":{"dtype":"F32","shape":[1e999],"data_offsets":[0,4]}})";
+  write_bytes(overflow, std::string(1, static_cast<char>(h.size())) + std::string(7, '\0') + h + std::string(4, '\0'));
+  CHECK_THROWS_WITH(io::load_safetensors(overflow.string()), Catch::Contains("overflow.safetensors") &&
+                                                               Catch::Contains("not valid JSON") && Catch::Contains("1e999"));
+  // nesting deeper than any header needs is refused before anything recurses over it
+  const fs::path deep = dir / "deep.safetensors";
+  const std::string nested = "{\"w\":" + std::string(100000, '[') + std::string(100000, ']') + "}";
+  std::string len(8, '\0');
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<char>((nested.size() >> (8 * i)) & 0xff);
+  write_bytes(deep, len + nested);
+  CHECK_THROWS_WITH(io::load_safetensors(deep.string()), Catch::Contains("deep.safetensors") && Catch::Contains("nests deeper"));
+  CHECK_THROWS_WITH(io::load_safetensors(dir.string()), Catch::Contains("not a regular file"));
 }
 
 TEST_CASE("a saved and loaded checkpoint gives bit-identical logits (invariant 6)", "[io]") {
@@ -344,6 +360,12 @@ TEST_CASE("a sharded checkpoint's weight_map is honoured exactly", "[io][bad-inp
     CHECK_THROWS_WITH(load(), Catch::Contains("'model.embed_tokens.weight'") && Catch::Contains("also in shard") &&
                                   Catch::Contains(shard1) && Catch::Contains(shard2));
   }
+  SECTION("an index that is not valid JSON or has no weight_map") {
+    std::ofstream(index_path) << R"({"metadata": {"total_size": 1e999}, "weight_map": {}})";
+    CHECK_THROWS_WITH(load(), Catch::Contains("model.safetensors.index.json") && Catch::Contains("not valid JSON"));
+    std::ofstream(index_path) << R"({"weight_map": ["a.safetensors"]})";
+    CHECK_THROWS_WITH(load(), Catch::Contains("model.safetensors.index.json") && Catch::Contains("'weight_map'"));
+  }
   SECTION("a weight_map entry that is not a file name") {
     nlohmann::json j = index;
     j["weight_map"][moved] = 7;
@@ -429,8 +451,20 @@ TEST_CASE("save_pretrained refuses a non-float dtype", "[io][bad-input]") {
 
 // ---------------------------------------------------------------------------- symbol isolation (issue 12 §1)
 
-// Defined in libc10 (c10/util/Logging.cpp) next to FLAGS_caffe2_use_fatal_for_enforce; not declared in its headers.
-C10_DECLARE_int(minloglevel);
+namespace {
+
+// libc10's own flag objects, looked up in libc10.so: within this program the name FLAGS_minloglevel
+// also denotes SentencePiece's (hidden) flag, which the static link resolves first.
+template <class T>
+const T& c10_flag(const char* name) {
+  void* c10 = dlopen("libc10.so", RTLD_NOW | RTLD_NOLOAD);
+  REQUIRE(c10 != nullptr);
+  void* flag = dlsym(c10, name);
+  REQUIRE(flag != nullptr);
+  return *static_cast<const T*>(flag);
+}
+
+}  // namespace
 
 TEST_CASE("the tokenizer library leaves torch's flags alone: a failed torch check throws", "[io][isolation]") {
   // SentencePiece's own flags (its minloglevel among them) once bound to libc10's: its constructors
@@ -448,8 +482,9 @@ TEST_CASE("the tokenizer library leaves torch's flags alone: a failed torch chec
   CHECK(tok.decode(tok.encode("kalo mine suta, 12")) == "kalo mine suta, 12");
 
   // libc10's defaults (c10/util/Logging.cpp)
-  CHECK(FLAGS_caffe2_use_fatal_for_enforce == false);
-  CHECK(FLAGS_minloglevel == 0);
+  CHECK(c10_flag<bool>("FLAGS_caffe2_use_fatal_for_enforce") == false);
+  CHECK(&c10_flag<bool>("FLAGS_caffe2_use_fatal_for_enforce") == &FLAGS_caffe2_use_fatal_for_enforce);
+  CHECK(c10_flag<int>("FLAGS_minloglevel") == 0);
   // 2^50 floats (4 PiB) cannot be allocated: torch's enforce must throw, not abort the process
   CHECK_THROWS_AS(torch::empty({int64_t(1) << 50}), c10::Error);
   CHECK_THROWS_WITH(torch::empty({int64_t(1) << 50}), Catch::Contains("can't allocate memory"));

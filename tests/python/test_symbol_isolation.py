@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
     words = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "ba", "gu", "fe"]
     with open(os.path.join(d, "t.txt"), "w") as f:
         f.write("".join(words[i % 12] + words[i * 7 % 11] + (" " if i % 9 else ".\\n") for i in range(2000)))
-    lckv.data.prepare_corpus([os.path.join(d, "t.txt")], os.path.join(d, "out"), vocab_size=300)
+    lckv.data.prepare_corpus([os.path.join(d, "t.txt")], os.path.join(d, "out"), vocab_size=300, val_fraction=0)
     tok = lckv.data.Tokenizer.load(os.path.join(d, "out", lckv.data.read_prepared(os.path.join(d, "out"))["tokenizer"]))
     assert tok.decode(tok.encode("kalo mine")) == "kalo mine"
     after = flags()

@@ -151,11 +151,11 @@ std::map<std::string, torch::Tensor> load_sharded(const fs::path& dir, const fs:
       check_weight(path.string(), name, t);
       all.emplace(name, t);
     }
-    for (const auto& name : names) {
-      if (!tensors.count(name)) {
-        throw FormatError(index.string() + ": weight_map assigns tensor '" + name + "' to shard '" + shard +
-                          "', which does not hold it (" + path.string() + ")");
-      }
+  }
+  for (const auto& [name, shard] : shard_of) {
+    if (!found_in.count(name)) {
+      throw FormatError(index.string() + ": weight_map assigns tensor '" + name + "' to shard '" + shard +
+                        "', which does not hold it (" + (dir / shard).string() + ")");
     }
   }
   return all;

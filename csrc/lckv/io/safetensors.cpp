@@ -72,13 +72,14 @@ std::map<std::string, at::Tensor> parse_safetensors(const std::string& path, std
   }
   nlohmann::json j;
   try {
-    // A depth limit keeps a hostile header from recursing the parser (and our error messages) deeply.
-    int depth_exceeded = 0;
+    // Values nested deeper than a header needs are dropped while parsing and refused: the error
+    // messages below dump() values, which recurses once per level.
+    bool too_deep = false;
     j = nlohmann::json::parse(bytes.substr(8, header_len), [&](int depth, nlohmann::json::parse_event_t, nlohmann::json&) {
-      if (depth > kMaxHeaderDepth) depth_exceeded = 1;
-      return depth_exceeded == 0;
+      too_deep = too_deep || depth > kMaxHeaderDepth;
+      return !too_deep;
     });
-    if (depth_exceeded) throw FormatError(path + ": header nests deeper than " + std::to_string(kMaxHeaderDepth) + " levels");
+    if (too_deep) throw FormatError(path + ": header nests deeper than " + std::to_string(kMaxHeaderDepth) + " levels");
   } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for a number such as 1e999
     throw FormatError(path + ": header is not valid JSON (" + e.what() + ")");
   }

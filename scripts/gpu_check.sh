@@ -15,7 +15,7 @@
 #
 # From a session with a GPU lent:
 #   scripts/fetch_gpu_debs.sh   # once, here
-#   run(command="bash scripts/gpu_check.sh", carry=["third_party/debs"], timeout_s=600)
+#   run(command="bash scripts/gpu_check.sh", carry=["third_party/debs", "third_party/sdist"], timeout_s=600)
 # then copy the returned bench_attention_*.json into bench/results/. Total: about 8 minutes.
 # GPU_CHECK_CTEST=0 skips the full ctest run; GPU_CHECK_E2E=0 skips the end-to-end benchmark.
 set -uo pipefail
@@ -41,10 +41,10 @@ logged python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch
 say "build dependencies"
 extra_cmake=()
 missing=0
-for h in catch2/catch.hpp nlohmann/json.hpp CLI/CLI.hpp sentencepiece_processor.h; do
+for h in catch2/catch.hpp nlohmann/json.hpp CLI/CLI.hpp; do
   [ -e "/usr/include/$h" ] || missing=1
 done
-command -v pkg-config >/dev/null || missing=1
+[ -s third_party/sdist/sentencepiece-0.2.1.tar.gz ] || fail "third_party/sdist/sentencepiece-0.2.1.tar.gz is missing (scripts/setup.sh fetches it; carry third_party/sdist)"
 if [ "$missing" = 1 ]; then
   if ! ls third_party/debs/*.deb >/dev/null 2>&1; then
     fail "build dependencies are missing and third_party/debs has no .deb files (run scripts/fetch_gpu_debs.sh and carry third_party/debs)"

@@ -8,8 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0   # the GPU machine has torch 2.11 + CUDA 13; this wheel is cu130 too
-APT_PACKAGES=(cmake ninja-build ccache g++ pkg-config catch2 libsentencepiece-dev sentencepiece
-              nlohmann-json3-dev libcli11-dev python3-venv python3-dev bible-kjv)
+# (scripts/fuzz.sh installs clang and its libFuzzer runtime itself: only fuzzing needs them.)
+APT_PACKAGES=(cmake ninja-build ccache g++ catch2 nlohmann-json3-dev libcli11-dev python3-venv python3-dev bible-kjv)
+CONSTRAINTS=scripts/constraints.txt   # every Python package pinned (transformers included)
+SPM_VERSION=0.2.1                      # SentencePiece's source (PyPI sdist), built by CMakeLists.txt
 
 say() { printf '\n== %s\n' "$*"; }
 
@@ -30,13 +32,21 @@ if [ ! -x .venv/bin/python ]; then
   say "creating .venv"
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null \
-   || ! .venv/bin/python -c "import numpy, pytest, pybind11, safetensors, sentencepiece, transformers, matplotlib, wheel" 2>/dev/null; then
-  say "installing Python packages into .venv (torch==$TORCH_VERSION; pip caches downloads in ~/.cache/pip)"
-  .venv/bin/pip install --progress-bar off "torch==$TORCH_VERSION" numpy pytest pybind11 safetensors sentencepiece \
-    transformers matplotlib wheel
+# Reinstalled when the constraints change (a stamp in .venv records the ones installed).
+stamp=.venv/.lckv-constraints.sha256
+want=$(sha256sum "$CONSTRAINTS" | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] ||
+   ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  say "installing Python packages into .venv (pinned by $CONSTRAINTS; pip caches downloads in ~/.cache/pip)"
+  .venv/bin/pip install --progress-bar off -c "$CONSTRAINTS" "torch==$TORCH_VERSION" numpy pytest pybind11 \
+    safetensors sentencepiece transformers tokenizers matplotlib wheel
+  echo "$want" > "$stamp"
 else
-  say "Python packages present (torch $TORCH_VERSION)"
+  say "Python packages present (torch $TORCH_VERSION, $CONSTRAINTS)"
+fi
+if [ ! -s "third_party/sdist/sentencepiece-$SPM_VERSION.tar.gz" ]; then
+  say "fetching SentencePiece $SPM_VERSION's source (PyPI sdist) into third_party/sdist/"
+  .venv/bin/pip download --progress-bar off --no-binary :all: --no-deps "sentencepiece==$SPM_VERSION" -d third_party/sdist
 fi
 .venv/bin/python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 

@@ -1,5 +1,6 @@
 #include "lckv/io/checkpoint.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -19,56 +20,171 @@ std::vector<std::pair<std::string, torch::Tensor>> hf_state_dict(LCKVForCausalLM
 }
 
 namespace {
-// Tensors that HF checkpoints may carry but that are not parameters here.
-bool ignorable(const std::string& name, bool tied) {
-  return name.find("rotary_emb.inv_freq") != std::string::npos || (tied && name == "lm_head.weight");
-}
-}  // namespace
 
-void load_state(LCKVForCausalLM& model, const std::map<std::string, torch::Tensor>& tensors, const std::string& source) {
+// Tensors that HF checkpoints may carry but that are not parameters here.
+bool ignorable(const std::string& name) { return name.find("rotary_emb.inv_freq") != std::string::npos; }
+
+bool is_weight_dtype(torch::ScalarType t) {
+  return t == torch::kDouble || t == torch::kFloat || t == torch::kHalf || t == torch::kBFloat16;
+}
+
+// A weight is a float tensor of finite values: integer bytes would be reinterpreted by the dtype
+// conversion, and a NaN or inf weight turns every output into NaN (greedy decoding then emits token 0).
+void check_weight(const std::string& source, const std::string& name, const torch::Tensor& t) {
+  if (!is_weight_dtype(t.scalar_type())) {
+    throw FormatError(source + ": tensor '" + name + "' has dtype " + safetensors_dtype_name(t.scalar_type()) +
+                      ", expected a float dtype (F64, F32, F16 or BF16)");
+  }
+  const torch::Tensor bad = torch::isfinite(t).logical_not_().flatten();
+  const int64_t count = bad.sum().item<int64_t>();
+  if (count > 0) {
+    const int64_t first = bad.nonzero()[0][0].item<int64_t>();
+    throw FormatError(source + ": tensor '" + name + "' has " + std::to_string(count) +
+                      " non-finite values (NaN or inf), the first at flat index " + std::to_string(first) + " (" +
+                      c10::str(t.flatten()[first].item<double>()) + ")");
+  }
+}
+
+void check_weights(const std::string& source, const std::map<std::string, torch::Tensor>& tensors) {
+  for (const auto& [name, t] : tensors) check_weight(source, name, t);
+}
+
+void copy_state(LCKVForCausalLM& model, const std::map<std::string, torch::Tensor>& tensors, const std::string& source,
+                bool checked) {
   torch::NoGradGuard no_grad;
+  const bool tied = model->config.tie_word_embeddings;
+  if (tied && tensors.count("lm_head.weight")) {
+    throw FormatError(source + ": tensor 'lm_head.weight' is present, but config.json sets tie_word_embeddings: true "
+                      "(the output layer is the embedding); set it to false to use this lm_head.weight");
+  }
   std::set<std::string> used;
   for (auto& [name, param] : hf_state_dict(model)) {
     auto it = tensors.find(name);
-    if (it == tensors.end()) throw FormatError(source + ": tensor '" + name + "' is missing");
+    if (it == tensors.end()) {
+      throw FormatError(source + ": tensor '" + name + "' is missing" +
+                        (name == "lm_head.weight" ? " (config.json sets tie_word_embeddings: false; a checkpoint without "
+                                                    "lm_head.weight needs tie_word_embeddings: true)"
+                                                  : ""));
+    }
     if (it->second.sizes() != param.sizes()) {
       throw FormatError(source + ": tensor '" + name + "' has shape " + c10::str(it->second.sizes()) + ", expected " +
                         c10::str(param.sizes()) + " from config.json");
     }
+    if (!checked) check_weight(source, name, it->second);
     param.copy_(it->second);
     used.insert(name);
   }
   for (const auto& [name, t] : tensors) {
-    if (!used.count(name) && !ignorable(name, model->config.tie_word_embeddings)) {
+    if (!used.count(name) && !ignorable(name)) {
       throw FormatError(source + ": tensor '" + name + "' is not a parameter of this model (does config.json's layer_types match the checkpoint?)");
     }
   }
 }
 
-std::map<std::string, torch::Tensor> load_directory_tensors(const std::string& dir) {
-  const fs::path single = fs::path(dir) / "model.safetensors";
-  const fs::path index = fs::path(dir) / "model.safetensors.index.json";
-  if (fs::exists(single)) return load_safetensors(single.string());
-  if (!fs::exists(index)) {
-    throw FormatError("'" + dir + "' has neither model.safetensors nor model.safetensors.index.json: not a checkpoint directory");
+// The file the index names as `shard` (for `tensor`), which must lie inside the checkpoint directory:
+// a relative path without '..' whose real path (symlinks resolved) is still under the directory's.
+fs::path shard_path(const fs::path& index, const fs::path& dir, const std::string& shard, const std::string& tensor) {
+  const std::string where = index.string() + ": weight_map assigns tensor '" + tensor + "' to shard '" + shard + "'";
+  const fs::path rel(shard);
+  if (shard.empty()) throw FormatError(where + ", an empty path");
+  if (rel.has_root_path()) throw FormatError(where + ", an absolute path; shards must lie inside the checkpoint directory");
+  for (const auto& part : rel) {
+    if (part == "..") throw FormatError(where + ", a path with '..'; shards must lie inside the checkpoint directory");
   }
+  const fs::path full = dir / rel;
+  std::error_code ec;
+  const fs::path real = fs::canonical(full, ec);
+  if (ec) throw FormatError(where + ", which cannot be opened: " + ec.message());
+  const fs::path real_dir = fs::canonical(dir, ec);
+  if (ec) throw FormatError("cannot resolve checkpoint directory '" + dir.string() + "': " + ec.message());
+  if (std::mismatch(real_dir.begin(), real_dir.end(), real.begin(), real.end()).first != real_dir.end()) {
+    throw FormatError(where + ", which resolves to '" + real.string() + "', outside the checkpoint directory '" +
+                      real_dir.string() + "'");
+  }
+  if (!fs::is_regular_file(real, ec)) throw FormatError(where + ", which is not a regular file");
+  return full;
+}
+
+std::map<std::string, torch::Tensor> load_sharded(const fs::path& dir, const fs::path& index) {
   std::ifstream in(index);
+  if (!in) throw FormatError("cannot open '" + index.string() + "'");
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for a number such as 1e999
     throw FormatError(index.string() + ": not valid JSON (" + e.what() + ")");
   }
-  if (!j.contains("weight_map") || !j["weight_map"].is_object()) {
-    throw FormatError(index.string() + ": field 'weight_map' is missing");
+  if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object()) {
+    throw FormatError(index.string() + ": field 'weight_map' is missing or not an object of tensor name -> shard file");
   }
-  std::set<std::string> shards;
-  for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) shards.insert(it.value().get<std::string>());
+  // shard -> the tensors the map assigns to it
+  std::map<std::string, std::vector<std::string>> assigned;
+  std::map<std::string, std::string> shard_of;
+  for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
+    if (!it.value().is_string()) {
+      throw FormatError(index.string() + ": weight_map entry '" + it.key() + "' is not a shard file name (a string)");
+    }
+    assigned[it.value().get<std::string>()].push_back(it.key());
+    shard_of[it.key()] = it.value().get<std::string>();
+  }
+  // Each shard is read once; the map is honoured exactly: a shard holds the tensors the map assigns to it
+  // and no others, so no tensor can come from two shards.
   std::map<std::string, torch::Tensor> all;
-  for (const auto& shard : shards) {
-    for (auto& [name, t] : load_safetensors((fs::path(dir) / shard).string())) all.emplace(name, t);
+  std::map<std::string, std::string> found_in;
+  for (const auto& [shard, names] : assigned) {
+    const fs::path path = shard_path(index, dir, shard, names.front());
+    const auto tensors = load_safetensors(path.string());
+    for (const auto& [name, t] : tensors) {
+      if (auto f = found_in.find(name); f != found_in.end()) {
+        throw FormatError(path.string() + ": tensor '" + name + "' is also in shard '" + f->second + "' (" +
+                          index.string() + " lists both shards)");
+      }
+      found_in[name] = shard;
+      const auto m = shard_of.find(name);
+      if (m == shard_of.end()) {
+        throw FormatError(path.string() + ": tensor '" + name + "' is not in the weight_map of " + index.string());
+      }
+      if (m->second != shard) {
+        throw FormatError(path.string() + ": tensor '" + name + "' is in this shard, but the weight_map of " +
+                          index.string() + " assigns it to shard '" + m->second + "'");
+      }
+      check_weight(path.string(), name, t);
+      all.emplace(name, t);
+    }
+  }
+  for (const auto& [name, shard] : shard_of) {
+    if (!found_in.count(name)) {
+      throw FormatError(index.string() + ": weight_map assigns tensor '" + name + "' to shard '" + shard +
+                        "', which does not hold it (" + (dir / shard).string() + ")");
+    }
   }
   return all;
+}
+
+// The file whose tensors load_directory_tensors reads, to name in errors.
+fs::path weights_file(const std::string& dir) {
+  const fs::path single = fs::path(dir) / "model.safetensors";
+  return fs::exists(single) ? single : fs::path(dir) / "model.safetensors.index.json";
+}
+
+}  // namespace
+
+void load_state(LCKVForCausalLM& model, const std::map<std::string, torch::Tensor>& tensors, const std::string& source) {
+  copy_state(model, tensors, source, /*checked=*/false);
+}
+
+std::map<std::string, torch::Tensor> load_directory_tensors(const std::string& dir) {
+  const fs::path single = fs::path(dir) / "model.safetensors";
+  const fs::path index = fs::path(dir) / "model.safetensors.index.json";
+  if (fs::exists(single)) {
+    auto tensors = load_safetensors(single.string());
+    check_weights(single.string(), tensors);
+    return tensors;
+  }
+  if (!fs::exists(index)) {
+    throw FormatError("'" + dir + "' has neither model.safetensors nor model.safetensors.index.json: not a checkpoint directory");
+  }
+  return load_sharded(fs::path(dir), index);
 }
 
 LCKVForCausalLM load_pretrained(const std::string& dir, torch::ScalarType dtype) {
@@ -76,11 +192,15 @@ LCKVForCausalLM load_pretrained(const std::string& dir, torch::ScalarType dtype)
   if (!fs::exists(config_path)) throw FormatError("'" + dir + "' has no config.json: not a checkpoint directory");
   LCKVForCausalLM model(LCKVConfig::from_file(config_path.string()));
   model->to(dtype);
-  load_state(model, load_directory_tensors(dir), dir);
+  copy_state(model, load_directory_tensors(dir), weights_file(dir).string(), /*checked=*/true);
   return model;
 }
 
 void save_pretrained(LCKVForCausalLM& model, const std::string& dir, torch::ScalarType dtype) {
+  if (!is_weight_dtype(dtype)) {
+    throw FormatError("save_pretrained into '" + dir + "': dtype torch." + c10::getDtypeNames(dtype).first +
+                      " is not a weight dtype; expected float32, float64, float16 or bfloat16");
+  }
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) throw FormatError("cannot create checkpoint directory '" + dir + "': " + ec.message());

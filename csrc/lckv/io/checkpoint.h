@@ -12,16 +12,20 @@ namespace lckv::io {
 std::vector<std::pair<std::string, torch::Tensor>> hf_state_dict(LCKVForCausalLM& model);
 
 // Copies tensors into the model's parameters (converting dtype); throws FormatError naming the
-// tensor and `source` when one is missing, has the wrong shape, or is not a parameter of the model.
+// tensor and `source` when one is missing, has the wrong shape, is not a parameter of the model,
+// is not a float tensor or holds NaN/inf, or is lm_head.weight while config.json ties the embeddings.
 void load_state(LCKVForCausalLM& model, const std::map<std::string, torch::Tensor>& tensors, const std::string& source);
 
-// All tensors of a checkpoint directory, single-file or sharded.
+// All tensors of a checkpoint directory, single-file or sharded, each a finite float tensor. A
+// sharded index's weight_map is honoured exactly: every tensor is read from the shard it names and
+// a shard must hold exactly the tensors assigned to it; shard paths must stay inside `dir`.
 std::map<std::string, torch::Tensor> load_directory_tensors(const std::string& dir);
 
 // Builds the model from dir/config.json and loads its weights, in `dtype`.
 LCKVForCausalLM load_pretrained(const std::string& dir, torch::ScalarType dtype = torch::kFloat);
 
-// Writes config.json and model.safetensors into dir (created if missing), weights in `dtype`.
+// Writes config.json and model.safetensors into dir (created if missing), weights in `dtype`
+// (a float dtype; others are refused).
 void save_pretrained(LCKVForCausalLM& model, const std::string& dir, torch::ScalarType dtype = torch::kFloat);
 
 }  // namespace lckv::io

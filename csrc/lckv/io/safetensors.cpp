@@ -1,13 +1,18 @@
 #include "lckv/io/safetensors.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 
 #include <nlohmann/json.hpp>
 
 namespace lckv::io {
 namespace {
+
+constexpr int kMaxHeaderDepth = 64;
 
 struct DtypeName {
   const char* name;
@@ -33,63 +38,158 @@ const char* dtype_name(at::ScalarType t) {
 
 }  // namespace
 
+std::string safetensors_dtype_name(at::ScalarType t) {
+  for (const auto& d : kDtypes) {
+    if (t == d.type) return d.name;
+  }
+  return c10::toString(t);
+}
+
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::exists(path, ec) && !std::filesystem::is_regular_file(path, ec)) {
+    throw FormatError("cannot read safetensors file '" + path + "': not a regular file");
+  }
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw FormatError("cannot open safetensors file '" + path + "'");
-  const uint64_t file_size = static_cast<uint64_t>(in.tellg());
+  const std::streamoff file_size = in.tellg();
+  if (file_size < 0) throw FormatError("cannot read safetensors file '" + path + "'");
   in.seekg(0);
+  std::string bytes(static_cast<std::size_t>(file_size), '\0');
+  in.read(bytes.data(), file_size);
+  if (in.gcount() != file_size) throw FormatError(path + ": could not read its " + std::to_string(file_size) + " bytes");
+  return parse_safetensors(path, bytes);
+}
+
+std::map<std::string, at::Tensor> parse_safetensors(const std::string& path, std::string_view bytes) {
+  const uint64_t file_size = bytes.size();
   if (file_size < 8) throw FormatError(path + ": file is " + std::to_string(file_size) + " bytes, too short for a safetensors header");
-  uint8_t len_bytes[8];
-  in.read(reinterpret_cast<char*>(len_bytes), 8);
   uint64_t header_len = 0;
-  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | len_bytes[i];
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | static_cast<uint8_t>(bytes[i]);
   if (header_len > file_size - 8 || header_len > (100u << 20)) {
     throw FormatError(path + ": header length " + std::to_string(header_len) + " exceeds the file size " +
                       std::to_string(file_size) + " (truncated or not a safetensors file)");
   }
-  std::string header(header_len, '\0');
-  in.read(header.data(), static_cast<std::streamsize>(header_len));
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(header);
-  } catch (const nlohmann::json::parse_error& e) {
+    // Values nested deeper than a header needs are dropped while parsing and refused: the error
+    // messages below dump() values, which recurses once per level.
+    bool too_deep = false;
+    j = nlohmann::json::parse(bytes.substr(8, header_len), [&](int depth, nlohmann::json::parse_event_t, nlohmann::json&) {
+      too_deep = too_deep || depth > kMaxHeaderDepth;
+      return !too_deep;
+    });
+    if (too_deep) throw FormatError(path + ": header nests deeper than " + std::to_string(kMaxHeaderDepth) + " levels");
+  } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for a number such as 1e999
     throw FormatError(path + ": header is not valid JSON (" + e.what() + ")");
   }
   if (!j.is_object()) throw FormatError(path + ": header is not a JSON object");
   const uint64_t data_size = file_size - 8 - header_len;
-  std::vector<char> data(data_size);
-  in.read(data.data(), static_cast<std::streamsize>(data_size));
-  if (static_cast<uint64_t>(in.gcount()) != data_size) throw FormatError(path + ": could not read the data section");
+  const char* data = bytes.data() + 8 + header_len;
 
-  std::map<std::string, at::Tensor> tensors;
+  struct Entry {
+    std::string name;
+    at::ScalarType type;
+    std::vector<int64_t> shape;
+    uint64_t begin, end;
+  };
+  std::vector<Entry> entries;
   for (auto it = j.begin(); it != j.end(); ++it) {
-    if (it.key() == "__metadata__") continue;
     const std::string& name = it.key();
     const auto& e = it.value();
-    try {
-      const at::ScalarType type = dtype_from_name(path, name, e.at("dtype").get<std::string>());
-      const std::vector<int64_t> shape = e.at("shape").get<std::vector<int64_t>>();
-      const auto offsets = e.at("data_offsets").get<std::vector<uint64_t>>();
-      if (offsets.size() != 2 || offsets[0] > offsets[1] || offsets[1] > data_size) {
-        throw FormatError(path + ": tensor '" + name + "' has data_offsets " + e.at("data_offsets").dump() +
-                          " outside the data section of " + std::to_string(data_size) + " bytes (truncated file?)");
+    if (name == "__metadata__") {
+      if (!e.is_object()) throw FormatError(path + ": '__metadata__' is not a JSON object");
+      for (auto m = e.begin(); m != e.end(); ++m) {
+        if (!m.value().is_string()) throw FormatError(path + ": '__metadata__' field '" + m.key() + "' is not a string");
       }
-      uint64_t numel = 1;
-      for (int64_t d : shape) {
-        if (d < 0) throw FormatError(path + ": tensor '" + name + "' has a negative dimension");
-        numel *= static_cast<uint64_t>(d);
-      }
-      const uint64_t nbytes = numel * c10::elementSize(type);
-      if (nbytes != offsets[1] - offsets[0]) {
-        throw FormatError(path + ": tensor '" + name + "' needs " + std::to_string(nbytes) + " bytes for its shape but has " +
-                          std::to_string(offsets[1] - offsets[0]));
-      }
-      at::Tensor t = at::empty(shape, at::TensorOptions().dtype(type));
-      if (nbytes) std::memcpy(t.data_ptr(), data.data() + offsets[0], nbytes);
-      tensors.emplace(name, t);
-    } catch (const nlohmann::json::exception& ex) {
-      throw FormatError(path + ": tensor '" + name + "' has a malformed header entry (" + ex.what() + ")");
+      continue;
     }
+    const std::string where = path + ": tensor '" + name + "'";
+    if (!e.is_object()) throw FormatError(where + " has a header entry that is not a JSON object");
+    for (const char* field : {"dtype", "shape", "data_offsets"}) {
+      if (!e.contains(field)) throw FormatError(where + " has no field '" + field + "'");
+    }
+    if (!e["dtype"].is_string()) throw FormatError(where + ": field 'dtype' is not a string");
+    Entry entry{name, dtype_from_name(path, name, e["dtype"].get<std::string>()), {}, 0, 0};
+    const auto& shape = e["shape"];
+    if (!shape.is_array()) throw FormatError(where + ": field 'shape' is not an array");
+    // Each dimension must fit int64 (torch's size type), and so must the product of the dimensions
+    // with zeros counted as 1: torch computes the contiguous strides that way, also for empty tensors.
+    uint64_t extent = 1;
+    bool empty = false;
+    for (const auto& d : shape) {
+      if (!d.is_number_unsigned() || d.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) {
+        throw FormatError(where + ": field 'shape' has dimension " + d.dump(-1, ' ', true) +
+                          ", expected an integer in [0, 2^63)");
+      }
+      const uint64_t dim = d.get<uint64_t>();
+      empty = empty || dim == 0;
+      if (__builtin_mul_overflow(extent, std::max<uint64_t>(dim, 1), &extent) || extent > static_cast<uint64_t>(INT64_MAX)) {
+        throw FormatError(where + ": shape " + shape.dump() + " has more elements than fit in 64 bits");
+      }
+      entry.shape.push_back(static_cast<int64_t>(dim));
+    }
+    const uint64_t numel = empty ? 0 : extent;
+    const auto& offsets = e["data_offsets"];
+    if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
+        !offsets[1].is_number_unsigned()) {
+      throw FormatError(where + ": field 'data_offsets' is " + offsets.dump(-1, ' ', true) +
+                        ", expected [begin, end] with non-negative integers");
+    }
+    entry.begin = offsets[0].get<uint64_t>();
+    entry.end = offsets[1].get<uint64_t>();
+    if (entry.begin > entry.end) {
+      throw FormatError(where + " has data_offsets " + offsets.dump() + " that end before they begin");
+    }
+    if (entry.end > data_size) {
+      throw FormatError(where + " has data_offsets " + offsets.dump() + " outside the data section of " +
+                        std::to_string(data_size) + " bytes (truncated file?)");
+    }
+    uint64_t nbytes = 0;
+    if (__builtin_mul_overflow(numel, static_cast<uint64_t>(c10::elementSize(entry.type)), &nbytes)) {
+      throw FormatError(where + ": shape " + shape.dump() + " needs more bytes than fit in 64 bits");
+    }
+    if (nbytes != entry.end - entry.begin) {
+      throw FormatError(where + " needs " + std::to_string(nbytes) + " bytes for its shape " + shape.dump() + " and dtype " +
+                        e["dtype"].get<std::string>() + " but its data_offsets span " + std::to_string(entry.end - entry.begin));
+    }
+    entries.push_back(std::move(entry));
+  }
+
+  // As the format requires: the tensors tile the data section exactly, in the order of their offsets
+  // (no byte is shared by two tensors, none is left over, nothing follows the last one).
+  std::vector<const Entry*> by_offset;
+  for (const auto& e : entries) by_offset.push_back(&e);
+  std::sort(by_offset.begin(), by_offset.end(), [](const Entry* a, const Entry* b) {
+    return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
+  });
+  uint64_t covered = 0;
+  const Entry* previous = nullptr;
+  for (const Entry* e : by_offset) {
+    if (e->begin != covered) {
+      const std::string range = "[" + std::to_string(e->begin) + ", " + std::to_string(e->end) + "]";
+      if (e->begin < covered) {
+        throw FormatError(path + ": tensor '" + e->name + "' data_offsets " + range + " overlap those of tensor '" +
+                          previous->name + "', which end at " + std::to_string(covered));
+      }
+      throw FormatError(path + ": tensor '" + e->name + "' data_offsets " + range + " leave the bytes [" +
+                        std::to_string(covered) + ", " + std::to_string(e->begin) + ") of the data section unused" +
+                        (previous ? " after tensor '" + previous->name + "'" : std::string(" before it")));
+    }
+    covered = e->end;
+    previous = e;
+  }
+  if (covered != data_size) {
+    throw FormatError(path + ": the data section has " + std::to_string(data_size) + " bytes but its tensors cover only " +
+                      std::to_string(covered) + (previous ? " (the last is '" + previous->name + "')" : std::string()) +
+                      ": trailing bytes");
+  }
+
+  std::map<std::string, at::Tensor> tensors;
+  for (const auto& e : entries) {
+    at::Tensor t = at::empty(e.shape, at::TensorOptions().dtype(e.type));
+    if (e.end > e.begin) std::memcpy(t.data_ptr(), data + e.begin, e.end - e.begin);
+    tensors.emplace(e.name, t);
   }
   return tensors;
 }

@@ -8,6 +8,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -19,7 +20,15 @@ struct FormatError : std::runtime_error {
 
 // All tensors of a file, on CPU, in the file's dtype. Throws FormatError naming the file and the
 // tensor or field on a truncated, corrupt or foreign file.
+// The data section must be tiled exactly by the tensors in the order of their offsets (no overlap,
+// gap or trailing bytes); shapes whose element or byte count overflows 64 bits are refused.
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path);
+
+// The same for a file's bytes already in memory; `path` names it in errors (the fuzz target uses this).
+std::map<std::string, at::Tensor> parse_safetensors(const std::string& path, std::string_view bytes);
+
+// The format's name of a dtype ("F32", "I32", ...); torch's name for one the format lacks.
+std::string safetensors_dtype_name(at::ScalarType t);
 
 // Writes atomically (temp file + rename); tensors keep their dtype (made contiguous, moved to CPU).
 void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,

@@ -12,6 +12,7 @@
 #include <iostream>
 
 #include "lckv/generate/generate.h"
+#include "lckv/openmp_policy.h"
 
 namespace {
 
@@ -69,6 +70,7 @@ Measurement run(Model& m, int64_t batch, const Scenario& sc, const lckv::Generat
 }  // namespace
 
 int main(int argc, char** argv) {
+  lckv::ensure_passive_openmp(argc, argv);
   CLI::App app{"lckv-bench-throughput: generation throughput at the largest batch a KV-cache budget allows"};
   std::vector<std::string> configs = {"configs/tiny-llama.json", "configs/tiny-lckv-w2.json", "configs/tiny-cla.json",
                                       "configs/tiny-yoco.json"};

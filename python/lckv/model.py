@@ -44,7 +44,9 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
     # accept fewer signatures than torch.nn.Module's (e.g. .to("cpu"), named_parameters(prefix=))
     # and train()/eval() return None, so the instance uses nn.Module's (through
     # ModuleWrapper._apply) and the methods below.
-    _NN_MODULE_METHODS = ("to", "cuda", "cpu", "float", "double", "half", "parameters", "named_parameters", "train", "eval")
+    _NN_MODULE_METHODS = (
+        "to", "cuda", "cpu", "float", "double", "half", "parameters", "named_parameters", "train", "eval", "zero_grad"
+    )
 
     def __init__(self, config: Union[LCKVConfig, dict], *, init_weights: bool = True):
         if isinstance(config, dict):
@@ -152,6 +154,11 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if labels is not None and not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        _check_token_tensor("input_ids", input_ids)
+        if labels is not None:
+            _check_token_tensor("labels", labels)
+        if input_ids.dim() == 2 and input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids has no tokens (shape {tuple(input_ids.shape)}): expected [batch, tokens >= 1]")
         if attention_mask is not None:
             labels = _mask_padding(input_ids, labels, attention_mask)
         logits, loss = self.cpp_module._forward(
@@ -190,9 +197,16 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() != 2:
                 raise ValueError(f"prompts must be [batch, tokens] or a list of token lists, got shape {tuple(prompts.shape)}")
+            _check_token_tensor("prompts", prompts)
             prompts = prompts.tolist()
+        ids = [[_integer(t, f"prompts[{i}][{j}]") for j, t in enumerate(p)] for i, p in enumerate(prompts)]
+        for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k), ("seed", seed),
+                            ("prefill_chunk", prefill_chunk), ("cache_size", cache_size),
+                            ("sink_tokens", sink_tokens), ("evict_block", evict_block)):
+            _integer(value, name)
+        stop_tokens = [_integer(t, f"stop_tokens[{i}]") for i, t in enumerate(stop_tokens)]
         tokens, logits, stats = self.cpp_module._generate(
-            [list(map(int, p)) for p in prompts], max_new_tokens, do_sample, temperature, top_k, top_p,
+            ids, max_new_tokens, do_sample, temperature, top_k, top_p,
             repetition_penalty, seed, list(stop_tokens), prefill, prefill_chunk, cache_size,
             (sink_tokens, evict_block) if streaming else None, return_logits,
         )
@@ -204,6 +218,18 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
             f"LCKVForCausalLM(layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
             f"layer_types={c.layer_types}, m={c.forward_passes}, b={c.backward_passes})"
         )
+
+
+def _check_token_tensor(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of token ids, got dtype {t.dtype}")
+
+
+def _integer(value, name: str) -> int:
+    """`value` as a Python int; floats (1.5 and 1.0 alike), bools and other types raise TypeError."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return value.__index__()
 
 
 def _mask_padding(input_ids: torch.Tensor, labels: Optional[torch.Tensor], attention_mask: torch.Tensor):

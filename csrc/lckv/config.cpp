@@ -332,10 +332,7 @@ void LCKVConfig::validate() const {
     }
     if (!(rope_scaling->factor > 0)) throw ConfigError("config field 'rope_scaling.factor' must be positive");
   }
-  if (static_cast<int>(layer_types.size()) != num_hidden_layers) {
-    throw ConfigError("layer_types has " + std::to_string(layer_types.size()) +
-                      " entries, expected num_hidden_layers = " + std::to_string(num_hidden_layers));
-  }
+  check_layer_types_size();
   for (int i = 0; i < num_hidden_layers; ++i) {
     if (layer_types[i].target < 0 || layer_types[i].target >= num_hidden_layers) {
       throw ConfigError("layer_types entry " + std::to_string(i) + " = " + std::to_string(layer_types[i].target) +
@@ -362,7 +359,16 @@ std::vector<int> LCKVConfig::kv_layers() const {
   return {s.begin(), s.end()};
 }
 
+void LCKVConfig::check_layer_types_size() const {
+  if (static_cast<int64_t>(layer_types.size()) != num_hidden_layers) {
+    throw ConfigError("layer_types has " + std::to_string(layer_types.size()) +
+                      " entries, expected num_hidden_layers = " + std::to_string(num_hidden_layers) +
+                      " (after changing num_hidden_layers, set layer_types too)");
+  }
+}
+
 IterationPlan LCKVConfig::iteration_plan() const {
+  check_layer_types_size();
   IterationPlan plan;
   int i = 0;
   while (i < num_hidden_layers) {
@@ -388,6 +394,7 @@ IterationPlan LCKVConfig::iteration_plan() const {
 }
 
 bool LCKVConfig::is_identity() const {
+  check_layer_types_size();
   for (int i = 0; i < num_hidden_layers; ++i) {
     if (layer_types[i].target != i || layer_types[i].sliding) return false;
   }

@@ -127,6 +127,9 @@ struct LCKVConfig {
   // Parameters of the model (embeddings, layers, K/V projections of the KV layers, final norm, LM
   // head unless tied); validates first.
   int64_t parameter_count() const;
+
+ private:
+  void check_layer_types_size() const;  // ConfigError unless layer_types has num_hidden_layers entries
 };
 
 // Matmul FLOPs per token of one training step (forward + backward, backward = 2x forward) as the

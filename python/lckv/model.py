@@ -154,9 +154,6 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if labels is not None and not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-        _check_token_tensor("input_ids", input_ids)
-        if labels is not None:
-            _check_token_tensor("labels", labels)
         if input_ids.dim() == 2 and input_ids.shape[1] == 0:
             raise ValueError(f"input_ids has no tokens (shape {tuple(input_ids.shape)}): expected [batch, tokens >= 1]")
         if attention_mask is not None:
@@ -200,10 +197,10 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
             _check_token_tensor("prompts", prompts)
             prompts = prompts.tolist()
         ids = [[_integer(t, f"prompts[{i}][{j}]") for j, t in enumerate(p)] for i, p in enumerate(prompts)]
-        for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k), ("seed", seed),
-                            ("prefill_chunk", prefill_chunk), ("cache_size", cache_size),
-                            ("sink_tokens", sink_tokens), ("evict_block", evict_block)):
+        for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k), ("prefill_chunk", prefill_chunk),
+                            ("cache_size", cache_size), ("sink_tokens", sink_tokens), ("evict_block", evict_block)):
             _integer(value, name)
+        _integer(seed, "seed", 0, 2**64 - 1)
         stop_tokens = [_integer(t, f"stop_tokens[{i}]") for i, t in enumerate(stop_tokens)]
         tokens, logits, stats = self.cpp_module._generate(
             ids, max_new_tokens, do_sample, temperature, top_k, top_p,
@@ -225,11 +222,15 @@ def _check_token_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be an integer tensor of token ids, got dtype {t.dtype}")
 
 
-def _integer(value, name: str) -> int:
-    """`value` as a Python int; floats (1.5 and 1.0 alike), bools and other types raise TypeError."""
+def _integer(value, name: str, lo: int = -(2**63), hi: int = 2**63 - 1) -> int:
+    """`value` as a Python int in [lo, hi] (the C++ type's range); floats (1.5 and 1.0 alike), bools and
+    other types raise TypeError, values outside the range ValueError."""
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    return value.__index__()
+    v = value.__index__()
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} = {v} is outside [{lo}, {hi}]")
+    return v
 
 
 def _mask_padding(input_ids: torch.Tensor, labels: Optional[torch.Tensor], attention_mask: torch.Tensor):

@@ -152,7 +152,8 @@ TEST_CASE("parameter_count equals the model's parameters; oversized models are r
 
 TEST_CASE("lckv-generate refuses bad sampling flags by name before loading a model", "[generate][errors][cli]") {
   const testing::TempDir dir;  // not a checkpoint: the flags are checked first
-  const std::string base = kGenerate + " --model " + dir.path.string() + " hello";
+  // OMP_WAIT_POLICY set: no re-exec, which would load torch twice per run.
+  const std::string base = "OMP_WAIT_POLICY=PASSIVE " + kGenerate + " --model " + dir.path.string() + " hello";
   struct Case {
     const char* flags;
     const char* message;

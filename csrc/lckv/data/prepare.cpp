@@ -435,7 +435,14 @@ json prepare_corpus(const PrepareOptions& o) {
       {"val_shards", val_shards},
   };
   if (o.train_tokenizer) meta["tokenizer_training"] = {{"model_type", o.model_type}, {"vocab_size", o.vocab_size}};
-  write_text_atomically(fs::path(o.out_dir) / "meta.json", meta.dump(2) + "\n");
+  std::string meta_text;
+  try {
+    meta_text = meta.dump(2) + "\n";
+  } catch (const json::type_error&) {  // JSON text must be UTF-8, and paths need not be
+    throw std::runtime_error("cannot write '" + (fs::path(o.out_dir) / "meta.json").string() +
+                             "': an input or tokenizer path is not valid UTF-8; rename it");
+  }
+  write_text_atomically(fs::path(o.out_dir) / "meta.json", meta_text);
   say(o, "done: " + std::to_string(train_tokens) + " train tokens in " + std::to_string(train_shards.size()) +
              " shards, " + std::to_string(val_tokens) + " val tokens in " + std::to_string(val_shards.size()) +
              " shards, " + (fs::path(o.out_dir) / "meta.json").string());

@@ -84,10 +84,12 @@ void get_token_id(const json& j, const char* key, int64_t& out) {
   const auto it = j.find(key);
   if (it == j.end() || !it->is_array()) return get_optional(j, key, out);
   if (it->empty()) {
-    throw ConfigError(std::string("config field '") + key + "' is an empty list, expected a token id or a list of them");
+    throw ConfigError(std::string("config field '") + key +
+                      "' is an empty list, expected a token id or a list of them");
   }
   for (std::size_t i = 0; i < it->size(); ++i) {
-    const int64_t id = json_fields::get<int64_t, ConfigError>((*it)[i], std::string(key) + "[" + std::to_string(i) + "]", kWhere);
+    const std::string field = std::string(key) + "[" + std::to_string(i) + "]";
+    const int64_t id = json_fields::get<int64_t, ConfigError>((*it)[i], field, kWhere);
     if (i == 0) out = id;
   }
 }
@@ -101,7 +103,8 @@ bool add(int64_t a, int64_t b, int64_t& out) { return !__builtin_add_overflow(a,
 bool count_parameters(const LCKVConfig& c, int64_t kv_layers, int64_t& total) {
   const int64_t H = c.hidden_size, I = c.intermediate_size, L = c.num_hidden_layers;
   int64_t q_width, kv_width, x;
-  if (!mul(c.num_attention_heads, c.head_dim, q_width) || !mul(c.num_key_value_heads, c.head_dim, kv_width)) return false;
+  if (!mul(c.num_attention_heads, c.head_dim, q_width)) return false;
+  if (!mul(c.num_key_value_heads, c.head_dim, kv_width)) return false;
   int64_t layer = 0, kv = 0;
   // q_proj and o_proj, the MLP's three projections, two norms; biases when configured.
   if (!mul(H, q_width, x) || !mul(x, 2, x) || !add(layer, x, layer)) return false;

@@ -130,7 +130,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           [](LCKVConfig& c, int n) {
             // A plain Llama stays one at the new depth; other layer_types must be set again afterwards.
             if (n < 1 || n > kMaxLayers) {
-              throw ConfigError("num_hidden_layers = " + std::to_string(n) + ", expected 1 to " + std::to_string(kMaxLayers));
+              throw ConfigError("num_hidden_layers = " + std::to_string(n) + ", expected 1 to " +
+                                std::to_string(kMaxLayers));
             }
             bool identity = c.layer_types.size() == static_cast<size_t>(c.num_hidden_layers);
             for (size_t i = 0; identity && i < c.layer_types.size(); ++i) {

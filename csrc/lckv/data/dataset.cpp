@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <limits>
 #include <stdexcept>
-#include <type_traits>
 
 #include "lckv/json_fields.h"
 
@@ -117,7 +116,9 @@ void to_json(nlohmann::json& j, const LoaderState& s) {
 }
 
 void from_json(const nlohmann::json& j, LoaderState& s) {
-  if (!j.is_object()) throw std::runtime_error("loader state: expected a JSON object, found " + json_fields::describe(j));
+  if (!j.is_object()) {
+    throw std::runtime_error("loader state: expected a JSON object, found " + json_fields::describe(j));
+  }
   s.seed = state_field<uint64_t>(j, "seed");
   s.epoch = state_field<uint64_t>(j, "epoch");
   s.cursor = state_field<uint64_t>(j, "cursor");

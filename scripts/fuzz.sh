@@ -34,13 +34,13 @@ build() {  # target, extra sources and flags
 status=0
 for target in "${TARGETS[@]}"; do
   case $target in
-    config) build config csrc/lckv/config.cpp ;;
-    shards) build shards csrc/lckv/data/shards.cpp ;;
+    config) build config csrc/lckv/config.cpp csrc/lckv/json_fields.cpp csrc/lckv/files.cpp ;;
+    shards) build shards csrc/lckv/data/shards.cpp csrc/lckv/files.cpp ;;
     safetensors)
       torch_dir=$("$PY" -c "import os, torch; print(os.path.dirname(torch.__file__))")
       # libstdc++ first in DT_NEEDED, as CMakeLists.txt does for the library (libtorch's own
       # std::filesystem copies crash when called from this compiler's code).
-      build safetensors csrc/lckv/io/safetensors.cpp -isystem "$torch_dir/include" \
+      build safetensors csrc/lckv/io/safetensors.cpp csrc/lckv/files.cpp -isystem "$torch_dir/include" \
         -isystem "$torch_dir/include/torch/csrc/api/include" -L"$torch_dir/lib" -Wl,-rpath,"$torch_dir/lib" \
         -Wl,--push-state,--no-as-needed,-lstdc++,--pop-state -ltorch_cpu -lc10 ;;
     *) echo "unknown target '$target' (expected config, shards or safetensors)" >&2; exit 2 ;;

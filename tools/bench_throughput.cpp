@@ -11,7 +11,10 @@
 #include <fstream>
 #include <iostream>
 
+#include "lckv/dtype.h"
+#include "lckv/files.h"
 #include "lckv/generate/generate.h"
+#include "lckv/openmp_policy.h"
 
 namespace {
 
@@ -69,6 +72,7 @@ Measurement run(Model& m, int64_t batch, const Scenario& sc, const lckv::Generat
 }  // namespace
 
 int main(int argc, char** argv) {
+  lckv::ensure_passive_openmp(argc, argv);
   CLI::App app{"lckv-bench-throughput: generation throughput at the largest batch a KV-cache budget allows"};
   std::vector<std::string> configs = {"configs/tiny-llama.json", "configs/tiny-lckv-w2.json", "configs/tiny-cla.json",
                                       "configs/tiny-yoco.json"};
@@ -96,7 +100,7 @@ int main(int argc, char** argv) {
   try {
     torch::set_num_threads(threads);
     torch::manual_seed(0);
-    const auto scalar = dtype == "bf16" ? torch::kBFloat16 : torch::kFloat;
+    const auto scalar = lckv::parse_float_dtype(dtype, "--dtype");
     std::vector<Scenario> scenarios;
     for (const auto& s : scenario_names) scenarios.push_back(parse_scenario(s));
     lckv::GenerationConfig base;  // greedy, no stop tokens: every sequence generates the full length
@@ -200,11 +204,7 @@ int main(int argc, char** argv) {
     }
 
     std::cout << result.dump(2) << "\n";
-    if (!out_path.empty()) {
-      const std::string tmp = out_path + ".tmp";
-      std::ofstream(tmp) << result.dump(2) << "\n";
-      std::rename(tmp.c_str(), out_path.c_str());
-    }
+    if (!out_path.empty()) lckv::write_file_atomically(out_path, result.dump(2) + "\n");
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "lckv-bench-throughput: " << e.what() << "\n";

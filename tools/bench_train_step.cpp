@@ -11,6 +11,7 @@
 
 #include "lckv/autocast.h"
 #include "lckv/model/lckv_model.h"
+#include "lckv/openmp_policy.h"
 
 namespace {
 
@@ -29,6 +30,7 @@ double median(std::vector<double> v) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  lckv::ensure_passive_openmp(argc, argv);
   CLI::App app{"lckv-bench-train-step: training-step throughput of two configs, side by side"};
   std::vector<std::string> configs = {"configs/tiny-llama.json", "configs/tiny-lckv-w2.json"};
   int threads = 2, seq_len = 512, batch = 1, steps = 3, warmup = 1;

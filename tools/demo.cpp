@@ -8,8 +8,10 @@
 #include <iostream>
 
 #include "lckv/model/lckv_model.h"
+#include "lckv/openmp_policy.h"
 
 int main(int argc, char** argv) {
+  lckv::ensure_passive_openmp(argc, argv);
   CLI::App app{"lckv-demo: forward/backward of an LCKV model on random tokens"};
   std::string config_path = "configs/tiny-lckv-w2.json";
   int threads = 2, steps = 3, seq_len = 64, batch = 2;

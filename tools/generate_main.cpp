@@ -10,9 +10,11 @@
 #include <fstream>
 #include <iostream>
 
+#include "lckv/dtype.h"
 #include "lckv/data/tokenizer.h"
 #include "lckv/generate/generate.h"
 #include "lckv/io/checkpoint.h"
+#include "lckv/openmp_policy.h"
 
 namespace {
 
@@ -54,6 +56,7 @@ struct TextStreamer {
 }  // namespace
 
 int main(int argc, char** argv) {
+  lckv::ensure_passive_openmp(argc, argv);
   CLI::App app{"lckv-generate: generate text with an LCKV checkpoint and the condensed KV cache"};
   std::string model_dir, tokenizer_path, prompt_file, perplexity_file, dtype = "fp32", prefill = "iterative";
   std::vector<std::string> prompts;
@@ -70,11 +73,14 @@ int main(int argc, char** argv) {
   app.add_option("prompts", prompts, "prompts (default: --prompt-file, else stdin, one per line)");
   app.add_option("--prompt-file", prompt_file, "file with one prompt per line")->check(CLI::ExistingFile);
   app.add_option("--max-new-tokens", gen.max_new_tokens, "tokens to generate per prompt");
-  app.add_option("--temperature", temperature, "sampling temperature; 0 = greedy");
+  app.add_option("--temperature", temperature, "sampling temperature (> 0); 0 = greedy");
   app.add_option("--top-k", gen.sampling.top_k, "sample from the k most likely tokens (0 = all)");
   app.add_option("--top-p", gen.sampling.top_p, "nucleus sampling mass (1 = off)");
   app.add_option("--repetition-penalty", gen.sampling.repetition_penalty, "penalty for tokens already present (1 = off)");
-  app.add_option("--seed", gen.seed, "seed of the sampling draws");
+  app.add_option("--seed", gen.seed, "seed of the sampling draws")
+      ->check(CLI::Validator(  // CLI11 would wrap -1 into the uint64
+          [](std::string& s) { return s.find('-') == std::string::npos ? "" : s + " is negative, expected >= 0"; },
+          "UINT64"));
   app.add_option("--stop-token", stop_tokens, "token ids that end a sequence (the tokenizer's EOS is one by default)");
   app.add_flag("--ignore-eos", ignore_eos, "do not stop at the tokenizer's EOS");
   app.add_flag("--no-bos", no_bos, "do not prepend the tokenizer's BOS");
@@ -94,9 +100,15 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   CLI11_PARSE(app, argc, argv);
   try {
+    // --temperature 0 spells greedy; any other value samples with it (a negative or NaN one is refused).
+    gen.sampling.do_sample = temperature != 0;
+    if (gen.sampling.do_sample) gen.sampling.temperature = temperature;
+    gen.validate();  // generate() checks again; this fails before the checkpoint is loaded
+    if (threads < 1) throw std::invalid_argument("--threads " + std::to_string(threads) + ": expected >= 1");
+    if (batch_size < 0) throw std::invalid_argument("--batch-size " + std::to_string(batch_size) + ": expected >= 0");
     torch::set_num_threads(threads);
     if (tokenizer_path.empty()) tokenizer_path = model_dir + "/tokenizer.model";
-    const auto scalar = dtype == "bf16" ? torch::kBFloat16 : dtype == "fp64" ? torch::kDouble : torch::kFloat;
+    const auto scalar = lckv::parse_float_dtype(dtype, "--dtype");
     lckv::LCKVForCausalLM model = lckv::io::load_pretrained(model_dir, scalar);
     const lckv::data::Tokenizer tokenizer = lckv::data::Tokenizer::load(tokenizer_path);
     lckv::check_tokenizer_vocab(model->config, tokenizer.vocab_size(), tokenizer_path);
@@ -141,8 +153,6 @@ int main(int argc, char** argv) {
       ids.push_back(std::move(p));
     }
 
-    gen.sampling.do_sample = temperature > 0;
-    if (gen.sampling.do_sample) gen.sampling.temperature = temperature;
     gen.prefill = lckv::parse_prefill_mode(prefill);
     gen.stop_tokens = stop_tokens;
     if (!ignore_eos && tokenizer.eos_id() >= 0) gen.stop_tokens.push_back(tokenizer.eos_id());

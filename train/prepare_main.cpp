@@ -8,8 +8,10 @@
 #include <thread>
 
 #include "lckv/data/prepare.h"
+#include "lckv/openmp_policy.h"
 
 int main(int argc, char** argv) {
+  lckv::ensure_passive_openmp(argc, argv);
   lckv::data::PrepareOptions o;
   o.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   o.log = &std::cerr;

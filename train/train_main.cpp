@@ -7,6 +7,7 @@
 #include <exception>
 #include <iostream>
 
+#include "lckv/openmp_policy.h"
 #include "lckv/train/trainer.h"
 
 namespace {
@@ -25,6 +26,7 @@ std::string find_run_file(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  lckv::ensure_passive_openmp(argc, argv);
   using lckv::train::TrainOptions;
   TrainOptions o;
   std::string run_file = find_run_file(argc, argv);

@@ -1,10 +1,14 @@
 #include "lckv/config.h"
 
+#include "lckv/files.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <set>
 #include <sstream>
+
+#include "lckv/json_fields.h"
 
 namespace lckv {
 
@@ -57,43 +61,90 @@ std::string format_layer_types(const std::vector<LayerType>& types) {
 
 namespace {
 
+// Field errors read "config field 'x' has value ..., expected ..."; from_file prefixes the path.
+constexpr const char* kWhere = "config";
+
 template <typename T>
 T get_required(const json& j, const char* key) {
-  if (!j.contains(key) || j[key].is_null()) {
-    throw ConfigError(std::string("config field '") + key + "' is missing");
-  }
-  try {
-    return j[key].get<T>();
-  } catch (const json::exception&) {
-    throw ConfigError(std::string("config field '") + key + "' has value " + j[key].dump() +
-                      " of the wrong type");
-  }
+  return json_fields::get_required<T, ConfigError>(j, key, kWhere);
 }
 
 template <typename T>
 void get_optional(const json& j, const char* key, T& out) {
-  if (!j.contains(key) || j[key].is_null()) return;
-  try {
-    out = j[key].get<T>();
-  } catch (const json::exception&) {
-    throw ConfigError(std::string("config field '") + key + "' has value " + j[key].dump() +
-                      " of the wrong type");
+  json_fields::get_optional<T, ConfigError>(j, key, out, kWhere);
+}
+
+// A field of a nested object (rope_scaling), named "parent.key" in messages.
+template <typename T>
+void get_optional_in(const json& obj, const std::string& parent, const char* key, T& out) {
+  const auto it = obj.find(key);
+  if (it != obj.end() && !it->is_null()) out = json_fields::get<T, ConfigError>(*it, parent + "." + key, kWhere);
+}
+
+// bos/eos may be a list in newer HF configs; the first entry is the one we use, all must be ids.
+void get_token_id(const json& j, const char* key, int64_t& out) {
+  const auto it = j.find(key);
+  if (it == j.end() || !it->is_array()) return get_optional(j, key, out);
+  if (it->empty()) {
+    throw ConfigError(std::string("config field '") + key +
+                      "' is an empty list, expected a token id or a list of them");
+  }
+  for (std::size_t i = 0; i < it->size(); ++i) {
+    const std::string field = std::string(key) + "[" + std::to_string(i) + "]";
+    const int64_t id = json_fields::get<int64_t, ConfigError>((*it)[i], field, kWhere);
+    if (i == 0) out = id;
   }
 }
 
-// bos/eos may be a list in newer HF configs; the first entry is the one we use.
-void get_token_id(const json& j, const char* key, int64_t& out) {
-  if (j.contains(key) && j[key].is_array() && !j[key].empty()) {
-    out = j[key][0].get<int64_t>();
-  } else {
-    get_optional(j, key, out);
-  }
+// a * b and a + b in int64, false on overflow.
+bool mul(int64_t a, int64_t b, int64_t& out) { return !__builtin_mul_overflow(a, b, &out); }
+bool add(int64_t a, int64_t b, int64_t& out) { return !__builtin_add_overflow(a, b, &out); }
+
+// The parameter count of the model `c` describes (as lckv_model.cpp builds it), false on int64
+// overflow. kv_layers: how many layers have K/V projections.
+bool count_parameters(const LCKVConfig& c, int64_t kv_layers, int64_t& total) {
+  const int64_t H = c.hidden_size, I = c.intermediate_size, L = c.num_hidden_layers;
+  int64_t q_width, kv_width, x;
+  if (!mul(c.num_attention_heads, c.head_dim, q_width)) return false;
+  if (!mul(c.num_key_value_heads, c.head_dim, kv_width)) return false;
+  int64_t layer = 0, kv = 0;
+  // q_proj and o_proj, the MLP's three projections, two norms; biases when configured.
+  if (!mul(H, q_width, x) || !mul(x, 2, x) || !add(layer, x, layer)) return false;
+  if (!mul(H, I, x) || !mul(x, 3, x) || !add(layer, x, layer) || !mul(H, 2, x) || !add(layer, x, layer)) return false;
+  if (c.attention_bias && (!add(layer, q_width, layer) || !add(layer, H, layer))) return false;
+  if (c.mlp_bias && (!mul(I, 2, x) || !add(layer, x, layer) || !add(layer, H, layer))) return false;
+  // k_proj and v_proj of the layers that compute KVs.
+  if (!mul(H, kv_width, kv) || !mul(kv, 2, kv)) return false;
+  if (c.attention_bias && (!mul(kv_width, 2, x) || !add(kv, x, kv))) return false;
+  int64_t embed, layers, kvs;
+  if (!mul(c.vocab_size, H, embed) || !mul(layer, L, layers) || !mul(kv, kv_layers, kvs)) return false;
+  total = H;  // the final norm
+  return add(total, embed, total) && (c.tie_word_embeddings || add(total, embed, total)) &&
+         add(total, layers, total) && add(total, kvs, total);
+}
+
+// Refuses a model that could not be allocated before anything is: the rule is kMaxParameters.
+void check_size(const LCKVConfig& c, int64_t kv_layers) {
+  int64_t n = 0;
+  const bool fits = count_parameters(c, kv_layers, n);
+  if (fits && n <= kMaxParameters) return;
+  const std::string shape = " (vocab_size " + std::to_string(c.vocab_size) + ", hidden_size " +
+                            std::to_string(c.hidden_size) + ", intermediate_size " +
+                            std::to_string(c.intermediate_size) + ", num_hidden_layers " +
+                            std::to_string(c.num_hidden_layers) + ", head_dim " + std::to_string(c.head_dim) + ")";
+  const std::string limit = ", more than the limit of 2^40 = " + std::to_string(kMaxParameters) +
+                            " parameters (4 TiB in float32) that a config may describe";
+  if (!fits) throw ConfigError("config describes a model of more than 2^63 parameters" + shape + limit);
+  int64_t bytes = 0;
+  const std::string byte_text = mul(n, 4, bytes) ? std::to_string(bytes) + " bytes" : "more than 2^63 bytes";
+  throw ConfigError("config describes a model of " + std::to_string(n) + " parameters (" + byte_text +
+                    " in float32)" + shape + limit);
 }
 
 }  // namespace
 
 LCKVConfig LCKVConfig::from_json(const json& j) {
-  if (!j.is_object()) throw ConfigError("config must be a JSON object, got " + j.dump());
+  if (!j.is_object()) throw ConfigError("config must be a JSON object, got " + json_fields::describe(j));
   LCKVConfig c;
   c.vocab_size = get_required<int64_t>(j, "vocab_size");
   c.hidden_size = get_required<int64_t>(j, "hidden_size");
@@ -113,9 +164,8 @@ LCKVConfig LCKVConfig::from_json(const json& j) {
   get_optional(j, "initializer_range", c.initializer_range);
   get_token_id(j, "bos_token_id", c.bos_token_id);
   get_token_id(j, "eos_token_id", c.eos_token_id);
-  if (j.contains("pad_token_id") && !j["pad_token_id"].is_null()) {
-    c.pad_token_id = get_required<int64_t>(j, "pad_token_id");
-  }
+  int64_t pad = 0;
+  if (json_fields::get_optional<int64_t, ConfigError>(j, "pad_token_id", pad, kWhere)) c.pad_token_id = pad;
   get_optional(j, "torch_dtype", c.torch_dtype);
   get_optional(j, "model_type", c.model_type);
   get_optional(j, "forward_passes", c.forward_passes);
@@ -124,33 +174,37 @@ LCKVConfig LCKVConfig::from_json(const json& j) {
   get_optional(j, "use_sequential", c.use_sequential);
   get_optional(j, "force_nodiag", c.force_nodiag);
 
-  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
-    const json& rs = j["rope_scaling"];
-    if (!rs.is_object()) throw ConfigError("config field 'rope_scaling' must be an object, got " + rs.dump());
+  const auto rs_it = j.find("rope_scaling");
+  if (rs_it != j.end() && !rs_it->is_null()) {
+    const json& rs = *rs_it;
+    if (!rs.is_object()) {
+      throw ConfigError("config field 'rope_scaling' has value " + json_fields::describe(rs) + ", expected an object");
+    }
     RopeScaling s;
-    if (rs.contains("rope_type")) s.type = rs["rope_type"].get<std::string>();
-    else if (rs.contains("type")) s.type = rs["type"].get<std::string>();
+    if (rs.contains("rope_type")) get_optional_in(rs, "rope_scaling", "rope_type", s.type);
+    else get_optional_in(rs, "rope_scaling", "type", s.type);
     if (s.type == "default") {
       // HF writes {"rope_type": "default"} for no scaling.
     } else {
-      get_optional(rs, "factor", s.factor);
-      get_optional(rs, "low_freq_factor", s.low_freq_factor);
-      get_optional(rs, "high_freq_factor", s.high_freq_factor);
-      get_optional(rs, "original_max_position_embeddings", s.original_max_position_embeddings);
+      get_optional_in(rs, "rope_scaling", "factor", s.factor);
+      get_optional_in(rs, "rope_scaling", "low_freq_factor", s.low_freq_factor);
+      get_optional_in(rs, "rope_scaling", "high_freq_factor", s.high_freq_factor);
+      get_optional_in(rs, "rope_scaling", "original_max_position_embeddings", s.original_max_position_embeddings);
       c.rope_scaling = s;
     }
   }
 
-  if (c.num_hidden_layers <= 0) {
+  if (c.num_hidden_layers <= 0 || c.num_hidden_layers > kMaxLayers) {
     throw ConfigError("config field 'num_hidden_layers' = " + std::to_string(c.num_hidden_layers) +
-                      ", expected a positive number");
+                      ", expected a positive number <= " + std::to_string(kMaxLayers));
   }
-  if (j.contains("layer_types") && !j["layer_types"].is_null()) {
-    if (!j["layer_types"].is_string()) {
+  const auto lt_it = j.find("layer_types");
+  if (lt_it != j.end() && !lt_it->is_null()) {
+    if (!lt_it->is_string()) {
       throw ConfigError("config field 'layer_types' must be a string like \"0_6_6_7\", got " +
-                        j["layer_types"].dump());
+                        json_fields::describe(*lt_it));
     }
-    c.layer_types = parse_layer_types(j["layer_types"].get<std::string>(), c.num_hidden_layers);
+    c.layer_types = parse_layer_types(lt_it->get<std::string>(), c.num_hidden_layers);
   } else {
     for (int i = 0; i < c.num_hidden_layers; ++i) c.layer_types.push_back({i, false});
   }
@@ -165,20 +219,21 @@ LCKVConfig LCKVConfig::from_json(const json& j) {
   return c;
 }
 
-LCKVConfig LCKVConfig::from_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw ConfigError("cannot open config file '" + path + "'");
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const json::parse_error& e) {
-    throw ConfigError("config file '" + path + "' is not valid JSON: " + e.what());
-  }
+LCKVConfig LCKVConfig::from_json_text(const std::string& text, const std::string& path) {
+  const json j = json_fields::parse<ConfigError>(text, path.empty() ? "config" : "config file '" + path + "'");
+  if (path.empty()) return from_json(j);
   try {
     return from_json(j);
   } catch (const ConfigError& e) {
     throw ConfigError(path + ": " + e.what());
   }
+}
+
+LCKVConfig LCKVConfig::from_file(const std::string& path) {
+  std::string error;
+  const std::string text = json_fields::detail::read_file(path, "config file '" + path + "'", error);
+  if (!error.empty()) throw ConfigError(error);
+  return from_json_text(text, path);
 }
 
 json LCKVConfig::to_json() const {
@@ -225,15 +280,10 @@ json LCKVConfig::to_json() const {
 }
 
 void LCKVConfig::save(const std::string& path) const {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp);
-    if (!out) throw ConfigError("cannot write config file '" + tmp + "'");
-    out << to_json().dump(2) << "\n";
-    if (!out) throw ConfigError("failed writing config file '" + tmp + "'");
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    throw ConfigError("cannot rename '" + tmp + "' to '" + path + "'");
+  try {
+    write_file_atomically(path, to_json().dump(2) + "\n");
+  } catch (const FileError& e) {
+    throw ConfigError(std::string("config file: ") + e.what());
   }
 }
 
@@ -260,11 +310,18 @@ void LCKVConfig::validate() const {
   if (hidden_act != "silu") {
     throw ConfigError("config field 'hidden_act' = '" + hidden_act + "' is not supported, expected 'silu'");
   }
-  if (forward_passes < 0) {
-    throw ConfigError("config field 'forward_passes' = " + std::to_string(forward_passes) + ", expected >= 0");
+  positive("max_position_embeddings", max_position_embeddings);
+  if (num_hidden_layers > kMaxLayers) {
+    throw ConfigError("config field 'num_hidden_layers' = " + std::to_string(num_hidden_layers) + ", expected <= " +
+                      std::to_string(kMaxLayers));
   }
-  if (backward_passes < 1) {
-    throw ConfigError("config field 'backward_passes' = " + std::to_string(backward_passes) + ", expected >= 1");
+  if (forward_passes < 0 || forward_passes > kMaxPasses) {
+    throw ConfigError("config field 'forward_passes' = " + std::to_string(forward_passes) + ", expected >= 0 and <= " +
+                      std::to_string(kMaxPasses));
+  }
+  if (backward_passes < 1 || backward_passes > kMaxPasses) {
+    throw ConfigError("config field 'backward_passes' = " + std::to_string(backward_passes) +
+                      ", expected >= 1 and <= " + std::to_string(kMaxPasses));
   }
   if (!(rms_norm_eps > 0)) throw ConfigError("config field 'rms_norm_eps' must be positive");
   if (!(rope_theta > 0)) throw ConfigError("config field 'rope_theta' must be positive");
@@ -275,16 +332,21 @@ void LCKVConfig::validate() const {
     }
     if (!(rope_scaling->factor > 0)) throw ConfigError("config field 'rope_scaling.factor' must be positive");
   }
-  if (static_cast<int>(layer_types.size()) != num_hidden_layers) {
-    throw ConfigError("layer_types has " + std::to_string(layer_types.size()) +
-                      " entries, expected num_hidden_layers = " + std::to_string(num_hidden_layers));
-  }
+  check_layer_types_size();
   for (int i = 0; i < num_hidden_layers; ++i) {
     if (layer_types[i].target < 0 || layer_types[i].target >= num_hidden_layers) {
       throw ConfigError("layer_types entry " + std::to_string(i) + " = " + std::to_string(layer_types[i].target) +
                         " is out of range [0, " + std::to_string(num_hidden_layers) + ")");
     }
   }
+  check_size(*this, static_cast<int64_t>(kv_layers().size()));
+}
+
+int64_t LCKVConfig::parameter_count() const {
+  validate();
+  int64_t n = 0;
+  count_parameters(*this, static_cast<int64_t>(kv_layers().size()), n);
+  return n;
 }
 
 bool LCKVConfig::layer_computes_kv(int layer) const {
@@ -297,7 +359,16 @@ std::vector<int> LCKVConfig::kv_layers() const {
   return {s.begin(), s.end()};
 }
 
+void LCKVConfig::check_layer_types_size() const {
+  if (static_cast<int64_t>(layer_types.size()) != num_hidden_layers) {
+    throw ConfigError("layer_types has " + std::to_string(layer_types.size()) +
+                      " entries, expected num_hidden_layers = " + std::to_string(num_hidden_layers) +
+                      " (after changing num_hidden_layers, set layer_types too)");
+  }
+}
+
 IterationPlan LCKVConfig::iteration_plan() const {
+  check_layer_types_size();
   IterationPlan plan;
   int i = 0;
   while (i < num_hidden_layers) {
@@ -323,6 +394,7 @@ IterationPlan LCKVConfig::iteration_plan() const {
 }
 
 bool LCKVConfig::is_identity() const {
+  check_layer_types_size();
   for (int i = 0; i < num_hidden_layers; ++i) {
     if (layer_types[i].target != i || layer_types[i].sliding) return false;
   }

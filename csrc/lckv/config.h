@@ -57,6 +57,19 @@ struct RopeScaling {
   double original_max_position_embeddings = 8192;
 };
 
+// Bounds that validate() enforces besides the field's own rules, so that a config either describes a
+// model that can be built and run or is refused before anything is allocated:
+//   forward_passes (m) <= kMaxPasses, backward_passes (b) <= kMaxPasses: m + b iterations at least as
+//     many as the tokens already give the exact result (DESIGN.md, the sequential definition), so more
+//     only cost time; the bound keeps a forward finite and m + b within an int.
+//   num_hidden_layers <= kMaxLayers: every layer is several torch modules (the deepest published
+//     models have < 200 layers).
+//   parameter_count() <= kMaxParameters (2^40, 4 TiB in float32), counted in int64 with overflow
+//     checks; the error gives the count and its bytes in float32.
+constexpr int kMaxPasses = 1'000'000;
+constexpr int kMaxLayers = 100'000;
+constexpr int64_t kMaxParameters = int64_t{1} << 40;
+
 struct LCKVConfig {
   // LlamaConfig fields. The shape fields have no default: a config without them is rejected.
   int64_t vocab_size = 0;
@@ -92,6 +105,9 @@ struct LCKVConfig {
   // Reads a config.json object; throws ConfigError naming the field on a missing or bad value.
   static LCKVConfig from_json(const nlohmann::json& j);
   static LCKVConfig from_file(const std::string& path);
+  // Parses config.json text; `path` names the file it came from in messages ("" for none). Nesting
+  // deeper than json_fields::kMaxDepth and numbers beyond double (1e999) are refused by field.
+  static LCKVConfig from_json_text(const std::string& text, const std::string& path = "");
   nlohmann::json to_json() const;
   void save(const std::string& path) const;  // atomically (temp file + rename)
 
@@ -108,6 +124,12 @@ struct LCKVConfig {
   std::vector<int> kv_layers() const;
   IterationPlan iteration_plan() const;
   bool is_identity() const;  // a standard Llama
+  // Parameters of the model (embeddings, layers, K/V projections of the KV layers, final norm, LM
+  // head unless tied); validates first.
+  int64_t parameter_count() const;
+
+ private:
+  void check_layer_types_size() const;  // ConfigError unless layer_types has num_hidden_layers entries
 };
 
 // Matmul FLOPs per token of one training step (forward + backward, backward = 2x forward) as the

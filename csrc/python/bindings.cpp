@@ -19,6 +19,7 @@
 #include "lckv/ops/condensed_attention.h"
 #include "lckv/ops/fused_ops.h"
 #include "lckv/files.h"
+#include "lckv/json_fields.h"
 #include "lckv/train/trainer.h"
 
 namespace py = pybind11;
@@ -28,15 +29,7 @@ namespace {
 
 using ModelPtr = std::shared_ptr<LCKVForCausalLMImpl>;
 
-LCKVConfig config_from_json_text(const std::string& text) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw ConfigError(std::string("config is not valid JSON: ") + e.what());
-  }
-  return LCKVConfig::from_json(j);
-}
+LCKVConfig config_from_json_text(const std::string& text) { return LCKVConfig::from_json_text(text); }
 
 data::LoaderOptions loader_options(int64_t seq_len, int64_t batch_size, uint64_t seed, int rank, int world_size) {
   data::LoaderOptions o;
@@ -109,6 +102,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("validate", &LCKVConfig::validate)
       .def("kv_layers", &LCKVConfig::kv_layers)
       .def("is_identity", &LCKVConfig::is_identity)
+      .def("parameter_count", &LCKVConfig::parameter_count, "Parameters of the model it describes; validates first.")
       .def("segments",
            [](const LCKVConfig& c) {
              py::list out;
@@ -125,7 +119,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("vocab_size", &LCKVConfig::vocab_size)
       .def_readwrite("hidden_size", &LCKVConfig::hidden_size)
       .def_readwrite("intermediate_size", &LCKVConfig::intermediate_size)
-      .def_readwrite("num_hidden_layers", &LCKVConfig::num_hidden_layers)
+      .def_property(
+          "num_hidden_layers", [](const LCKVConfig& c) { return c.num_hidden_layers; },
+          [](LCKVConfig& c, int n) {
+            // A plain Llama stays one at the new depth; other layer_types must be set again afterwards.
+            if (n < 1 || n > kMaxLayers) {
+              throw ConfigError("num_hidden_layers = " + std::to_string(n) + ", expected 1 to " +
+                                std::to_string(kMaxLayers));
+            }
+            bool identity = c.layer_types.size() == static_cast<size_t>(c.num_hidden_layers);
+            for (size_t i = 0; identity && i < c.layer_types.size(); ++i) {
+              identity = c.layer_types[i] == LayerType{static_cast<int>(i), false};
+            }
+            c.num_hidden_layers = n;
+            if (identity) {
+              c.layer_types.clear();
+              for (int i = 0; i < n; ++i) c.layer_types.push_back({i, false});
+            }
+          })
       .def_readwrite("num_attention_heads", &LCKVConfig::num_attention_heads)
       .def_readwrite("num_key_value_heads", &LCKVConfig::num_key_value_heads)
       .def_readwrite("head_dim", &LCKVConfig::head_dim)
@@ -302,9 +313,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_static(
           "from_json",
           [](const std::string& text, const std::string& source) {
-            const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-            if (j.is_discarded()) throw train::TrainError(source + " is not valid JSON");
-            return train::TrainOptions::from_json(j, source);
+            return train::TrainOptions::from_json(json_fields::parse<train::TrainError>(text, source), source);
           },
           py::arg("json_text"), py::arg("source") = "run options")
       .def_static("from_file", &train::TrainOptions::from_file, py::arg("path"))
@@ -425,7 +434,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "The next batch of windows, int64 [batch, seq_len + 1].")
       .def("state", [](const data::TrainLoader& l) { return nlohmann::json(l.state()).dump(); })
       .def("restore", [](data::TrainLoader& l, const std::string& state) {
-        l.restore(nlohmann::json::parse(state).get<data::LoaderState>());
+        l.restore(json_fields::parse(state, "loader state").get<data::LoaderState>());
       });
 
   py::class_<data::SequentialLoader>(m, "SequentialLoader")

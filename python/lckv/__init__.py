@@ -4,7 +4,18 @@ The model, the condensed attention op and the data loaders are the C++ library (
 package adds the PyTorch conventions around them.
 """
 
-import torch
+import os
+import sys
+
+# OpenMP waits passively unless the user chose (issue 12 §4: spinning idle workers made training on a
+# shared machine 4.7-12x slower). libgomp reads OMP_WAIT_POLICY once, when torch loads it, so this
+# only works before torch is imported (as in `python -m lckv.train`). After that the variable is left
+# unset, without a warning: it would then describe a policy the running runtime does not use, and a
+# warning would fire on the most common import order for a matter of performance on busy machines.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 _REBUILD = "rebuild with `pip install --no-build-isolation -e .` (or scripts/setup.sh)"
 

@@ -44,7 +44,9 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
     # accept fewer signatures than torch.nn.Module's (e.g. .to("cpu"), named_parameters(prefix=))
     # and train()/eval() return None, so the instance uses nn.Module's (through
     # ModuleWrapper._apply) and the methods below.
-    _NN_MODULE_METHODS = ("to", "cuda", "cpu", "float", "double", "half", "parameters", "named_parameters", "train", "eval")
+    _NN_MODULE_METHODS = (
+        "to", "cuda", "cpu", "float", "double", "half", "parameters", "named_parameters", "train", "eval", "zero_grad"
+    )
 
     def __init__(self, config: Union[LCKVConfig, dict], *, init_weights: bool = True):
         if isinstance(config, dict):
@@ -152,6 +154,8 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if labels is not None and not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if input_ids.dim() == 2 and input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids has no tokens (shape {tuple(input_ids.shape)}): expected [batch, tokens >= 1]")
         if attention_mask is not None:
             labels = _mask_padding(input_ids, labels, attention_mask)
         logits, loss = self.cpp_module._forward(
@@ -179,9 +183,11 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() != 2:
                 raise ValueError(f"prompts must be [batch, tokens] or a list of token lists, got shape {tuple(prompts.shape)}")
+            _check_token_tensor("prompts", prompts)
             prompts = prompts.tolist()
+        ids = [[_integer(t, f"prompts[{i}][{j}]") for j, t in enumerate(p)] for i, p in enumerate(prompts)]
         config = _generation_config(generation_config, max_new_tokens, options)
-        r = self.cpp_module._generate([list(map(int, p)) for p in prompts], config)
+        r = self.cpp_module._generate(ids, config)
         return GenerationOutput(tokens=r.tokens, logits=r.logits, stats=r.stats)
 
     def __repr__(self) -> str:
@@ -190,6 +196,22 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
             f"LCKVForCausalLM(layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
             f"layer_types={c.layer_types}, m={c.forward_passes}, b={c.backward_passes})"
         )
+
+
+def _check_token_tensor(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of token ids, got dtype {t.dtype}")
+
+
+def _integer(value, name: str, lo: int = -(2**63), hi: int = 2**63 - 1) -> int:
+    """`value` as a Python int in [lo, hi] (the C++ type's range); floats (1.5 and 1.0 alike), bools and
+    other types raise TypeError, values outside the range ValueError."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    v = value.__index__()
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} = {v} is outside [{lo}, {hi}]")
+    return v
 
 
 def _mask_padding(input_ids: torch.Tensor, labels: Optional[torch.Tensor], attention_mask: torch.Tensor):
@@ -231,6 +253,12 @@ def _generation_config(base: Optional["_C.GenerationConfig"], max_new_tokens: Op
         if target is None or name.startswith("_") or callable(getattr(target, name)):
             raise TypeError(f"generate() got an unexpected keyword argument '{name}' (the options are the fields of "
                             "lckv.GenerationConfig and lckv.SamplingConfig)")
+        # The C++ field's type decides: integers are checked exactly (no truncated floats).
+        current = getattr(target, name)
+        if isinstance(current, int) and not isinstance(current, bool):
+            value = _integer(value, name, *((0, 2**64 - 1) if name == "seed" else ()))
+        elif isinstance(current, list):
+            value = [_integer(v, f"{name}[{i}]") for i, v in enumerate(value)]
         setattr(target, name, value)
     config.sampling = sampling
     return config

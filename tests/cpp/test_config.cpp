@@ -129,7 +129,7 @@ TEST_CASE("bad config fields are rejected naming the field and value", "[config]
   CHECK_THROWS_WITH(with({{"forward_passes", -1}}), Catch::Contains("'forward_passes' = -1, expected >= 0"));
   CHECK_THROWS_WITH(with({{"backward_passes", 0}}), Catch::Contains("'backward_passes' = 0, expected >= 1"));
   CHECK_THROWS_WITH(with({{"num_hidden_layers", 0}}), Catch::Contains("'num_hidden_layers' = 0"));
-  CHECK_THROWS_WITH(with({{"vocab_size", "big"}}), Catch::Contains("'vocab_size' has value \"big\" of the wrong type"));
+  CHECK_THROWS_WITH(with({{"vocab_size", "big"}}), Catch::Contains("'vocab_size' has value \"big\", expected an integer"));
   CHECK_THROWS_WITH(with({{"hidden_act", "gelu"}}), Catch::Contains("'hidden_act' = 'gelu' is not supported"));
   CHECK_THROWS_WITH(with({{"rope_scaling", {{"rope_type", "yarn"}, {"factor", 2.0}}}}), Catch::Contains("rope_type 'yarn'"));
   CHECK_THROWS_WITH(with({{"sliding_window", 0}}), Catch::Contains("'sliding_window' = 0"));

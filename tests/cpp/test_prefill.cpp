@@ -45,11 +45,11 @@ double max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b)
 }  // namespace
 
 TEST_CASE("exact prefill by convergence equals the sequential definition in fewer iterations", "[prefill]") {
-  for (double gain : {1.0, 10.0, 40.0}) {  // Llama-like to strongly nonlinear (slow to converge)
+  for (double gain : {1.0, 30.0}) {  // Llama-like and strongly nonlinear (slow to converge)
     for (const char* layer_types : {"0_4_4_4_4_5", "0_2_1_3_3"}) {
       INFO("gain " << gain << ", layer_types " << layer_types);
       LCKVForCausalLM m = model_with_gain(layer_types, std::string(layer_types).size() / 2 + 1, gain, 3);
-      const int64_t T = 48;
+      const int64_t T = 32;
       const torch::Tensor ids = torch::randint(0, 53, {2, T}, torch::kLong);
       const torch::Tensor sequential = m->forward_sequential(ids).logits;
       const Run converged = iterate(m, ids, convergence_tolerance(torch::kDouble));

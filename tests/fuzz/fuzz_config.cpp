@@ -5,20 +5,17 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
 #include <nlohmann/json.hpp>
 
 #include "lckv/config.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  nlohmann::json j;
   try {
-    j = nlohmann::json::parse(data, data + size);
-  } catch (const nlohmann::json::parse_error&) {
-    return 0;  // from_file turns this into a ConfigError naming the file
-  }
-  try {
-    const lckv::LCKVConfig c = lckv::LCKVConfig::from_json(j);
+    // What LCKVConfig::from_file does with the file's bytes.
+    const lckv::LCKVConfig c =
+        lckv::LCKVConfig::from_json_text(std::string(reinterpret_cast<const char*>(data), size), "fuzz.json");
     const nlohmann::json once = c.to_json();
     if (lckv::LCKVConfig::from_json(once).to_json() != once) std::abort();
   } catch (const lckv::ConfigError&) {

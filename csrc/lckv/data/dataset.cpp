@@ -3,7 +3,8 @@
 #include <algorithm>
 #include <limits>
 #include <stdexcept>
-#include <type_traits>
+
+#include "lckv/json_fields.h"
 
 namespace lckv::data {
 
@@ -67,14 +68,7 @@ int64_t offset_range(int64_t n, int64_t seq_len) { return std::min(seq_len, n - 
 
 template <class T>
 T state_field(const nlohmann::json& j, const char* key) {
-  const auto it = j.find(key);
-  if (it == j.end()) throw std::runtime_error(std::string("loader state: missing field '") + key + "'");
-  const bool negative = it->is_number_integer() && !it->is_number_unsigned() && it->get<int64_t>() < 0;
-  if (!it->is_number_integer() || (std::is_unsigned_v<T> && negative)) {
-    throw std::runtime_error(std::string("loader state: field '") + key + "' is " + it->dump() + ", expected a " +
-                             (std::is_unsigned_v<T> ? "non-negative " : "") + "integer");
-  }
-  return it->get<T>();
+  return json_fields::get_required<T, std::runtime_error>(j, key, "loader state");
 }
 
 }  // namespace
@@ -122,7 +116,9 @@ void to_json(nlohmann::json& j, const LoaderState& s) {
 }
 
 void from_json(const nlohmann::json& j, LoaderState& s) {
-  if (!j.is_object()) throw std::runtime_error("loader state: expected a JSON object, found " + j.dump());
+  if (!j.is_object()) {
+    throw std::runtime_error("loader state: expected a JSON object, found " + json_fields::describe(j));
+  }
   s.seed = state_field<uint64_t>(j, "seed");
   s.epoch = state_field<uint64_t>(j, "epoch");
   s.cursor = state_field<uint64_t>(j, "cursor");

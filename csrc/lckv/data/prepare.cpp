@@ -1,5 +1,7 @@
 #include "lckv/data/prepare.h"
 
+#include "lckv/files.h"
+
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
@@ -17,6 +19,7 @@
 #include <thread>
 
 #include "lckv/data/shards.h"
+#include "lckv/json_fields.h"
 #include "lckv/data/tokenizer.h"
 
 namespace lckv::data {
@@ -182,12 +185,7 @@ void read_jsonl(const fs::path& path, std::string_view content, std::vector<std:
   for_each_line(content, [&](std::string_view line, std::size_t number) {
     if (is_blank(line)) return;
     const std::string where = "input '" + path.string() + "' line " + std::to_string(number) + ": ";
-    json record;
-    try {
-      record = json::parse(line);
-    } catch (const json::parse_error& e) {
-      throw std::runtime_error(where + "invalid JSON (" + e.what() + ")");
-    }
+    const json record = json_fields::parse<std::runtime_error>(line, where.substr(0, where.size() - 2));
     if (!record.is_object()) {
       throw std::runtime_error(where + "expected a JSON object with a \"text\" string, found a JSON " +
                                record.type_name());
@@ -318,17 +316,6 @@ std::vector<std::string> write_split(const PrepareOptions& o, const Tokenizer& t
   return writer.finish();
 }
 
-void write_text_atomically(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << text;
-    if (!out.flush()) throw std::runtime_error("cannot write '" + tmp.string() + "': " + std::strerror(errno));
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) throw std::runtime_error("cannot rename '" + tmp.string() + "' to '" + path.string() + "': " + ec.message());
-}
 
 void prepare_out_dir(const PrepareOptions& o) {
   std::error_code ec;
@@ -439,7 +426,14 @@ json prepare_corpus(const PrepareOptions& o) {
       {"val_shards", val_shards},
   };
   if (o.train_tokenizer) meta["tokenizer_training"] = {{"model_type", o.model_type}, {"vocab_size", o.vocab_size}};
-  write_text_atomically(fs::path(o.out_dir) / "meta.json", meta.dump(2) + "\n");
+  std::string meta_text;
+  try {
+    meta_text = meta.dump(2) + "\n";
+  } catch (const json::type_error&) {  // JSON text must be UTF-8, and paths need not be
+    throw std::runtime_error("cannot write '" + (fs::path(o.out_dir) / "meta.json").string() +
+                             "': an input or tokenizer path is not valid UTF-8; rename it");
+  }
+  write_file_atomically(fs::path(o.out_dir) / "meta.json", meta_text);
   say(o, "done: " + std::to_string(train_tokens) + " train tokens in " + std::to_string(train_shards.size()) +
              " shards, " + std::to_string(val_tokens) + " val tokens in " + std::to_string(val_shards.size()) +
              " shards, " + (fs::path(o.out_dir) / "meta.json").string());
@@ -448,33 +442,49 @@ json prepare_corpus(const PrepareOptions& o) {
 
 PreparedData read_prepared(const std::string& data_dir) {
   const fs::path meta_path = fs::path(data_dir) / "meta.json";
-  std::ifstream in(meta_path);
+  std::ifstream in(meta_path, std::ios::binary);
   if (!in) {
     throw std::runtime_error("'" + meta_path.string() + "' not found: is '" + data_dir +
                              "' a directory written by lckv-prepare (or is it still running)?");
   }
-  json meta;
-  try {
-    meta = json::parse(in);
-  } catch (const json::parse_error& e) {
-    throw std::runtime_error("'" + meta_path.string() + "': invalid JSON (" + e.what() + ")");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string where = "'" + meta_path.string() + "'";
+  const json meta = json_fields::parse<std::runtime_error>(text, where);
+  if (!meta.is_object()) {
+    throw std::runtime_error(where + ": expected a JSON object, found " + json_fields::describe(meta));
   }
-  auto field = [&](const char* key) -> const json& {
-    const auto it = meta.find(key);
-    if (it == meta.end()) throw std::runtime_error("'" + meta_path.string() + "': missing field \"" + key + "\"");
-    return *it;
+  auto required = [&](const char* key, auto type_tag) {
+    return json_fields::get_required<decltype(type_tag), std::runtime_error>(meta, key, where);
   };
   auto resolve = [&](const std::string& p) { return (fs::path(data_dir) / p).lexically_normal().string(); };
+  auto shard_list = [&](const char* key) {
+    const auto it = meta.find(key);
+    if (it == meta.end() || it->is_null()) throw std::runtime_error(where + " field '" + key + "' is missing");
+    if (!it->is_array()) {
+      throw std::runtime_error(where + " field '" + key + "' has value " + json_fields::describe(*it) +
+                               ", expected a list of shard file names");
+    }
+    std::vector<std::string> paths;
+    for (std::size_t i = 0; i < it->size(); ++i) {
+      const std::string field = std::string(key) + "[" + std::to_string(i) + "]";
+      paths.push_back(resolve(json_fields::get<std::string, std::runtime_error>((*it)[i], field, where)));
+    }
+    return paths;
+  };
   PreparedData data;
-  try {
-    data.tokenizer = resolve(field("tokenizer").get<std::string>());
-    data.vocab_size = field("vocab_size").get<int64_t>();
-    data.eos_id = field("eos_id").get<int>();
-    for (const auto& name : field("train_shards")) data.train_shards.push_back(resolve(name.get<std::string>()));
-    for (const auto& name : field("val_shards")) data.val_shards.push_back(resolve(name.get<std::string>()));
-  } catch (const json::type_error& e) {
-    throw std::runtime_error("'" + meta_path.string() + "': unexpected field type (" + e.what() + ")");
+  data.tokenizer = resolve(required("tokenizer", std::string()));
+  data.vocab_size = required("vocab_size", int64_t());
+  data.eos_id = required("eos_id", int());
+  if (data.vocab_size < 1) {
+    throw std::runtime_error(where + " field 'vocab_size' has value " + std::to_string(data.vocab_size) +
+                             ", expected a positive integer");
   }
+  if (data.eos_id < 0 || data.eos_id >= data.vocab_size) {
+    throw std::runtime_error(where + " field 'eos_id' has value " + std::to_string(data.eos_id) +
+                             ", expected a token id in [0, vocab_size = " + std::to_string(data.vocab_size) + ")");
+  }
+  data.train_shards = shard_list("train_shards");
+  data.val_shards = shard_list("val_shards");
   return data;
 }
 

@@ -1,5 +1,7 @@
 #include "lckv/data/shards.h"
 
+#include "lckv/files.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -45,21 +47,8 @@ std::string escaped(const unsigned char* bytes, std::size_t n) {
   return out;
 }
 
-void write_all(int fd, const void* data, std::size_t n, const std::string& path) {
-  const char* p = static_cast<const char*>(data);
-  while (n > 0) {
-    ssize_t w = ::write(fd, p, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      throw shard_error(path, "write failed: " + errno_text());
-    }
-    p += w;
-    n -= static_cast<std::size_t>(w);
-  }
-}
-
 template <class U>
-void write_tokens_as(int fd, const std::vector<int32_t>& tokens, const std::string& path) {
+void write_tokens_as(AtomicFile& file, const std::vector<int32_t>& tokens) {
   // Convert in fixed-size chunks so a large shard never needs a second full-size buffer.
   constexpr std::size_t kChunk = 1 << 20;
   std::vector<U> buf;
@@ -67,7 +56,7 @@ void write_tokens_as(int fd, const std::vector<int32_t>& tokens, const std::stri
     std::size_t n = std::min(kChunk, tokens.size() - start);
     buf.assign(tokens.begin() + static_cast<std::ptrdiff_t>(start),
                tokens.begin() + static_cast<std::ptrdiff_t>(start + n));
-    write_all(fd, buf.data(), n * sizeof(U), path);
+    file.write(buf.data(), n * sizeof(U));
   }
 }
 
@@ -98,31 +87,17 @@ void write_shard(const std::string& path, const std::vector<int32_t>& tokens, in
   std::memcpy(header + 16, &count, 8);
   std::memcpy(header + 24, &vocab, 4);
 
-  // Same directory as the target, so rename() is atomic (never crosses filesystems).
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-  if (fd < 0) throw shard_error(path, "cannot create temporary file '" + tmp + "': " + errno_text());
   try {
-    write_all(fd, header, sizeof header, path);
+    AtomicFile file(path);
+    file.write(header, sizeof header);
     if (dtype == TokenDtype::U16) {
-      write_tokens_as<uint16_t>(fd, tokens, path);
+      write_tokens_as<uint16_t>(file, tokens);
     } else {
-      write_tokens_as<uint32_t>(fd, tokens, path);
+      write_tokens_as<uint32_t>(file, tokens);
     }
-    // Data must be on disk before the rename publishes it.
-    if (::fsync(fd) != 0) throw shard_error(path, "fsync failed: " + errno_text());
-    if (::close(fd) != 0) {
-      fd = -1;
-      throw shard_error(path, "close failed: " + errno_text());
-    }
-    fd = -1;
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-      throw shard_error(path, "cannot rename '" + tmp + "' into place: " + errno_text());
-    }
-  } catch (...) {
-    if (fd >= 0) ::close(fd);
-    std::remove(tmp.c_str());
-    throw;
+    file.commit();
+  } catch (const FileError& e) {
+    throw shard_error(path, e.what());
   }
 }
 

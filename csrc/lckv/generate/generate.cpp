@@ -40,6 +40,28 @@ void check_prompts(const std::vector<std::vector<int64_t>>& prompts, int64_t voc
   }
 }
 
+// Refuses, before allocating, a cache of more elements than a model may have parameters
+// (kMaxParameters, config.h): e.g. max_new_tokens near 2^63 without a cache_capacity.
+void check_cache_size(const LCKVConfig& c, int64_t batch, int64_t capacity, torch::ScalarType dtype) {
+  int64_t elements = 2 * static_cast<int64_t>(c.kv_layers().size());  // K and V of each KV layer
+  bool fits = true;
+  for (int64_t f : {batch, capacity, static_cast<int64_t>(c.num_key_value_heads), c.head_dim}) {
+    fits = fits && !__builtin_mul_overflow(elements, f, &elements);
+  }
+  if (fits && elements <= kMaxParameters) return;
+  int64_t bytes = 0;
+  const std::string size =
+      !fits ? std::string("more than 2^63 elements")
+            : std::to_string(elements) + " elements (" +
+                  (__builtin_mul_overflow(elements, static_cast<int64_t>(c10::elementSize(dtype)), &bytes)
+                       ? std::string("more than 2^63")
+                       : std::to_string(bytes)) +
+                  " bytes in " + std::string(c10::toString(dtype)) + ")";
+  invalid("generate: a KV cache of ", capacity, " slots for ", batch, " sequences would hold ", size,
+          ", more than the limit of 2^40 elements; lower max_new_tokens or cache_capacity (StreamingLLM keeps a "
+          "small cache for long generation)");
+}
+
 }  // namespace
 
 PrefillMode parse_prefill_mode(const std::string& name) {
@@ -80,8 +102,15 @@ GenerationResult generate(LCKVForCausalLM& model, const std::vector<std::vector<
     max_len = std::max<int64_t>(max_len, p.size());
     min_len = std::min<int64_t>(min_len, p.size());
   }
-  const int64_t capacity = config.cache_capacity > 0 ? config.cache_capacity : max_len + config.max_new_tokens;
-  if (!config.streaming && max_len + config.max_new_tokens > capacity) {
+  int64_t needed = 0;  // slots for the longest prompt and every new token
+  const bool needed_fits = !__builtin_add_overflow(max_len, config.max_new_tokens, &needed);
+  if (config.cache_capacity == 0 && !needed_fits) {
+    invalid("generate: max_new_tokens (", config.max_new_tokens, ") plus the longest prompt (", max_len,
+            " tokens) overflows int64; lower max_new_tokens, or set cache_capacity with StreamingLLM");
+  }
+  const int64_t capacity = config.cache_capacity > 0 ? config.cache_capacity : needed;
+  check_cache_size(mc, B, capacity, model->model->embed_tokens->weight.scalar_type());
+  if (!config.streaming && (!needed_fits || needed > capacity)) {
     invalid("generate: the cache of ", capacity, " slots cannot hold the longest prompt (", max_len,
             " tokens, padded) plus max_new_tokens (", config.max_new_tokens,
             "); enlarge cache_capacity or enable StreamingLLM (sink + recent window)");

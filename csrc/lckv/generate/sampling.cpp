@@ -14,7 +14,12 @@ void SamplingConfig::validate() const {
     msg << "sampling: " << field << " = " << value << " is invalid: expected " << expected;
     throw std::invalid_argument(msg.str());
   };
-  if (!(temperature > 0)) fail("temperature", temperature, "> 0 (use greedy decoding instead of 0)");
+  // Greedy decoding ignores the temperature, but a negative or NaN one is a mistake either way; 0 is
+  // greedy's own spelling (lckv-generate --temperature 0), so with do_sample it is refused, as in HF.
+  if (!(temperature >= 0)) fail("temperature", temperature, ">= 0 (> 0 to sample; greedy ignores it)");
+  if (do_sample && temperature == 0) {
+    fail("temperature", temperature, "> 0 with do_sample (for greedy decoding turn do_sample off)");
+  }
   if (top_k < 0) fail("top_k", static_cast<double>(top_k), ">= 0 (0 disables it)");
   if (!(top_p > 0 && top_p <= 1)) fail("top_p", top_p, "a value in (0, 1]");
   if (!(repetition_penalty > 0)) fail("repetition_penalty", repetition_penalty, "> 0 (1 disables it)");

@@ -10,11 +10,12 @@ namespace lckv {
 
 struct SamplingConfig {
   bool do_sample = false;           // false: greedy (argmax after the repetition penalty)
-  double temperature = 1.0;         // > 0; divides the logits when sampling
+  double temperature = 1.0;         // > 0 with do_sample, where it divides the logits; >= 0 (ignored) without
   int64_t top_k = 0;                // keep the k most likely tokens; 0 = all
   double top_p = 1.0;               // keep the smallest set of most likely tokens with mass >= top_p; 1 = all
   double repetition_penalty = 1.0;  // > 0; tokens already in the sequence: logit / p if > 0, logit * p if < 0
-  // Throws std::invalid_argument naming the field and its value.
+  // Throws std::invalid_argument naming the field and its value: temperature negative or NaN (or 0
+  // with do_sample), top_k < 0, top_p outside (0, 1] or NaN, repetition_penalty <= 0 or NaN.
   void validate() const;
 };
 

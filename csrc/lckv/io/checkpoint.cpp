@@ -1,5 +1,7 @@
 #include "lckv/io/checkpoint.h"
 
+#include "lckv/dtype.h"
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -25,7 +27,10 @@ namespace {
 bool ignorable(const std::string& name) { return name.find("rotary_emb.inv_freq") != std::string::npos; }
 
 bool is_weight_dtype(torch::ScalarType t) {
-  return t == torch::kDouble || t == torch::kFloat || t == torch::kHalf || t == torch::kBFloat16;
+  for (const FloatDtype& d : kFloatDtypes) {
+    if (d.type == t) return true;
+  }
+  return false;
 }
 
 // A weight is a float tensor of finite values: integer bytes would be reinterpreted by the dtype
@@ -208,7 +213,7 @@ void save_pretrained(LCKVForCausalLM& model, const std::string& dir, torch::Scal
   for (auto& [name, p] : hf_state_dict(model)) tensors.emplace_back(name, p.detach().to(dtype));
   save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
   LCKVConfig c = model->config;
-  c.torch_dtype = dtype == torch::kBFloat16 ? "bfloat16" : dtype == torch::kHalf ? "float16" : dtype == torch::kDouble ? "float64" : "float32";
+  c.torch_dtype = float_dtype(dtype).hf;
   c.save((fs::path(dir) / "config.json").string());
 }
 

@@ -1,5 +1,8 @@
 #include "lckv/io/safetensors.h"
 
+#include "lckv/dtype.h"
+#include "lckv/files.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -14,35 +17,44 @@ namespace {
 
 constexpr int kMaxHeaderDepth = 64;
 
+// The non-float dtypes a safetensors file may hold (the float ones are lckv::kFloatDtypes).
 struct DtypeName {
   const char* name;
   at::ScalarType type;
 };
-const DtypeName kDtypes[] = {{"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16},
-                             {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
-                             {"U8", at::kByte},    {"BOOL", at::kBool}};
+const DtypeName kIntegerDtypes[] = {{"I64", at::kLong}, {"I32", at::kInt}, {"I16", at::kShort},
+                                    {"I8", at::kChar},  {"U8", at::kByte}, {"BOOL", at::kBool}};
+
+const char* find_name(at::ScalarType t) {
+  for (const auto& d : kFloatDtypes) {
+    if (t == d.type) return d.safetensors;
+  }
+  for (const auto& d : kIntegerDtypes) {
+    if (t == d.type) return d.name;
+  }
+  return nullptr;
+}
 
 at::ScalarType dtype_from_name(const std::string& path, const std::string& tensor, const std::string& name) {
-  for (const auto& d : kDtypes) {
+  for (const auto& d : kFloatDtypes) {
+    if (name == d.safetensors) return d.type;
+  }
+  for (const auto& d : kIntegerDtypes) {
     if (name == d.name) return d.type;
   }
   throw FormatError(path + ": tensor '" + tensor + "' has unsupported dtype '" + name + "'");
 }
 
 const char* dtype_name(at::ScalarType t) {
-  for (const auto& d : kDtypes) {
-    if (t == d.type) return d.name;
-  }
+  if (const char* name = find_name(t)) return name;
   throw FormatError(std::string("safetensors: cannot write dtype ") + c10::toString(t));
 }
 
 }  // namespace
 
 std::string safetensors_dtype_name(at::ScalarType t) {
-  for (const auto& d : kDtypes) {
-    if (t == d.type) return d.name;
-  }
-  return c10::toString(t);
+  const char* name = find_name(t);
+  return name ? name : c10::toString(t);
 }
 
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
@@ -209,24 +221,17 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // keep the data section 8-byte aligned, as the spec recommends
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw FormatError("cannot write '" + tmp + "' (is the directory writable?)");
+  try {
+    AtomicFile out(path);
     uint8_t len_bytes[8];
     uint64_t n = h.size();
     for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<uint8_t>(n >> (8 * i));
-    out.write(reinterpret_cast<const char*>(len_bytes), 8);
-    out.write(h.data(), static_cast<std::streamsize>(h.size()));
-    for (const auto& c : contiguous) {
-      out.write(static_cast<const char*>(c.data_ptr()), static_cast<std::streamsize>(c.numel() * c.element_size()));
-    }
-    out.flush();
-    if (!out) throw FormatError("failed writing '" + tmp + "' (disk full?)");
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    throw FormatError("cannot rename '" + tmp + "' to '" + path + "'");
+    out.write(len_bytes, 8);
+    out.write(h);
+    for (const auto& c : contiguous) out.write(c.data_ptr(), c.numel() * c.element_size());
+    out.commit();
+  } catch (const FileError& e) {
+    throw FormatError(e.what());
   }
 }
 

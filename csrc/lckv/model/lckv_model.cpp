@@ -97,8 +97,11 @@ torch::Tensor LCKVModelImpl::forward_chunk(const torch::Tensor& input_ids, KVSto
               "input_ids must be int64 or int32, got ", input_ids.scalar_type());
   TORCH_CHECK(input_ids.device() == embed_tokens->weight.device(), "input_ids is on ", input_ids.device(),
               " but the model's parameters are on ", embed_tokens->weight.device());
-  TORCH_CHECK(counts.forward_passes >= 0, "forward_passes must be >= 0, got ", counts.forward_passes);
-  TORCH_CHECK(counts.backward_passes >= 1, "backward_passes must be >= 1, got ", counts.backward_passes);
+  TORCH_CHECK(counts.forward_passes >= 0 && counts.forward_passes <= kMaxPasses, "forward_passes must be in [0, ",
+              kMaxPasses, "], got ", counts.forward_passes);
+  TORCH_CHECK(counts.backward_passes >= 1 && counts.backward_passes <= kMaxPasses, "backward_passes must be in [1, ",
+              kMaxPasses, "], got ", counts.backward_passes);
+  TORCH_CHECK(input_ids.size(1) > 0, "input_ids must hold at least one token per sequence, got ", input_ids.sizes());
   if (input_ids.numel() > 0) {
     const int64_t lo = input_ids.min().item<int64_t>(), hi = input_ids.max().item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < config.vocab_size, "input_ids must lie in [0, vocab_size = ", config.vocab_size,

@@ -8,6 +8,7 @@
 #include "lckv/files.h"
 #include "lckv/io/checkpoint.h"
 #include "lckv/io/safetensors.h"
+#include "lckv/json_fields.h"
 
 namespace lckv::train {
 
@@ -168,7 +169,7 @@ TrainerState load_checkpoint(const std::string& dir, LCKVForCausalLM& model, Opt
   const fs::path state_path = d / "trainer_state.json";
   TrainerState s;
   try {
-    const json j = json::parse(read_file(state_path));
+    const json j = json_fields::parse_file<TrainError>(state_path.string(), "trainer state");
     s.step = j.at("step").get<int64_t>();
     s.total_steps = j.at("total_steps").get<int64_t>();
     s.tokens_seen = j.at("tokens_seen").get<int64_t>();

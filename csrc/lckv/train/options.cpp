@@ -6,7 +6,7 @@
 #include <limits>
 #include <set>
 
-#include "lckv/files.h"
+#include "lckv/json_fields.h"
 
 namespace lckv::train {
 
@@ -74,59 +74,29 @@ constexpr const char* kind_of() {
   else return "float";
 }
 
+// The value of a JSON field as T, or nothing with the reason (json_fields' rules: a fraction for an
+// integer, an integer beyond T's range, a string for a number, ... are refused).
 template <class T>
-std::string expected(const char* name) {
-  if constexpr (std::is_same_v<T, std::string>) return "a string";
-  else if constexpr (std::is_same_v<T, bool>) return "true or false";
-  else if constexpr (std::is_same_v<T, std::vector<std::string>>) return "a list of option names";
-  else if constexpr (std::is_integral_v<T>) {
-    return std::string("an integer in [") + std::to_string(std::numeric_limits<T>::min()) + ", " +
-           std::to_string(std::numeric_limits<T>::max()) + "]";
-  } else {
-    (void)name;
-    return "a finite number";
-  }
-}
-
-// The value of a JSON field as T, or nothing when it does not hold exactly a T (a fraction for an
-// integer, an integer beyond T's range, a string for a number, ...).
-template <class T>
-std::optional<T> exact_value(const json& v) {
-  if constexpr (std::is_same_v<T, std::string>) {
-    if (v.is_string()) return v.get<std::string>();
-  } else if constexpr (std::is_same_v<T, bool>) {
-    if (v.is_boolean()) return v.get<bool>();
-  } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+std::optional<T> exact_value(const json& v, std::string& why) {
+  if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+    why = "expected a list of option names";
     if (!v.is_array()) return std::nullopt;
     T out;
     for (const json& e : v) {
       if (!e.is_string()) return std::nullopt;
       out.push_back(e.get<std::string>());
     }
+    why.clear();
     return out;
-  } else if constexpr (std::is_integral_v<T>) {
-    if (v.is_number_unsigned()) {
-      const uint64_t u = v.get<uint64_t>();
-      if (u <= static_cast<uint64_t>(std::numeric_limits<T>::max())) return static_cast<T>(u);
-    } else if (v.is_number_integer()) {
-      const int64_t i = v.get<int64_t>();
-      if (std::is_signed_v<T> ? i >= static_cast<int64_t>(std::numeric_limits<T>::min()) &&
-                                    i <= static_cast<int64_t>(std::numeric_limits<T>::max())
-                              : i >= 0)
-        return static_cast<T>(i);
-    }
   } else {
-    if (v.is_number() && std::isfinite(v.get<double>())) return v.get<double>();
+    why = json_fields::mismatch<T>(v);
+    if (!why.empty()) return std::nullopt;
+    return v.get<T>();
   }
-  return std::nullopt;
 }
 
 // A value for an error message, cut short (a run file may hold anything).
-std::string shown(const json& v) {
-  if (v.is_structured()) return v.is_array() ? "an array" : "an object";
-  std::string s = v.dump();
-  return s.size() > 60 ? s.substr(0, 57) + "..." : s;
-}
+std::string shown(const json& v) { return json_fields::describe(v); }
 
 }  // namespace
 
@@ -146,10 +116,9 @@ TrainOptions TrainOptions::from_json(const json& j, const std::string& source) {
     std::visit(
         [&](auto member) {
           using T = std::decay_t<decltype(o.*member)>;
-          const std::optional<T> value = exact_value<T>(*it);
-          if (!value) {
-            throw TrainError(source + ": field '" + f.name + "': expected " + expected<T>(f.name) + ", got " + shown(*it));
-          }
+          std::string why;
+          const std::optional<T> value = exact_value<T>(*it, why);
+          if (!value) throw TrainError(source + ": field '" + f.name + "': " + why + ", got " + shown(*it));
           o.*member = *value;
         },
         f.member);
@@ -161,15 +130,7 @@ TrainOptions TrainOptions::from_json(const json& j, const std::string& source) {
 }
 
 TrainOptions TrainOptions::from_file(const std::string& path) {
-  std::string text;
-  try {
-    text = read_file(path);
-  } catch (const FileError& e) {
-    throw TrainError(std::string("run file: ") + e.what());
-  }
-  const json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) throw TrainError("run file '" + path + "' is not valid JSON");
-  return from_json(j, "run file '" + path + "'");
+  return from_json(json_fields::parse_file<TrainError>(path, "run file"), "run file '" + path + "'");
 }
 
 json TrainOptions::to_json() const {

@@ -175,10 +175,11 @@ TEST_CASE("condensed attention rejects bad inputs with a message naming the argu
 }
 
 TEST_CASE("the fp32 op matches the fp64 naive reference to fp32 precision, forward and backward", "[ops]") {
-  // The low-precision path (fp32 scores and statistics) on every mask case.
+  // The fp32 paths on every mask case: through the op (PyTorch's fused CPU attention for chunks of
+  // several queries, the blocked path for one) and the blocked forward/backward directly (fp32
+  // scores and statistics; what key_start batches and single-token decode use).
   torch::manual_seed(4);
   for (const Case& c : kCases) {
-    if (c.T < 2) continue;
     auto opts = torch::TensorOptions().dtype(torch::kDouble);
     torch::Tensor q = torch::randn({c.B, c.Hq, c.T, c.D}, opts), k = torch::randn({c.B, c.Hkv, c.S, c.D}, opts),
                   v = torch::randn({c.B, c.Hkv, c.S, c.D}, opts), g = torch::randn({c.B, c.Hq, c.T, c.D}, opts);
@@ -196,6 +197,15 @@ TEST_CASE("the fp32 op matches the fp64 naive reference to fp32 precision, forwa
     for (int i = 0; i < 3; ++i) {
       INFO("input " << i);
       CHECK(max_diff(grads[i], ref_grads[i]) < 1e-4);
+    }
+    auto [bout, blse] = lckv::ops::condensed_attention_forward(f32[0], f32[1], f32[2], p);
+    CHECK(max_diff(bout, ref) < 1e-5);
+    auto [bdq, bdk, bdv] =
+        lckv::ops::condensed_attention_backward(g.to(torch::kFloat), f32[0], f32[1], f32[2], bout, blse, p);
+    const torch::Tensor blocked[] = {bdq, bdk, bdv};
+    for (int i = 0; i < 3; ++i) {
+      INFO("blocked, input " << i);
+      CHECK(max_diff(blocked[i], ref_grads[i]) < 1e-4);
     }
   }
 }

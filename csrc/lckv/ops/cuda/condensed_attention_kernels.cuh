@@ -8,7 +8,8 @@
 // Query t sits at absolute position q_offset + t, key s at position s. Key s is visible to query
 // position P iff s <= P (causal) or s < P (strict), and s > P - window when window > 0, and
 // s >= key_start[b] when key_start is given (left-padded batches). Rows that see no key give
-// zeros and lse = -inf. Query head h reads KV head h / (Hq / Hkv).
+// zeros and lse = -inf. Query head h reads KV head h / (Hq / Hkv). Keys that no query sees are
+// never loaded (zeros stand in for them), so they may hold anything, NaN included; dk, dv are 0 there.
 #pragma once
 
 #include <cuda_runtime_api.h>

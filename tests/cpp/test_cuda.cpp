@@ -12,11 +12,13 @@
 #include "lckv/generate/generate.h"
 #include "lckv/model/lckv_model.h"
 #include "lckv/ops/condensed_attention.h"
+#include "test_reference.h"
 #ifdef LCKV_WITH_CUDA
 #include "lckv/ops/cuda/condensed_attention_kernels.cuh"
 #endif
 
 using lckv::ops::AttentionParams;
+using lckv::testing::check_close;
 
 namespace {
 
@@ -35,21 +37,6 @@ bool cuda_ready() {
 }
 
 const torch::Device kCuda(torch::kCUDA);
-
-// max |got - want| <= tol * max(1, max |want|); -inf entries (empty rows' lse) must match exactly.
-void check_close(const torch::Tensor& got_in, const torch::Tensor& want_in, double tol, const std::string& what) {
-  const torch::Tensor got = got_in.to(torch::kCPU, torch::kDouble), want = want_in.to(torch::kCPU, torch::kDouble);
-  REQUIRE(got.sizes() == want.sizes());
-  INFO(what);
-  REQUIRE_FALSE(got.isnan().any().item<bool>());
-  const torch::Tensor want_inf = want.isinf();
-  CHECK(torch::equal(got.isinf(), want_inf));
-  const torch::Tensor g = got.masked_fill(want_inf, 0), w = want.masked_fill(want_inf, 0);
-  const double scale = std::max(1.0, w.abs().max().item<double>());
-  const double err = (g - w).abs().max().item<double>();
-  INFO("max error " << err << ", scale " << scale);
-  CHECK(err <= tol * scale);
-}
 
 struct Case {
   int64_t B, Hq, Hkv, T, S, D;
@@ -215,10 +202,8 @@ TEST_CASE("CUDA bf16/fp16 errors are within 2x those of PyTorch's own attention"
         } else {
           // PyTorch's attention on repeated K/V with the mask written out as booleans.
           const int64_t G = c.Hq / c.Hkv;
-          torch::Tensor pos = torch::arange(c.q_offset, c.q_offset + c.T, torch::kLong).unsqueeze(1);
-          torch::Tensor key = torch::arange(0, c.S, torch::kLong).unsqueeze(0);
-          torch::Tensor visible = c.strict ? key.lt(pos) : key.le(pos);
-          if (c.window > 0) visible = visible.logical_and(key.gt(pos - c.window));
+          const torch::Tensor visible =
+              lckv::testing::naive_visible(1, c.T, c.S, c.strict, c.window, c.q_offset)[0][0];
           out = at::scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
                                                  visible.to(q.device()));
         }

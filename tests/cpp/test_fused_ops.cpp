@@ -7,17 +7,12 @@
 #include <string>
 
 #include "lckv/ops/fused_ops.h"
+#include "test_reference.h"
 
 namespace ops = lckv::ops;
+using lckv::testing::rel_err;
 
 namespace {
-
-// max |a - b| / max(1, max |b|), in fp64.
-double rel_err(const torch::Tensor& a, const torch::Tensor& b) {
-  const torch::Tensor bd = b.to(torch::kDouble);
-  const double scale = std::max(1.0, bd.abs().max().item<double>());
-  return (a.to(torch::kDouble) - bd).abs().max().item<double>() / scale;
-}
 
 // Tolerance for results stored in dtype, computed in fp32 (fp64 for fp64).
 double tolerance(torch::ScalarType dt) {

@@ -10,8 +10,11 @@
 
 #include "lckv/autocast.h"
 #include "lckv/model/lckv_model.h"
+#include "test_reference.h"
 
 using namespace lckv;
+using lckv::testing::max_diff;
+using lckv::testing::naive_attention;
 
 namespace {
 
@@ -38,8 +41,6 @@ LCKVForCausalLM make_model(const LCKVConfig& c, uint64_t seed = 0) {
   return m;
 }
 
-double max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
-
 // A plain Llama written from the HF definition with naive ops, reading the model's parameters by name.
 torch::Tensor naive_llama_logits(LCKVForCausalLM& m, const torch::Tensor& ids) {
   std::map<std::string, torch::Tensor> P;
@@ -63,16 +64,14 @@ torch::Tensor naive_llama_logits(LCKVForCausalLM& m, const torch::Tensor& ids) {
     return x * angle.cos() + torch::cat({-x2, x1}, -1) * angle.sin();
   };
   torch::Tensor h = P["model.embed_tokens.weight"].index_select(0, ids.view({-1})).view({ids.size(0), T, -1});
-  torch::Tensor causal = torch::ones({T, T}, torch::kBool).triu(1);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const std::string pre = "model.layers." + std::to_string(l) + ".";
     torch::Tensor x = rms(h, P[pre + "input_layernorm.weight"]);
     auto heads = [&](const torch::Tensor& w, int64_t n) { return torch::matmul(x, w.t()).view({x.size(0), T, n, D}).transpose(1, 2); };
     torch::Tensor q = rope(heads(P[pre + "self_attn.q_proj.weight"], H));
-    torch::Tensor k = rope(heads(P[pre + "self_attn.k_proj.weight"], KV)).repeat_interleave(H / KV, 1);
-    torch::Tensor v = heads(P[pre + "self_attn.v_proj.weight"], KV).repeat_interleave(H / KV, 1);
-    torch::Tensor s = torch::matmul(q, k.transpose(-1, -2)) / std::sqrt(double(D));
-    torch::Tensor a = torch::matmul(torch::softmax(s.masked_fill(causal, -INFINITY), -1), v);
+    torch::Tensor k = rope(heads(P[pre + "self_attn.k_proj.weight"], KV));
+    torch::Tensor v = heads(P[pre + "self_attn.v_proj.weight"], KV);
+    torch::Tensor a = naive_attention(q, k, v, /*strict=*/false, /*window=*/0, /*q_offset=*/0);
     h = h + torch::matmul(a.transpose(1, 2).reshape({x.size(0), T, H * D}), P[pre + "self_attn.o_proj.weight"].t());
     torch::Tensor y = rms(h, P[pre + "post_attention_layernorm.weight"]);
     torch::Tensor g = torch::matmul(y, P[pre + "mlp.gate_proj.weight"].t());

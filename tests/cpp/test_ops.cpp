@@ -1,40 +1,22 @@
-// The condensed attention op against a naive masked-softmax reference (fp64), and its backward
-// against finite differences.
+// The condensed attention op against the naive masked-softmax reference (fp64, test_reference.h),
+// its backward against finite differences, and keys that no query sees (NaN/inf) kept out of every
+// output and gradient.
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
 #include <cmath>
-#include <limits>
+#include <vector>
 
 #include "lckv/autocast.h"
 #include "lckv/ops/condensed_attention.h"
+#include "test_reference.h"
 
 using lckv::ops::AttentionParams;
 using lckv::ops::condensed_attention;
+using lckv::testing::max_diff;
+using lckv::testing::naive_attention;
 
 namespace {
-
-// Naive reference: repeat K/V per query head, build the mask position by position from the
-// definition, softmax over visible keys only; a row with no visible key gives zeros.
-torch::Tensor naive_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, bool strict,
-                              int64_t window, int64_t q_offset) {
-  const int64_t Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
-  torch::Tensor kr = k.repeat_interleave(Hq / Hkv, 1), vr = v.repeat_interleave(Hq / Hkv, 1);
-  torch::Tensor scores = torch::matmul(q, kr.transpose(-1, -2)) / std::sqrt(static_cast<double>(D));
-  torch::Tensor visible = torch::zeros({T, S}, torch::kBool);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t pos = q_offset + t;
-    for (int64_t s = 0; s < S; ++s) {
-      bool ok = strict ? s < pos : s <= pos;
-      if (window > 0) ok = ok && s > pos - window;
-      visible[t][s] = ok;
-    }
-  }
-  torch::Tensor masked = scores.masked_fill(visible.logical_not(), -std::numeric_limits<double>::infinity());
-  torch::Tensor probs = torch::softmax(masked, -1);
-  probs = torch::where(visible.any(-1, true), probs, torch::zeros_like(probs));  // empty rows -> 0, not NaN
-  return torch::matmul(probs, vr);
-}
 
 struct Case {
   int64_t B, Hq, Hkv, T, S, D;
@@ -67,7 +49,7 @@ TEST_CASE("condensed attention forward matches the naive reference in fp64", "[o
     torch::Tensor ref = naive_attention(q, k, v, c.strict, c.window, c.q_offset);
     INFO("case T=" << c.T << " S=" << c.S << " strict=" << c.strict << " window=" << c.window << " offset=" << c.q_offset);
     REQUIRE_FALSE(out.isnan().any().item<bool>());
-    CHECK((out - ref).abs().max().item<double>() < 1e-12);
+    CHECK(max_diff(out, ref) < 1e-12);
   }
 }
 
@@ -100,7 +82,7 @@ TEST_CASE("condensed attention backward matches the naive reference's autograd",
     auto ref = torch::autograd::grad({(naive_attention(q, k, v, c.strict, c.window, c.q_offset) * g).sum()}, {q, k, v});
     for (int i = 0; i < 3; ++i) {
       INFO("input " << i << " T=" << c.T << " strict=" << c.strict << " window=" << c.window);
-      CHECK((grads[i] - ref[i]).abs().max().item<double>() < 1e-12);
+      CHECK(max_diff(grads[i], ref[i]) < 1e-12);
     }
   }
 }
@@ -151,8 +133,8 @@ TEST_CASE("bf16 and fp32 condensed attention agree with fp64 to their precision"
   torch::Tensor bf16 = condensed_attention(q.to(torch::kBFloat16), k.to(torch::kBFloat16), v.to(torch::kBFloat16), p);
   CHECK(f32.scalar_type() == torch::kFloat);
   CHECK(bf16.scalar_type() == torch::kBFloat16);
-  CHECK((f32.to(torch::kDouble) - ref).abs().max().item<double>() < 1e-5);
-  CHECK((bf16.to(torch::kDouble) - ref).abs().max().item<double>() < 5e-2);
+  CHECK(max_diff(f32, ref) < 1e-5);
+  CHECK(max_diff(bf16, ref) < 5e-2);
 }
 
 TEST_CASE("condensed attention runs in the autocast dtype under CPU autocast", "[ops]") {
@@ -180,13 +162,24 @@ TEST_CASE("condensed attention rejects bad inputs with a message naming the argu
                     Catch::Contains("dtype must be"));
   p.mask.q_offset = -1;
   CHECK_THROWS_WITH(condensed_attention(q, k, v, p), Catch::Contains("q_offset"));
+  // The backward's own inputs.
+  p.mask.q_offset = 0;
+  auto [out, lse] = lckv::ops::condensed_attention_forward(q, k, v, p);
+  using lckv::ops::condensed_attention_backward;
+  CHECK_THROWS_WITH(condensed_attention_backward(out.narrow(2, 0, 2), q, k, v, out, lse, p),
+                    Catch::Contains("grad_out must be [1, 4, 3, 8]"));
+  CHECK_THROWS_WITH(condensed_attention_backward(out, q, k, v, out, lse.narrow(2, 0, 2), p),
+                    Catch::Contains("lse [1, 4, 3]"));
+  CHECK_THROWS_WITH(condensed_attention_backward(out, q, k, v, out.to(torch::kLong), lse, p),
+                    Catch::Contains("must be floating point"));
 }
 
 TEST_CASE("the fp32 op matches the fp64 naive reference to fp32 precision, forward and backward", "[ops]") {
-  // The low-precision path (fp32 scores and statistics) on every mask case.
+  // The fp32 paths on every mask case: through the op (PyTorch's fused CPU attention for chunks of
+  // several queries, the blocked path for one) and the blocked forward/backward directly (fp32
+  // scores and statistics; what key_start batches and single-token decode use).
   torch::manual_seed(4);
   for (const Case& c : kCases) {
-    if (c.T < 2) continue;
     auto opts = torch::TensorOptions().dtype(torch::kDouble);
     torch::Tensor q = torch::randn({c.B, c.Hq, c.T, c.D}, opts), k = torch::randn({c.B, c.Hkv, c.S, c.D}, opts),
                   v = torch::randn({c.B, c.Hkv, c.S, c.D}, opts), g = torch::randn({c.B, c.Hq, c.T, c.D}, opts);
@@ -198,12 +191,94 @@ TEST_CASE("the fp32 op matches the fp64 naive reference to fp32 precision, forwa
     torch::Tensor ref = naive_attention(f64[0], f64[1], f64[2], c.strict, c.window, c.q_offset);
     INFO("case T=" << c.T << " S=" << c.S << " strict=" << c.strict << " window=" << c.window << " offset=" << c.q_offset);
     REQUIRE_FALSE(out.isnan().any().item<bool>());
-    CHECK((out.to(torch::kDouble) - ref).abs().max().item<double>() < 1e-5);
+    CHECK(max_diff(out, ref) < 1e-5);
     auto grads = torch::autograd::grad({(out * g.to(torch::kFloat)).sum()}, f32);
     auto ref_grads = torch::autograd::grad({(ref * g).sum()}, f64);
     for (int i = 0; i < 3; ++i) {
       INFO("input " << i);
-      CHECK((grads[i].to(torch::kDouble) - ref_grads[i]).abs().max().item<double>() < 1e-4);
+      CHECK(max_diff(grads[i], ref_grads[i]) < 1e-4);
+    }
+    auto [bout, blse] = lckv::ops::condensed_attention_forward(f32[0], f32[1], f32[2], p);
+    CHECK(max_diff(bout, ref) < 1e-5);
+    auto [bdq, bdk, bdv] =
+        lckv::ops::condensed_attention_backward(g.to(torch::kFloat), f32[0], f32[1], f32[2], bout, blse, p);
+    const torch::Tensor blocked[] = {bdq, bdk, bdv};
+    for (int i = 0; i < 3; ++i) {
+      INFO("blocked, input " << i);
+      CHECK(max_diff(blocked[i], ref_grads[i]) < 1e-4);
+    }
+  }
+}
+
+namespace {
+
+// Cases with keys that no query sees, each mask kind (D = 8).
+struct HiddenCase {
+  const char* what;
+  int64_t B, Hq, Hkv, T, S;
+  bool strict;
+  int64_t window, q_offset;
+  std::vector<int64_t> key_start;  // empty: no left padding
+};
+
+const HiddenCase kHiddenCases[] = {
+    {"causal, unwritten slots after the chunk", 2, 4, 2, 6, 10, false, 0, 0, {}},
+    {"strict: row 0 empty, the last key seen by none", 2, 4, 2, 7, 7, true, 0, 0, {}},
+    {"strict window 1: every key hidden", 1, 2, 2, 5, 5, true, 1, 0, {}},
+    {"window before the chunk at q_offset, slots after, GQA 4", 1, 8, 2, 4, 14, false, 3, 6, {}},
+    {"chunk at q_offset, slots after, MQA", 2, 4, 1, 3, 10, false, 0, 4, {}},
+    {"key_start left padding, slots after", 3, 4, 2, 6, 8, false, 0, 0, {0, 3, 5}},
+    {"key_start, strict, window, q_offset", 3, 8, 2, 3, 10, true, 4, 5, {2, 0, 6}},
+    {"decode with left padding, slots after", 3, 8, 2, 1, 9, false, 0, 5, {1, 4, 0}},
+    {"decode through a strict window, slots after", 1, 4, 2, 1, 12, true, 3, 7, {}},
+};
+
+}  // namespace
+
+TEST_CASE("keys and values that no query sees never reach an output or gradient, even as NaN/inf", "[ops]") {
+  // Every CPU path (the op's dispatch: fused SDPA for fp32/bf16 chunks, blocked otherwise; and the
+  // blocked forward/backward directly, in blocks of 2 rows) on fp64, fp32 and bf16: with NaN, +inf
+  // or -inf planted in every hidden key and value, out, dq, dk, dv equal the clean run's bit for bit,
+  // and the hidden keys' dk, dv are exactly zero.
+  torch::manual_seed(6);
+  const int64_t D = 8;
+  for (const HiddenCase& c : kHiddenCases) {
+    for (torch::ScalarType dt : {torch::kDouble, torch::kFloat, torch::kBFloat16}) {
+      const torch::Tensor q = torch::randn({c.B, c.Hq, c.T, D}).to(dt), k = torch::randn({c.B, c.Hkv, c.S, D}).to(dt),
+                          v = torch::randn({c.B, c.Hkv, c.S, D}).to(dt), g = torch::randn({c.B, c.Hq, c.T, D}).to(dt);
+      AttentionParams p{{c.strict, c.window, c.q_offset}, 0, 2};
+      if (!c.key_start.empty()) p.mask.key_start = torch::tensor(c.key_start, torch::kLong);
+      const torch::Tensor hidden =
+          lckv::testing::keys_no_query_sees(c.B, c.T, c.S, c.strict, c.window, c.q_offset, c.key_start);
+      INFO(c.what << ", dtype " << dt);
+      REQUIRE(hidden.any().item<bool>());
+      // out, dq, dk, dv through the differentiable op, then through the blocked path directly.
+      auto run = [&](const torch::Tensor& kk, const torch::Tensor& vv) {
+        std::vector<torch::Tensor> leaves = {q.clone().requires_grad_(true), kk.clone().requires_grad_(true),
+                                             vv.clone().requires_grad_(true)};
+        const torch::Tensor out = condensed_attention(leaves[0], leaves[1], leaves[2], p);
+        std::vector<torch::Tensor> r = {out.detach()};
+        for (const torch::Tensor& grad : torch::autograd::grad({(out * g).sum()}, leaves)) r.push_back(grad);
+        auto [bout, blse] = lckv::ops::condensed_attention_forward(q, kk, vv, p);
+        auto [bdq, bdk, bdv] = lckv::ops::condensed_attention_backward(g, q, kk, vv, bout, blse, p);
+        for (const torch::Tensor& t : {bout, blse, bdq, bdk, bdv}) r.push_back(t);
+        return r;
+      };
+      const std::vector<torch::Tensor> clean = run(k, v);
+      const char* names[] = {"out", "dq", "dk", "dv", "blocked out", "blocked lse", "blocked dq", "blocked dk",
+                             "blocked dv"};
+      for (double poison : {double(NAN), double(INFINITY), -double(INFINITY)}) {
+        INFO("hidden keys and values hold " << poison);
+        const std::vector<torch::Tensor> got = run(k.masked_fill(hidden, poison), v.masked_fill(hidden, -poison));
+        for (size_t i = 0; i < got.size(); ++i) {
+          INFO(names[i]);
+          CHECK(torch::equal(got[i], clean[i]));
+        }
+        for (size_t i : {2, 3, 7, 8}) {
+          INFO(names[i]);
+          CHECK(got[i].masked_select(hidden.expand_as(got[i])).eq(0).all().item<bool>());
+        }
+      }
     }
   }
 }

@@ -1,38 +1,24 @@
 // Condensed attention (DESIGN.md §3): softmax attention of queries at absolute positions
-// q_offset + t over keys at positions s, with
-//   causal: key s visible to query position P iff s <= P
-//   strict: key s visible iff s < P (the diagonal is masked; a row with no key gives exact zeros)
-//   window W > 0: additionally s > P - W
-//   key_start (optional, [B] int64): keys s < key_start[b] are invisible to every query of batch
-//   entry b (left padding of batched prompts with different lengths).
-// GQA by head grouping: query head h reads KV head h / (Hq / Hkv); repeated K/V are never built.
+// q_offset + t over keys at positions s, under the causal/strict, window and key_start mask of
+// attention_params.h. GQA by head grouping: query head h reads KV head h / (Hq / Hkv); repeated
+// K/V are never built.
+//
+// The front of the op (condensed_attention.cpp): argument checks, dispatch and autograd. The
+// implementations: ops/cpu/condensed_attention_cpu.h (blocked ATen path, and PyTorch's fused CPU
+// attention with a boolean mask) and ops/cuda/condensed_attention_cuda.h (CUDA kernels).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <tuple>
 
+#include "lckv/ops/attention_params.h"
+
 namespace lckv::ops {
 
-struct AttentionMask {
-  bool strict = false;    // mask the diagonal
-  int64_t window = 0;     // sliding window in keys; <= 0 means unlimited
-  int64_t q_offset = 0;   // absolute position of query row 0
-  at::Tensor key_start;   // optional [B] int64: per-sequence first visible key; undefined = 0
-
-  // First visible key for query position p, and one past the last.
-  int64_t key_begin(int64_t p) const { return window > 0 ? std::max<int64_t>(0, p - window + 1) : 0; }
-  int64_t key_end(int64_t p) const { return strict ? p : p + 1; }
-};
-
-struct AttentionParams {
-  AttentionMask mask;
-  double scale = 0;          // softmax scale; <= 0 means 1/sqrt(head_dim)
-  int64_t query_block = 256; // CPU: query rows per block, bounds the score matrix held at once
-};
-
-// Forward on raw tensors (no autograd): returns out [B,Hq,T,D] (dtype of q) and the row
-// log-sum-exp [B,Hq,T] (fp32, or fp64 for fp64 inputs; -inf for rows that see no key).
+// Forward on raw tensors (no autograd), by the blocked CPU path or the CUDA kernels: returns out
+// [B,Hq,T,D] (dtype of q) and the row log-sum-exp [B,Hq,T] (fp32, or fp64 for fp64 inputs; -inf for
+// rows that see no key).
 std::tuple<at::Tensor, at::Tensor> condensed_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                                const at::Tensor& v, const AttentionParams& p);
 
@@ -41,8 +27,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const AttentionParams& p);
 
-// The differentiable op. Under CPU autocast the inputs are cast to the autocast dtype first, so
-// forward and backward run in that precision (matmuls in bf16 on AMX, softmax in fp32).
+// The differentiable op. Under autocast the inputs are cast to the autocast dtype first, so forward
+// and backward run in that precision. On CPU, fp32/bf16/fp16 chunks of more than one query without
+// key_start go to PyTorch's fused CPU attention given the mask as booleans; fp64 (the exactness
+// path), key_start and single-token decode go to the blocked path; CUDA tensors to the kernels.
 at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const AttentionParams& p);
 

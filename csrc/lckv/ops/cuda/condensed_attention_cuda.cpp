@@ -1,7 +1,7 @@
 // Torch glue of the CUDA condensed attention: checks what the kernels need (dtype, head dim,
 // device), makes inputs readable by them (last dim contiguous), allocates outputs and scratch,
-// and launches on the current stream. Shapes, dtype agreement and the mask were checked by the
-// caller (condensed_attention.cpp).
+// and launches on the current stream. Shapes, dtypes, devices and the mask were checked by the
+// caller (condensed_attention.cpp), the backward's grad_out, out and lse too.
 #include "lckv/ops/cuda/condensed_attention_cuda.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -56,21 +56,42 @@ at::Tensor check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const Att
   return p.mask.key_start.contiguous();
 }
 
-kernels::MaskParams mask_params(const AttentionMask& m, const at::Tensor& key_start) {
-  kernels::MaskParams mp;
-  mp.strict = m.strict;
-  mp.window = m.window;
-  mp.q_offset = m.q_offset;
-  mp.key_start = key_start.defined() ? key_start.data_ptr<int64_t>() : nullptr;
-  return mp;
-}
-
 void check_launch(cudaError_t e, const char* kernel) {
   TORCH_CHECK(e == cudaSuccess, "condensed_attention (CUDA): launching the ", kernel, " kernel failed: ",
               cudaGetErrorString(e));
 }
 
 }  // namespace
+
+void set_fwd_params(kernels::FwdParams& fp, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& out, const at::Tensor& lse, const AttentionMask& mask,
+                    const at::Tensor& key_start, double scale) {
+  fp.dtype = kernel_dtype(q.scalar_type());
+  fp.B = to_int(q.size(0), "batch");
+  fp.Hq = to_int(q.size(1), "query heads");
+  fp.Hkv = to_int(k.size(1), "KV heads");
+  fp.T = to_int(q.size(2), "T");
+  fp.S = to_int(k.size(2), "S");
+  fp.D = to_int(q.size(3), "head_dim");
+  fp.mask.strict = mask.strict;
+  fp.mask.window = mask.window;
+  fp.mask.q_offset = mask.q_offset;
+  fp.mask.key_start = key_start.defined() ? key_start.data_ptr<int64_t>() : nullptr;
+  fp.scale = static_cast<float>(scale);
+  fp.q = ref(q), fp.k = ref(k), fp.v = ref(v), fp.out = ref(out);
+  fp.lse = lse.data_ptr<float>();
+}
+
+void set_bwd_params(kernels::BwdParams& bp, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& out, const at::Tensor& lse, const AttentionMask& mask,
+                    const at::Tensor& key_start, double scale, const at::Tensor& grad_out, const at::Tensor& delta,
+                    const at::Tensor& dq_accum, const at::Tensor& dk, const at::Tensor& dv) {
+  set_fwd_params(bp, q, k, v, out, lse, mask, key_start, scale);
+  bp.grad_out = ref(grad_out);
+  bp.delta = delta.data_ptr<float>();
+  bp.dq_accum = dq_accum.data_ptr<float>();
+  bp.dk = ref(dk), bp.dv = ref(dv);
+}
 
 std::tuple<at::Tensor, at::Tensor> condensed_attention_forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                                     const at::Tensor& v_in, const AttentionParams& p,
@@ -84,17 +105,7 @@ std::tuple<at::Tensor, at::Tensor> condensed_attention_forward_cuda(const at::Te
   if (B == 0 || T == 0 || S == 0) return {out, lse};  // no query, or no key for any query
 
   kernels::FwdParams fp;
-  fp.dtype = kernel_dtype(q.scalar_type());
-  fp.B = to_int(B, "batch");
-  fp.Hq = to_int(Hq, "query heads");
-  fp.Hkv = to_int(Hkv, "KV heads");
-  fp.T = to_int(T, "T");
-  fp.S = to_int(S, "S");
-  fp.D = to_int(D, "head_dim");
-  fp.mask = mask_params(p.mask, key_start);
-  fp.scale = static_cast<float>(scale);
-  fp.q = ref(q), fp.k = ref(k), fp.v = ref(v), fp.out = ref(out);
-  fp.lse = lse.data_ptr<float>();
+  set_fwd_params(fp, q, k, v, out, lse, p.mask, key_start, scale);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (kernels::decode_applies(fp)) {
     kernels::DecodeParams dp;
@@ -113,12 +124,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward_cuda
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const AttentionParams& p, double scale) {
   const at::Tensor key_start = check_cuda_inputs(q_in, k_in, p, scale);
-  TORCH_CHECK(grad_out_in.device() == q_in.device() && out_in.device() == q_in.device() &&
-                  lse_in.device() == q_in.device(),
-              "condensed_attention (CUDA) backward: grad_out, out and lse must be on ", q_in.device());
-  TORCH_CHECK(out_in.sizes() == q_in.sizes() && lse_in.sizes() == q_in.sizes().slice(0, 3),
-              "condensed_attention (CUDA) backward: out must be ", q_in.sizes(), " and lse ",
-              q_in.sizes().slice(0, 3), ", got ", out_in.sizes(), " and ", lse_in.sizes());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const auto dt = q_in.scalar_type();
   const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
@@ -132,20 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward_cuda
   at::Tensor delta = at::empty({B, Hq, T}, lse.options());
 
   kernels::BwdParams bp;
-  bp.dtype = kernel_dtype(dt);
-  bp.B = to_int(B, "batch");
-  bp.Hq = to_int(Hq, "query heads");
-  bp.Hkv = to_int(Hkv, "KV heads");
-  bp.T = to_int(T, "T");
-  bp.S = to_int(S, "S");
-  bp.D = to_int(D, "head_dim");
-  bp.mask = mask_params(p.mask, key_start);
-  bp.scale = static_cast<float>(scale);
-  bp.q = ref(q), bp.k = ref(k), bp.v = ref(v), bp.out = ref(out), bp.grad_out = ref(grad_out);
-  bp.lse = lse.data_ptr<float>();
-  bp.delta = delta.data_ptr<float>();
-  bp.dq_accum = dq_accum.data_ptr<float>();
-  bp.dk = ref(dk), bp.dv = ref(dv);
+  set_bwd_params(bp, q, k, v, out, lse, p.mask, key_start, scale, grad_out, delta, dq_accum, dk, dv);
   check_launch(kernels::launch_condensed_attention_bwd(bp, at::cuda::getCurrentCUDAStream()), "backward");
   return {dq_accum.to(dt), dk, dv};
 }

@@ -96,6 +96,16 @@ __device__ __forceinline__ bool key_visible(const MaskParams& m, int64_t first_k
   return m.window <= 0 || key > pos - m.window;
 }
 
+// Does some query position in [pos_lo, pos_hi] see `key`? The first position at or after the key
+// (after it when strict) is the one whose window reaches back furthest, so it alone decides. Keys
+// that no query sees may hold NaN or inf (unwritten or padded cache slots): they are loaded as
+// zeros, since a product with the zero probability a masked key gets would still give 0 * NaN = NaN.
+__device__ __forceinline__ bool key_seen(const MaskParams& m, int64_t first_key, int64_t pos_lo, int64_t pos_hi,
+                                         int64_t key) {
+  const int64_t pos = max64(pos_lo, m.strict ? key + 1 : key);
+  return pos <= pos_hi && key_visible(m, first_key, pos, key);
+}
+
 // Element offset of row t of head h of batch b.
 __device__ __forceinline__ int64_t row_offset(const TensorRef& r, int b, int h, int64_t t) {
   return b * r.stride_b + h * r.stride_h + t * r.stride_t;
@@ -236,12 +246,16 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t n0 = key_lo; n0 < key_hi; n0 += L::BN) {
-    // K and V rows n0 .. n0 + BN; rows past the end are zeros (and masked below).
+    // K and V rows n0 .. n0 + BN; rows past the end or seen by no row of the tile are zeros (and
+    // masked below).
+    auto seen = [&](int r) {
+      return n0 + r < p.S && key_seen(p.mask, first_key, pos_first, pos_last, n0 + r);
+    };
     load_rows<T, D, L::LD>(sk, L::BN, [&](int r) -> const T* {
-      return n0 + r < p.S ? k + row_offset(p.k, b, kv_head, n0 + r) : nullptr;
+      return seen(r) ? k + row_offset(p.k, b, kv_head, n0 + r) : nullptr;
     });
     load_rows<T, D, L::LD>(sv, L::BN, [&](int r) -> const T* {
-      return n0 + r < p.S ? v + row_offset(p.v, b, kv_head, n0 + r) : nullptr;
+      return seen(r) ? v + row_offset(p.v, b, kv_head, n0 + r) : nullptr;
     });
     __syncthreads();
 
@@ -493,12 +507,6 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p) {
   const T* v = static_cast<const T*>(p.v.data);
   const T* dout = static_cast<const T*>(p.grad_out.data);
 
-  load_rows<T, D, L::LD>(sk, L::BN, [&](int r) -> const T* {
-    return r < nk ? k + row_offset(p.k, b, kv_head, n0 + r) : nullptr;
-  });
-  load_rows<T, D, L::LD>(sv, L::BN, [&](int r) -> const T* {
-    return r < nk ? v + row_offset(p.v, b, kv_head, n0 + r) : nullptr;
-  });
   for (int idx = threadIdx.x; idx < L::BN * D; idx += blockDim.x) {
     sdk[idx / D * L::LDO + idx % D] = 0.f;
     sdv[idx / D * L::LDO + idx % D] = 0.f;
@@ -512,6 +520,17 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p) {
   if (n0 + nk <= first_key) t_hi = -1;
   const int i_begin = static_cast<int>(t_lo * G);
   const int i_end = t_hi >= t_lo ? static_cast<int>((t_hi + 1) * G) : i_begin;
+
+  // K and V of the block's keys; keys past the end or seen by no query are zeros.
+  auto seen = [&](int r) {
+    return r < nk && key_seen(p.mask, first_key, p.mask.q_offset + t_lo, p.mask.q_offset + t_hi, n0 + r);
+  };
+  load_rows<T, D, L::LD>(sk, L::BN, [&](int r) -> const T* {
+    return seen(r) ? k + row_offset(p.k, b, kv_head, n0 + r) : nullptr;
+  });
+  load_rows<T, D, L::LD>(sv, L::BN, [&](int r) -> const T* {
+    return seen(r) ? v + row_offset(p.v, b, kv_head, n0 + r) : nullptr;
+  });
 
   for (int i0 = i_begin; i0 < i_end; i0 += L::BM) {
     __syncthreads();  // K/V staged, or the previous step is done with Q, dO and the row data

@@ -8,7 +8,8 @@
 // Query t sits at absolute position q_offset + t, key s at position s. Key s is visible to query
 // position P iff s <= P (causal) or s < P (strict), and s > P - window when window > 0, and
 // s >= key_start[b] when key_start is given (left-padded batches). Rows that see no key give
-// zeros and lse = -inf. Query head h reads KV head h / (Hq / Hkv).
+// zeros and lse = -inf. Query head h reads KV head h / (Hq / Hkv). Keys that no query sees are
+// never loaded (zeros stand in for them), so they may hold anything, NaN included; dk, dv are 0 there.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -31,13 +32,14 @@ struct MaskParams {
   const int64_t* key_start = nullptr;  // optional [B] device array: first visible key per sequence
 };
 
+// What forward and backward share (the glue fills it with set_fwd_params()).
 struct FwdParams {
   DType dtype = DType::kFloat32;
   int B = 0, Hq = 0, Hkv = 0, T = 0, S = 0, D = 0;
   MaskParams mask;
   float scale = 0;  // softmax scale (> 0)
   TensorRef q, k, v, out;
-  float* lse = nullptr;  // [B, Hq, T] output
+  float* lse = nullptr;  // [B, Hq, T]: written by the forward, read by the backward
 };
 
 // The split-KV decode kernel (T == 1) writes fp32 partial results of each key split to a
@@ -48,13 +50,10 @@ struct DecodeParams {
   float* workspace = nullptr;
 };
 
-struct BwdParams {
-  DType dtype = DType::kFloat32;
-  int B = 0, Hq = 0, Hkv = 0, T = 0, S = 0, D = 0;
-  MaskParams mask;
-  float scale = 0;
-  TensorRef q, k, v, out, grad_out;
-  const float* lse = nullptr;  // [B, Hq, T] from the forward
+// The forward's parameters (its out and lse as inputs) and the backward's own, as flash-attention's
+// Flash_bwd_params extends Flash_fwd_params.
+struct BwdParams : FwdParams {
+  TensorRef grad_out;
   float* delta = nullptr;      // [B, Hq, T] scratch: rowsum(dO * O)
   float* dq_accum = nullptr;   // [B, Hq, T, D], zero-filled by the caller; dq is summed here in fp32
   TensorRef dk, dv;            // [B, Hkv, S, D] outputs in dtype; every element is written

@@ -1,0 +1,39 @@
+// The arguments of condensed attention (DESIGN.md §3) beyond q, k, v: the mask and the softmax
+// scale. In a header of their own so that every implementation (ops/cpu, ops/cuda) includes just
+// these, not the op's front header (condensed_attention.h).
+//
+// Queries sit at absolute positions q_offset + t, keys at positions s, with
+//   causal: key s visible to query position P iff s <= P
+//   strict: key s visible iff s < P (the diagonal is masked; a row with no key gives exact zeros)
+//   window W > 0: additionally s > P - W
+//   key_start (optional, [B] int64): keys s < key_start[b] are invisible to every query of batch
+//   entry b (left padding of batched prompts with different lengths).
+// A key or value that the mask hides from every query never reaches an output or a gradient, even
+// when it holds NaN or inf (unwritten or padded cache slots); its dk and dv are exactly zero.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace lckv::ops {
+
+struct AttentionMask {
+  bool strict = false;    // mask the diagonal
+  int64_t window = 0;     // sliding window in keys; <= 0 means unlimited
+  int64_t q_offset = 0;   // absolute position of query row 0
+  at::Tensor key_start;   // optional [B] int64: per-sequence first visible key; undefined = 0
+
+  // First visible key for query position p, and one past the last (before key_start).
+  int64_t key_begin(int64_t p) const { return window > 0 ? std::max<int64_t>(0, p - window + 1) : 0; }
+  int64_t key_end(int64_t p) const { return strict ? p : p + 1; }
+};
+
+struct AttentionParams {
+  AttentionMask mask;
+  double scale = 0;          // softmax scale; <= 0 means 1/sqrt(head_dim)
+  int64_t query_block = 256; // blocked CPU path: query rows per block, bounds the score matrix held at once
+};
+
+}  // namespace lckv::ops

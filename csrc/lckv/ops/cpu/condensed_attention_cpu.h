@@ -1,0 +1,38 @@
+// The CPU implementations of condensed attention (semantics in lckv/ops/attention_params.h). No
+// argument checks and no autograd of their own: lckv/ops/condensed_attention.h is the API, which
+// checks the arguments and picks one of these.
+//  * The blocked path: blocked over query rows, ATen matmuls per block, softmax statistics in fp32
+//    (fp64 for fp64 inputs). Each block only touches the key range its rows can see, so causal and
+//    windowed attention skip masked-out tiles. The backward recomputes probabilities from the saved
+//    log-sum-exp, as flash attention does, so the [T, S] probability matrix is never kept.
+//  * PyTorch's fused CPU attention (flash-style online softmax, GQA without repeated K/V, its own
+//    autograd) given the condensed mask as a boolean mask.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "lckv/ops/attention_params.h"
+
+namespace lckv::ops::cpu {
+
+// Blocked forward: out [B, Hq, T, D] in q's dtype and lse [B, Hq, T] (fp32, fp64 for fp64 inputs;
+// -inf for rows that see no key). `scale` is the resolved softmax scale.
+std::tuple<at::Tensor, at::Tensor> condensed_attention_forward_blocked(const at::Tensor& q, const at::Tensor& k,
+                                                                       const at::Tensor& v, const AttentionParams& p,
+                                                                       double scale);
+
+// Blocked backward from the saved forward results: dq, dk, dv in q's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward_blocked(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const AttentionParams& p, double scale);
+
+// The differentiable output of PyTorch's fused CPU attention under the condensed mask (no
+// key_start), or nullopt when no row sees any key (the blocked path gives those zeros, with their
+// zero gradients). Rows that see no key are zeros.
+std::optional<at::Tensor> condensed_attention_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const AttentionParams& p);
+
+}  // namespace lckv::ops::cpu

@@ -1,0 +1,195 @@
+// Generation through the condensed KV cache: prefill + token-by-token decode equals the
+// sequential definition (invariant 4 of DESIGN.md, fp64) for several layer_types, both prefill
+// modes and chunked prefill; StreamingLLM generation and decode_nll; sampling; stop tokens and the
+// streaming callback; bad input.
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "lckv/cache/condensed_kv_cache.h"
+#include "lckv/generate/generate.h"
+#include "test_models.h"
+#include "test_reference.h"
+
+using namespace lckv;
+using namespace lckv::testing;
+
+TEST_CASE("prefill + token-by-token decode equals the sequential definition (invariant 4)", "[generate]") {
+  const std::vector<std::vector<int64_t>> prompts = {{5, 17, 3, 22, 9, 1}, {8}, {11, 4, 39}};
+  for (const ModelCase& mc : kModelCases) {
+    LCKVForCausalLM m = make_model(small_config(mc.layer_types, mc.layers, mc.heads, mc.kv_heads));
+    struct Mode {
+      PrefillMode prefill;
+      int64_t chunk;
+    };
+    // Iterative prefill is exact here too: the config's m + b = 3 iterations cover chunks of 3.
+    for (Mode mode : {Mode{PrefillMode::kExact, 0}, Mode{PrefillMode::kExact, 4}, Mode{PrefillMode::kIterative, 3}}) {
+      GenerationConfig g;
+      g.max_new_tokens = 7;
+      g.prefill = mode.prefill;
+      g.prefill_chunk = mode.chunk;
+      g.return_logits = true;
+      GenerationResult r = generate(m, prompts, g);
+      REQUIRE(r.logits.size(1) == 7);
+      torch::NoGradGuard no_grad;
+      for (size_t b = 0; b < prompts.size(); ++b) {
+        std::vector<int64_t> full = prompts[b];
+        full.insert(full.end(), r.tokens[b].begin(), r.tokens[b].end() - 1);
+        torch::Tensor ref = m->forward_sequential(row(full)).logits[0].narrow(0, prompts[b].size() - 1, 7);
+        INFO(mc.layer_types << " prefill " << to_string(mode.prefill) << " chunk " << mode.chunk << " sequence " << b);
+        CHECK(max_diff(r.logits[b], ref) < 1e-10);
+        const torch::Tensor greedy = ref.argmax(-1).contiguous();
+        CHECK(r.tokens[b] == std::vector<int64_t>(greedy.data_ptr<int64_t>(), greedy.data_ptr<int64_t>() + 7));
+      }
+    }
+  }
+}
+
+TEST_CASE("StreamingLLM without sinks equals the sequential definition with a sliding window of the cache size", "[generate][streaming]") {
+  // With sink 0 and eviction one slot at a time, each query sees exactly the last C tokens, with
+  // RoPE distances preserved by the re-rotation: what every layer with a window of C computes.
+  const int64_t C = 5;
+  for (const char* types : {"0s_1s_2s_3s", "0s_4s_4s_4s_4s_5s", "0s_0s_2s_2s", "0s_2s_1s_3s"}) {
+    const LCKVConfig c = small_config(types, static_cast<int>(std::count(types, types + std::strlen(types), '_') + 1), 4, 2, C);
+    LCKVForCausalLM m = make_model(c, 1);
+    const std::vector<std::vector<int64_t>> prompts = {{3, 9, 27, 1}, {14, 2, 8, 40}};
+    GenerationConfig g;
+    g.max_new_tokens = 12;  // 16 tokens through a cache of 5
+    g.cache_capacity = C;
+    g.streaming = StreamingOptions{0, 1};
+    g.prefill = PrefillMode::kExact;
+    g.return_logits = true;
+    GenerationResult r = generate(m, prompts, g);
+    CHECK(r.stats.evicted == 4 + (12 - 1) - C);  // tokens through the cache beyond its C slots
+    torch::NoGradGuard no_grad;
+    for (size_t b = 0; b < prompts.size(); ++b) {
+      std::vector<int64_t> full = prompts[b];
+      full.insert(full.end(), r.tokens[b].begin(), r.tokens[b].end() - 1);
+      torch::Tensor ref = m->forward_sequential(row(full)).logits[0].narrow(0, 3, 12);
+      INFO(types << " sequence " << b);
+      CHECK(max_diff(r.logits[b], ref) < 1e-10);
+    }
+  }
+}
+
+TEST_CASE("StreamingLLM generates far beyond the training length in bounded memory", "[generate][streaming]") {
+  LCKVConfig c = small_config("0_4_4_4_4_5", 6, 4, 2);
+  c.max_position_embeddings = 16;
+  LCKVForCausalLM m = make_model(c, 2);
+  m->to(torch::kFloat);
+  GenerationConfig g;
+  g.max_new_tokens = 200;
+  g.cache_capacity = 12;
+  g.streaming = StreamingOptions{4, 3};
+  g.sampling.do_sample = true;
+  g.seed = 7;
+  g.return_logits = true;
+  GenerationResult r = generate(m, {{1, 2, 3}, {5, 6, 7, 8, 9, 10}}, g);
+  CHECK(r.tokens[0].size() == 200);
+  CHECK(r.stats.cache_bytes == CondensedKVCache::bytes_for(c, 2, 12, torch::kFloat));
+  CHECK(r.stats.evicted >= 200 + 6 - 12);
+  CHECK(r.logits.isfinite().all().item<bool>());
+  // Without StreamingLLM the same request is refused up front.
+  g.streaming.reset();
+  CHECK_THROWS_WITH(generate(m, {{1, 2, 3}}, g), Catch::Contains("cannot hold the longest prompt"));
+}
+
+TEST_CASE("decode_nll through a cache that holds the text equals the sequential loss", "[generate][streaming]") {
+  LCKVForCausalLM m = make_model(small_config("0_4_4_4_4_5", 6, 4, 2));
+  const std::vector<int64_t> text = {3, 9, 27, 1, 14, 2, 8, 40, 22, 5};
+  torch::NoGradGuard no_grad;
+  const double ref = m->forward_sequential(row(text), row(text)).loss.item<double>();
+  CHECK(std::abs(decode_nll(m, text, 10, std::nullopt) - ref) < 1e-10);
+  // Beyond a small streaming cache it is still finite, and differs (fewer keys are seen).
+  const double streamed = decode_nll(m, text, 5, StreamingOptions{1, 1});
+  CHECK(std::isfinite(streamed));
+  CHECK(std::abs(streamed - ref) > 1e-6);
+  CHECK_THROWS_WITH(decode_nll(m, text, 5, std::nullopt), Catch::Contains("exceed the cache capacity of 5"));
+}
+
+TEST_CASE("sampling: greedy, top-k, top-p, temperature, repetition penalty and seeds", "[generate][sampling]") {
+  torch::Tensor logits = torch::tensor({std::log(0.5), std::log(0.3), std::log(0.2)}, torch::kDouble).repeat({4000, 1});
+  auto draw = [&](SamplingConfig s, uint64_t seed) {
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+    return select_next_tokens(logits, s, {}, gen);
+  };
+  CHECK(draw(SamplingConfig{}, 0).eq(0).all().item<bool>());  // greedy
+  SamplingConfig s;
+  s.do_sample = true;
+  torch::Tensor plain = draw(s, 1);
+  CHECK(std::abs(plain.eq(2).to(torch::kDouble).mean().item<double>() - 0.2) < 0.03);
+  CHECK(torch::equal(plain, draw(s, 1)));       // same seed, same draws
+  CHECK_FALSE(torch::equal(plain, draw(s, 2)));
+  s.top_k = 2;
+  torch::Tensor k2 = draw(s, 3);
+  CHECK(k2.ne(2).all().item<bool>());
+  CHECK(std::abs(k2.eq(0).to(torch::kDouble).mean().item<double>() - 0.5 / 0.8) < 0.03);
+  s.top_k = 0;
+  s.top_p = 0.7;  // 0.5 < 0.7, 0.5 + 0.3 >= 0.7: keeps tokens 0 and 1
+  CHECK(draw(s, 4).ne(2).all().item<bool>());
+  s.top_p = 0.4;  // the most likely token alone
+  CHECK(draw(s, 5).eq(0).all().item<bool>());
+  s.top_p = 1.0;
+  s.temperature = 0.25;  // p ~ 0.5^4 : 0.3^4 : 0.2^4
+  const double w0 = std::pow(0.5, 4), w2 = std::pow(0.2, 4), total = w0 + std::pow(0.3, 4) + w2;
+  CHECK(std::abs(draw(s, 6).eq(0).to(torch::kDouble).mean().item<double>() - w0 / total) < 0.03);
+  // Repetition penalty, hand-computed: seen positive logits are divided, negative ones multiplied.
+  SamplingConfig rp;
+  rp.repetition_penalty = 2.0;
+  torch::Tensor x = torch::tensor({{1.0, -1.0, 3.0}}, torch::kDouble);
+  torch::Tensor seen = torch::tensor({true, true, false}).view({1, 3});
+  CHECK(max_diff(process_logits(x, rp, seen), torch::tensor({{0.5, -2.0, 3.0}}, torch::kDouble)) == 0);
+}
+
+TEST_CASE("generation stops at stop tokens and streams every step to the callback", "[generate][sampling]") {
+  LCKVForCausalLM m = make_model(small_config("0_4_4_4_4_5", 6, 4, 2));
+  GenerationConfig g;
+  g.max_new_tokens = 10;
+  GenerationResult free_run = generate(m, {{5, 6, 7}}, g);
+  REQUIRE(free_run.tokens[0].size() == 10);
+  g.stop_tokens = {free_run.tokens[0][3]};
+  int calls = 0;
+  GenerationResult stopped = generate(m, {{5, 6, 7}, {1}}, g, [&](const torch::Tensor& t, const std::vector<bool>& active) {
+    ++calls;
+    return t.size(0) == 2 && active.size() == 2;
+  });
+  const auto& first = stopped.tokens[0];
+  const auto stop_at = std::find(free_run.tokens[0].begin(), free_run.tokens[0].end(), g.stop_tokens[0]) - free_run.tokens[0].begin();
+  CHECK(first == std::vector<int64_t>(free_run.tokens[0].begin(), free_run.tokens[0].begin() + stop_at + 1));
+  CHECK(calls == stopped.stats.steps);
+  // A callback returning false ends generation after that step.
+  GenerationResult one = generate(m, {{5, 6, 7}}, g, [](const torch::Tensor&, const std::vector<bool>&) { return false; });
+  CHECK(one.tokens[0].size() == 1);
+}
+
+TEST_CASE("generation rejects bad input with clear errors", "[generate][errors]") {
+  LCKVForCausalLM m = make_model(small_config("0_4_4_4_4_5", 6, 4, 2));
+  GenerationConfig g;
+  g.max_new_tokens = 4;
+  CHECK_THROWS_WITH(generate(m, {{1, 2}, {}}, g), Catch::Contains("prompt 1 is empty"));
+  CHECK_THROWS_WITH(generate(m, {}, g), Catch::Contains("no prompts"));
+  CHECK_THROWS_WITH(generate(m, {{1, 41, 2}}, g), Catch::Contains("prompt 0 has token id 41 at position 1") &&
+                                                        Catch::Contains("[0, 41)"));
+  CHECK_THROWS_WITH(generate(m, {{1, -3}}, g), Catch::Contains("token id -3"));
+  g.cache_capacity = 5;  // the prompt alone is longer than the cache
+  CHECK_THROWS_WITH(generate(m, {{1, 2, 3, 4, 5, 6}}, g), Catch::Contains("cache of 5 slots cannot hold"));
+  g.cache_capacity = 0;
+  g.sampling.top_p = 0;
+  CHECK_THROWS_WITH(generate(m, {{1}}, g), Catch::Contains("top_p = 0"));
+  g.sampling = {};
+  g.sampling.do_sample = true;
+  g.sampling.temperature = 0;
+  CHECK_THROWS_WITH(generate(m, {{1}}, g), Catch::Contains("temperature"));
+  g.sampling = {};
+  g.max_new_tokens = 0;
+  CHECK_THROWS_WITH(generate(m, {{1}}, g), Catch::Contains("max_new_tokens"));
+  CHECK_THROWS_WITH(parse_prefill_mode("fast"), Catch::Contains("'fast' is unknown"));
+  CHECK_THROWS_WITH(check_tokenizer_vocab(m->config, 50, "tok.model"), Catch::Contains("tok.model has 50 tokens") &&
+                                                                           Catch::Contains("vocab_size is 41"));
+  CHECK_NOTHROW(check_tokenizer_vocab(m->config, 41, "tok.model"));
+}

@@ -21,6 +21,8 @@
 #include <fstream>
 #include <iostream>
 
+#include "lckv/openmp_policy.h"
+#include "lckv/files.h"
 #include "lckv/autocast.h"
 #include "lckv/generate/generate.h"
 #include "lckv/model/lckv_model.h"
@@ -206,6 +208,7 @@ nlohmann::json bench_end_to_end(const std::vector<std::string>& configs, int64_t
 }  // namespace
 
 int main(int argc, char** argv) {
+  lckv::ensure_passive_openmp(argc, argv);
   CLI::App app{"lckv-bench-attention: CUDA condensed attention vs PyTorch SDPA, decode bandwidth, end to end"};
   std::vector<int64_t> seq_lens = {1024, 2048, 4096, 8192, 16384}, head_dims = {64, 128};
   std::vector<int64_t> batches = {1, 16, 64, 256}, contexts = {1024, 4096, 16384, 32768};
@@ -256,11 +259,7 @@ int main(int argc, char** argv) {
       result["end_to_end"] = bench_end_to_end(configs, train_seq, train_batch, gen_batch, gen_prompt, gen_new);
     }
     std::cout << result.dump(2) << std::endl;
-    if (!out_path.empty()) {
-      const std::string tmp = out_path + ".tmp";
-      std::ofstream(tmp) << result.dump(2) << "\n";
-      if (std::rename(tmp.c_str(), out_path.c_str()) != 0) throw std::runtime_error("cannot write " + out_path);
-    }
+    if (!out_path.empty()) lckv::write_file_atomically(out_path, result.dump(2) + "\n");
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "lckv-bench-attention: " << e.what() << "\n";

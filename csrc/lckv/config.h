@@ -1,4 +1,4 @@
-// LCKVConfig: a Hugging Face LlamaConfig plus the LCKV fields (DESIGN.md §1, §5), and the facts
+// LCKVConfig: a Hugging Face LlamaConfig plus the LCKV fields (docs/design.md §1, §5), and the facts
 // derived from `layer_types` that the model and the cache need: which layers compute KV, which
 // attend top, and the iteration plan (cyclic segments). Torch-free so tools can read configs cheaply.
 #pragma once
@@ -60,7 +60,7 @@ struct RopeScaling {
 // Bounds that validate() enforces besides the field's own rules, so that a config either describes a
 // model that can be built and run or is refused before anything is allocated:
 //   forward_passes (m) <= kMaxPasses, backward_passes (b) <= kMaxPasses: m + b iterations at least as
-//     many as the tokens already give the exact result (DESIGN.md, the sequential definition), so more
+//     many as the tokens already give the exact result (docs/design.md §1, the sequential definition), so more
 //     only cost time; the bound keeps a forward finite and m + b within an int.
 //   num_hidden_layers <= kMaxLayers: every layer is several torch modules (the deepest published
 //     models have < 200 layers).
@@ -94,7 +94,7 @@ struct LCKVConfig {
   std::string torch_dtype = "float32";
   std::string model_type = "lckv-llama";
 
-  // LCKV fields (DESIGN.md §5). Defaults are the reference implementation's.
+  // LCKV fields (docs/design.md §5). Defaults are the reference implementation's.
   std::vector<LayerType> layer_types;  // defaults to identity
   int forward_passes = 7;
   int backward_passes = 2;

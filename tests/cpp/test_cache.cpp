@@ -1,4 +1,4 @@
-// The condensed KV cache: invariant 4 of DESIGN.md on the cache (cached chunked prefill equals the
+// The condensed KV cache: invariant 4 of docs/design.md §2 on the cache (cached chunked prefill equals the
 // sequential definition, fp64) for several layer_types, GQA, batches of prompts with different
 // lengths and both prefill modes; the per-sequence key mask of the attention op against the naive
 // reference; StreamingLLM eviction; memory accounting; bad input. Generation: test_generate.cpp.

@@ -1,4 +1,4 @@
-// The CUDA condensed attention against the CPU op (DESIGN.md §2 invariant 5) and the model on a
+// The CUDA condensed attention against the CPU op (docs/design.md §2 invariant 5) and the model on a
 // GPU against the CPU. Every GPU test starts with cuda_ready(): without a device it warns and
 // returns, unless LCKV_REQUIRE_CUDA=1 (scripts/gpu_check.sh), which makes that a failure so a GPU
 // run cannot pass by skipping. The size checks of the kernels run everywhere the CUDA path is built.

@@ -18,14 +18,7 @@ using Catch::Matchers::Contains;
 using lckv::testing::read_bytes;
 using lckv::testing::TempDir;
 
-namespace {
-std::vector<std::string> entries(const fs::path& dir) {
-  std::vector<std::string> out;
-  for (const auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
-  std::sort(out.begin(), out.end());
-  return out;
-}
-}  // namespace
+using lckv::testing::entries;
 
 TEST_CASE("write_file_atomically replaces the whole file or nothing", "[files]") {
   const TempDir tmp;

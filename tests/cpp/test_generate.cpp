@@ -1,5 +1,5 @@
 // Generation through the condensed KV cache: prefill + token-by-token decode equals the
-// sequential definition (invariant 4 of DESIGN.md, fp64) for several layer_types, both prefill
+// sequential definition (invariant 4 of docs/design.md §2, fp64) for several layer_types, both prefill
 // modes and chunked prefill; StreamingLLM generation and decode_nll; sampling; stop tokens and the
 // streaming callback; bad input.
 #include <catch2/catch.hpp>

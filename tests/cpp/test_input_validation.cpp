@@ -125,7 +125,7 @@ TEST_CASE("max_new_tokens near 2^63 is refused, not overflowed", "[generate][err
   CHECK(r.tokens[0].size() == 1);
 }
 
-TEST_CASE("parameter_count equals the model's parameters; oversized models are refused before allocating",
+TEST_CASE("parameter_count equals the model's parameters, oversized models are refused before allocating",
           "[generate][config]") {
   const std::vector<std::pair<std::string, nlohmann::json>> configs = {
       {"0_1_2_3", nlohmann::json::object()},

@@ -1,5 +1,5 @@
 // safetensors I/O, checkpoint directories (invariant 6), and the conformance vectors: expected
-// fp64 logits of an independent implementation of DESIGN.md for five tiny checkpoints.
+// fp64 logits of an independent implementation of docs/design.md for five tiny checkpoints.
 #include <catch2/catch.hpp>
 #include <dlfcn.h>
 

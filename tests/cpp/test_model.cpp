@@ -1,4 +1,4 @@
-// Invariants 1-3 of DESIGN.md §2 in float64 on small random models: identity layer_types is a
+// Invariants 1-3 of docs/design.md §2 in float64 on small random models: identity layer_types is a
 // plain Llama (checked against a naive Llama written here), the parallel iterative forward with
 // m + b >= T equals the sequential definition (logits and loss), and with m = 0, b >= T so do the
 // gradients of every parameter.

@@ -1,4 +1,4 @@
-// The condensed KV cache (DESIGN.md §4): preallocated K/V buffers for the layers that compute KV
+// The condensed KV cache (docs/design.md §4): preallocated K/V buffers for the layers that compute KV
 // only, so its memory is #KV layers x batch x capacity x kv_heads x head_dim x 2 x dtype bytes
 // (a Llama with the same shape needs num_hidden_layers instead of #KV layers).
 //

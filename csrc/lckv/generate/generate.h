@@ -1,4 +1,4 @@
-// Generation with the condensed KV cache (DESIGN.md §4): batched prompts of different lengths
+// Generation with the condensed KV cache (docs/design.md §4): batched prompts of different lengths
 // (left-padded, pads masked per sequence), prefill in chunks, then one token per step through all
 // layers; optional StreamingLLM eviction for generation beyond the cache.
 #pragma once

@@ -1,4 +1,4 @@
-// Model directories in the Hugging Face layout (DESIGN.md §5): config.json and model.safetensors
+// Model directories in the Hugging Face layout (docs/design.md §5): config.json and model.safetensors
 // (or a sharded model.safetensors.index.json) with HF Llama tensor names.
 #pragma once
 

@@ -28,7 +28,7 @@ torch::Tensor LCKVModelImpl::run_cyclic_segment(int segment, const Segment& seg,
   }
   const bool grad = torch::GradMode::is_enabled();
   int total = counts.forward_passes + counts.backward_passes;
-  // Without autograd T iterations already give the exact result (DESIGN.md theorem) and
+  // Without autograd T iterations already give the exact result (docs/design.md §1.3, the theorem) and
   // further ones reproduce it, so stop there. With autograd the count shapes the gradients.
   if (!grad) total = static_cast<int>(std::min<int64_t>(total, std::max<int64_t>(T, 1)));
   // Convergence (counts.tolerance > 0) is measured on the no-grad iterations: the first grad one

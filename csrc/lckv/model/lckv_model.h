@@ -1,4 +1,4 @@
-// The LCKV decoder (DESIGN.md §1): a Llama whose layers read the KVs of the layer named by
+// The LCKV decoder (docs/design.md §1): a Llama whose layers read the KVs of the layer named by
 // `layer_types`. Two equivalent computations: the parallel iterative one (training, prefill)
 // and the sequential definition (token by token).
 #pragma once

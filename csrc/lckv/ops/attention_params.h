@@ -1,4 +1,4 @@
-// The arguments of condensed attention (DESIGN.md §3) beyond q, k, v: the mask and the softmax
+// The arguments of condensed attention (docs/design.md §3) beyond q, k, v: the mask and the softmax
 // scale. In a header of their own so that every implementation (ops/cpu, ops/cuda) includes just
 // these, not the op's front header (condensed_attention.h).
 //

@@ -1,4 +1,4 @@
-// Condensed attention (DESIGN.md §3): softmax attention of queries at absolute positions
+// Condensed attention (docs/design.md §3): softmax attention of queries at absolute positions
 // q_offset + t over keys at positions s, under the causal/strict, window and key_start mask of
 // attention_params.h. GQA by head grouping: query head h reads KV head h / (Hq / Hkv); repeated
 // K/V are never built.

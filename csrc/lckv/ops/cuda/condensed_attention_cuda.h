@@ -1,4 +1,4 @@
-// The CUDA path of condensed attention (DESIGN.md §3): torch glue over the raw-pointer kernels of
+// The CUDA path of condensed attention (docs/design.md §3): torch glue over the raw-pointer kernels of
 // condensed_attention_kernels.cuh. condensed_attention_forward/backward call these for CUDA
 // tensors after their common checks; only built with LCKV_WITH_CUDA.
 #pragma once

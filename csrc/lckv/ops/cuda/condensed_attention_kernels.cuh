@@ -1,4 +1,4 @@
-// CUDA condensed attention (DESIGN.md §3) at the level of raw pointers: no torch here, so the
+// CUDA condensed attention (docs/design.md §3) at the level of raw pointers: no torch here, so the
 // kernels build with nvcc alone and the torch glue (condensed_attention_cuda.cpp) only fills these
 // structs. This header holds no device code; a host compiler can include it.
 //

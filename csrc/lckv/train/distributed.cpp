@@ -11,6 +11,9 @@
 #endif
 
 #include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <thread>
 #include <cstdlib>
 #include <limits>
 #include <mutex>
@@ -86,7 +89,57 @@ std::optional<LaunchEnv> read_launch_env() {
 // ---------------------------------------------------------------------------------------------
 // Communicator
 
+// Ends the process when an armed wait outlives its deadline. The store's client can block in a
+// socket read past its own timeout (a master that accepts but never answers); this bounds it.
+class Watchdog {
+ public:
+  Watchdog() : thread_([this] { loop(); }) {}
+  ~Watchdog() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  void arm(const std::string& message, std::chrono::milliseconds limit) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    message_ = message;
+    deadline_ = std::chrono::steady_clock::now() + limit;
+    armed_ = true;
+    cv_.notify_all();
+  }
+  void disarm() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    armed_ = false;
+  }
+
+ private:
+  void loop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!stop_) {
+      if (!armed_) {
+        cv_.wait(lock);
+        continue;
+      }
+      if (cv_.wait_until(lock, deadline_) == std::cv_status::timeout && armed_ &&
+          std::chrono::steady_clock::now() >= deadline_) {
+        std::fprintf(stderr, "lckv: error: %s\n", message_.c_str());
+        std::fflush(stderr);
+        std::_Exit(1);
+      }
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool stop_ = false, armed_ = false;
+  std::chrono::steady_clock::time_point deadline_;
+  std::string message_;
+  std::thread thread_;
+};
+
 struct Communicator::Impl {
+  Watchdog watchdog;  // first: destroyed last
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
 };
@@ -127,6 +180,11 @@ Communicator::Communicator(const LaunchEnv& env, torch::Device device, std::chro
   so.numWorkers = env.agent_store ? std::nullopt : std::optional<std::size_t>(env.world_size);
   so.waitWorkers = false;
   so.timeout = timeout;
+  const auto grace = timeout + std::chrono::milliseconds(5000);
+  impl_->watchdog.arm(rank_prefix(rank_) + "connecting the ranks through the rendezvous store on " + where +
+                          " took longer than --dist-timeout-s " + std::to_string(timeout.count() / 1000) +
+                          " s (+5 s): is every rank started, and does MASTER_ADDR:MASTER_PORT serve this job's store?",
+                      grace);
   try {
     c10::intrusive_ptr<c10d::Store> tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
     impl_->store = c10::make_intrusive<c10d::PrefixStore>(env.agent_store ? "/worker/lckv" : "lckv", tcp);
@@ -165,6 +223,7 @@ Communicator::Communicator(const LaunchEnv& env, torch::Device device, std::chro
                            " ranks through " + where + " within " + std::to_string(timeout.count() / 1000) +
                            " s (is every rank started, with the same WORLD_SIZE?): " + e.what());
   }
+  impl_->watchdog.disarm();
 }
 
 Communicator::~Communicator() = default;
@@ -223,6 +282,9 @@ void Communicator::all_gather(torch::Tensor& out, torch::Tensor& in, const std::
 
 std::vector<std::string> Communicator::exchange(const std::string& key, const std::string& value) {
   std::vector<std::string> all(static_cast<size_t>(world_size_));
+  impl_->watchdog.arm(rank_prefix(rank_) + "exchanging '" + key + "' through the store took longer than " +
+                          "--dist-timeout-s " + std::to_string(timeout_.count() / 1000) + " s (+5 s): a rank died or hung",
+                      timeout_ + std::chrono::milliseconds(5000));
   try {
     impl_->store->set(key + "/" + std::to_string(rank_), std::vector<uint8_t>(value.begin(), value.end()));
     for (int r = 0; r < world_size_; ++r) {
@@ -230,9 +292,11 @@ std::vector<std::string> Communicator::exchange(const std::string& key, const st
       all[static_cast<size_t>(r)] = std::string(v.begin(), v.end());
     }
   } catch (const std::exception& e) {
+    impl_->watchdog.disarm();
     throw DistributedError(rank_prefix(rank_) + "exchanging '" + key + "' through the store failed (a rank died or "
                            "did not arrive within " + std::to_string(timeout_.count() / 1000) + " s): " + e.what());
   }
+  impl_->watchdog.disarm();
   return all;
 }
 

@@ -226,27 +226,26 @@ uint64_t fnv1a(const std::string& text) {
   return h;
 }
 
-// "field 'a.b' 1 vs 2" for the first difference between two JSON values, or "".
-std::string first_difference(const json& mine, const json& theirs, const std::string& path) {
+// Appends "field 'a.b' is 1 (rank 0: 2)" for each difference between two JSON values.
+void differences(const json& mine, const json& theirs, const std::string& path, std::vector<std::string>& out) {
   if (mine.is_object() && theirs.is_object()) {
     for (auto it = theirs.begin(); it != theirs.end(); ++it) {
       const std::string p = path.empty() ? it.key() : path + "." + it.key();
       const auto other = mine.find(it.key());
-      if (other == mine.end()) return "field '" + p + "' is missing (rank 0: " + it.value().dump() + ")";
-      const std::string d = first_difference(*other, it.value(), p);
-      if (!d.empty()) return d;
+      if (other == mine.end()) out.push_back("field '" + p + "' is missing (rank 0: " + it.value().dump() + ")");
+      else differences(*other, it.value(), p, out);
     }
     for (auto it = mine.begin(); it != mine.end(); ++it) {
-      if (!theirs.contains(it.key())) return "field '" + (path.empty() ? it.key() : path + "." + it.key()) + "' is extra";
+      if (!theirs.contains(it.key())) out.push_back("field '" + (path.empty() ? it.key() : path + "." + it.key()) + "' is extra");
     }
-    return "";
+    return;
   }
-  if (mine == theirs) return "";
+  if (mine == theirs) return;
   auto cut = [](const json& v) {
     std::string s = v.dump();
     return s.size() > 80 ? s.substr(0, 77) + "..." : s;
   };
-  return "field '" + path + "' is " + cut(mine) + " (rank 0: " + cut(theirs) + ")";
+  out.push_back("field '" + path + "' is " + cut(mine) + " (rank 0: " + cut(theirs) + ")");
 }
 
 }  // namespace
@@ -279,9 +278,13 @@ void Trainer::check_ranks_agree(const std::string& local_error) {
   }
   for (size_t r = 1; r < ranks.size(); ++r) {
     for (const char* part : {"model config", "run options", "data", "resumed step"}) {
-      const std::string d = first_difference(ranks[r][part], ranks[0][part], "");
-      if (!d.empty()) {
-        throw TrainError("rank " + std::to_string(r) + "'s " + part + " differs from rank 0's: " + d +
+      std::vector<std::string> found;
+      differences(ranks[r][part], ranks[0][part], "", found);
+      if (!found.empty()) {
+        std::string list;
+        for (size_t i = 0; i < found.size() && i < 4; ++i) list += (i ? ", " : "") + found[i];
+        if (found.size() > 4) list += ", and " + std::to_string(found.size() - 4) + " more";
+        throw TrainError("rank " + std::to_string(r) + "'s " + part + " differs from rank 0's: " + list +
                          "; every rank of a data-parallel run must use the same model config, run options and data");
       }
     }

@@ -85,6 +85,7 @@ Trainer::Trainer(const TrainOptions& options, std::ostream* log, const Optimizer
     throw TrainError("option device \"" + options_.device + "\": this LibTorch has no CUDA or sees no GPU");
   }
   if (!launch) {
+    if (options_.shard_optimizer && log_) *log_ << "note: shard_optimizer has no effect without torchrun's variables\n";
     build(make_optimizer);
     write_outputs();
     return;

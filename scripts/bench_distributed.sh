@@ -40,14 +40,15 @@ def free_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-def run(ranks, m, b, shard_opt=False):
+def run(ranks, m, b, shard_opt=False, threads=None):
+    threads = threads or max(1, cores // ranks)
     cfg = json.loads(Path("configs/tiny-lckv-w2.json").read_text())
     cfg.update(vocab_size=vocab, forward_passes=m, backward_passes=b)
-    name = f"r{ranks}_m{m}_b{b}{'_shard' if shard_opt else ''}"
+    name = f"r{ranks}_t{threads}_m{m}_b{b}{'_shard' if shard_opt else ''}"
     (tmp / f"{name}.json").write_text(json.dumps(cfg))
     args = [binary, "--model-config", str(tmp / f"{name}.json"), "--data", str(data), "--out", str(tmp / name),
             "--seq-len", "128", "--batch-size", "8", "--max-steps", str(steps), "--eval-every", "0", "--save-every",
-            "0", "--log-every", "1", "--dtype", "bf16", "--threads", str(max(1, cores // ranks))] + extra
+            "0", "--log-every", "1", "--dtype", "bf16", "--threads", str(threads)] + extra
     if shard_opt:
         args.append("--shard-optimizer")
     port, procs = free_port(), []
@@ -67,7 +68,7 @@ def run(ranks, m, b, shard_opt=False):
     train = [r for r in recs if r["type"] == "train"][2:]  # the first steps warm up
     tok_s = sum(r["tokens_per_s"] for r in train) / len(train)
     res = {"ranks": ranks, "forward_passes": m, "backward_passes": b, "shard_optimizer": shard_opt,
-           "threads_per_rank": max(1, cores // ranks), "tokens_per_step": run_rec["tokens_per_step"],
+           "threads_per_rank": threads, "tokens_per_step": run_rec["tokens_per_step"],
            "tokens_per_s": round(tok_s, 1), "params": run_rec["params"], "param_bytes_fp32": 4 * run_rec["params"]}
     if ranks > 1:
         res["bytes_all_reduced_per_step"] = train[-1]["bytes_reduced_per_step"]
@@ -76,12 +77,15 @@ def run(ranks, m, b, shard_opt=False):
     print(json.dumps(res), flush=True)
     return res
 
-results = [run(1, 2, 1), run(2, 2, 1), run(2, 2, 1, shard_opt=True), run(1, 4, 2), run(2, 4, 2)]
+results = [run(1, 2, 1), run(1, 2, 1, threads=1), run(2, 2, 1), run(2, 2, 1, shard_opt=True), run(1, 4, 2),
+           run(2, 4, 2)]
 summary = {"machine": f"{cores} CPU cores, Gloo over 127.0.0.1", "model": "configs/tiny-lckv-w2.json (vocab 512)",
            "seq_len": 128, "global_batch": 8, "steps": steps, "runs": results,
-           "note": "2 ranks share the same cores as 1 rank (threads split), so tokens/s cannot rise here: the "
-                   "comparison shows the cost of the all-reduce and of splitting the batch; bytes all-reduced per "
-                   "step equal the fp32 parameter bytes (plus bucket padding) for every (m, b)."}
+           "load_average": os.getloadavg(),
+           "note": "2 ranks share the same cores as 1 rank (threads split), so tokens/s cannot rise in principle: "
+                   "the comparison shows the cost of the all-reduce and of splitting the batch, and on a shared, "
+                   "loaded machine 1 process with 2 OpenMP threads suffers most (its threads wait for each other); "
+                   "bytes all-reduced per step equal the fp32 parameter bytes (plus bucket padding) for every (m, b)."}
 Path(out).write_text(json.dumps(summary, indent=2) + "\n")
 print(f"wrote {out}")
 EOF

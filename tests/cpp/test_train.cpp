@@ -827,6 +827,9 @@ TEST_CASE("data parallel: 2 ranks end where 1 rank with the whole batch ends, wi
     const int64_t reduced = b.back()["bytes_reduced_per_step"].get<int64_t>();
     CHECK(reduced >= param_bytes);
     CHECK(reduced < param_bytes + 2 * 4 * 64);  // the padding of the buckets to even sizes only
+    // The reduction overlaps the backward: buckets start as soon as their gradients are complete.
+    CHECK(b.back()["buckets"].get<int64_t>() > 4);
+    CHECK(b.back()["buckets_reduced_during_backward"].get<int64_t>() > 0);
     const double state = static_cast<double>(b.back()["optimizer_state_bytes"].get<int64_t>());
     if (shard) CHECK(state == Approx(param_bytes).epsilon(0.01));  // half of 2 fp32 moments
     else CHECK(state == 2.0 * param_bytes);

@@ -1,12 +1,17 @@
 #include "lckv/train/distributed.h"
 
+// Torch's CMake config defines these for its own builds with Gloo/NCCL; the headers need them.
+#ifndef USE_C10D_GLOO
 #define USE_C10D_GLOO 1
+#endif
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef LCKV_WITH_CUDA
+#ifndef USE_C10D_NCCL
 #define USE_C10D_NCCL 1
+#endif
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -411,6 +416,7 @@ void GradientSync::finish() {
   torch::NoGradGuard no_grad;
   armed_ = false;
   if (!hook_error_.empty()) throw DistributedError(hook_error_);
+  launched_during_backward_ = static_cast<int64_t>(next_launch_);
   // A parameter the backward did not reach (unused this step) contributes its zero gradient.
   for (Bucket& b : buckets_) b.pending = 0;
   launch_ready();

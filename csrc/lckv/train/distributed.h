@@ -109,6 +109,8 @@ class GradientSync {
   double clip_grad_norm(double max_norm);
   int64_t bytes_per_step() const { return bytes_per_step_; }  // reduced per step, all buckets
   int64_t param_bytes() const { return param_bytes_; }
+  // Of the last step's buckets, those whose reduction started inside the backward (overlapped).
+  int64_t buckets_launched_during_backward() const { return launched_during_backward_; }
 
   // One bucket: its parameters at offsets of a flat buffer padded to a multiple of world_size.
   struct Bucket {
@@ -139,6 +141,7 @@ class GradientSync {
   std::string hook_error_;
   int64_t bytes_per_step_ = 0;
   int64_t param_bytes_ = 0;
+  int64_t launched_during_backward_ = 0;
 };
 
 // AdamW (the run's betas, eps, lr, weight decay groups; ATen's fused kernel) where each rank keeps

@@ -561,6 +561,8 @@ RunResult Trainer::run(const std::function<void(const StepStats&)>& after_step) 
         record["world_size"] = world_size();
         record["bytes_reduced_per_step"] = bytes_reduced_per_step();
         record["optimizer_state_bytes"] = optimizer_state_bytes();  // rank 0's
+        record["buckets"] = sync_->buckets().size();
+        record["buckets_reduced_during_backward"] = sync_->buckets_launched_during_backward();
       }
       log_metrics(record);
       if (log_) {

@@ -12,6 +12,7 @@
 #ifndef USE_C10D_NCCL
 #define USE_C10D_NCCL 1
 #endif
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -206,6 +207,7 @@ Communicator::Communicator(const LaunchEnv& env, torch::Device device, std::chro
   try {
     if (device.is_cuda()) {
 #ifdef LCKV_WITH_CUDA
+      c10::cuda::set_device(device.index());  // cuda:LOCAL_RANK: NCCL's communicators and streams live there
       auto options = c10d::ProcessGroupNCCL::Options::create();
       options->timeout = timeout;
       impl_->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(impl_->store, rank_, world_size_, options);

@@ -218,9 +218,10 @@ Communicator::Communicator(const LaunchEnv& env, torch::Device device, std::chro
       auto options = c10d::ProcessGroupGloo::Options::create(timeout);
       // Loopback when the master is local (tests, one machine); else GLOO_SOCKET_IFNAME or the hostname's address.
       const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
-      if (ifname && *ifname) options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
-      else if (is_loopback(env.master_addr)) options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-      else options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      using Gloo = c10d::ProcessGroupGloo;
+      if (ifname && *ifname) options->devices.push_back(Gloo::createDeviceForInterface(ifname));
+      else if (is_loopback(env.master_addr)) options->devices.push_back(Gloo::createDeviceForHostname("127.0.0.1"));
+      else options->devices.push_back(Gloo::createDefaultDevice());
       impl_->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(impl_->store, rank_, world_size_, options);
     }
   } catch (const DistributedError&) {
@@ -290,7 +291,8 @@ void Communicator::all_gather(torch::Tensor& out, torch::Tensor& in, const std::
 std::vector<std::string> Communicator::exchange(const std::string& key, const std::string& value) {
   std::vector<std::string> all(static_cast<size_t>(world_size_));
   impl_->watchdog.arm(rank_prefix(rank_) + "exchanging '" + key + "' through the store took longer than " +
-                          "--dist-timeout-s " + std::to_string(timeout_.count() / 1000) + " s (+5 s): a rank died or hung",
+                          "--dist-timeout-s " + std::to_string(timeout_.count() / 1000) +
+                          " s (+5 s): a rank died or hung",
                       timeout_ + std::chrono::milliseconds(5000));
   try {
     impl_->store->set(key + "/" + std::to_string(rank_), std::vector<uint8_t>(value.begin(), value.end()));
@@ -329,7 +331,8 @@ GradientSync::GradientSync(Communicator& comm, LCKVForCausalLM& model, int64_t b
   const int64_t n = comm.world_size();
   for (const torch::Tensor& p : params) {
     TORCH_CHECK(p.is_contiguous() && p.scalar_type() == torch::kFloat, "GradientSync: fp32 contiguous parameters");
-    if (buckets_.empty() || (!buckets_.back().params.empty() && (buckets_.back().numel + p.numel()) * 4 > bucket_bytes)) {
+    const bool full = !buckets_.empty() && (buckets_.back().numel + p.numel()) * 4 > bucket_bytes;
+    if (buckets_.empty() || (full && !buckets_.back().params.empty())) {
       buckets_.emplace_back();
     }
     Bucket& b = buckets_.back();
@@ -550,7 +553,9 @@ std::unique_ptr<FusedAdamW> ShardedAdamW::gather_full() {
       shard[1].narrow(0, piece.shard_begin, piece.numel).copy_(piece.exp_avg_sq);
       shard[2].narrow(0, piece.shard_begin, piece.numel).fill_(static_cast<double>(piece.step));
     }
-    for (int k = 0; k < 3; ++k) sync_.comm().all_gather(all[k], shard[k], "the optimizer-state gather for a checkpoint");
+    for (int k = 0; k < 3; ++k) {
+      sync_.comm().all_gather(all[k], shard[k], "the optimizer-state gather for a checkpoint");
+    }
     for (size_t i = 0; i < b.params.size(); ++i) {
       auto& slot = per_param[b.params[i].unsafeGetTensorImpl()];
       for (int k = 0; k < 3; ++k) {

@@ -237,7 +237,9 @@ void differences(const json& mine, const json& theirs, const std::string& path, 
       else differences(*other, it.value(), p, out);
     }
     for (auto it = mine.begin(); it != mine.end(); ++it) {
-      if (!theirs.contains(it.key())) out.push_back("field '" + (path.empty() ? it.key() : path + "." + it.key()) + "' is extra");
+      if (!theirs.contains(it.key())) {
+        out.push_back("field '" + (path.empty() ? it.key() : path + "." + it.key()) + "' is extra");
+      }
     }
     return;
   }
@@ -274,7 +276,8 @@ void Trainer::check_ranks_agree(const std::string& local_error) {
   for (size_t r = 0; r < ranks.size(); ++r) {
     const std::string error = ranks[r].value("error", std::string());
     if (!error.empty()) {
-      throw TrainError(static_cast<int>(r) == rank() ? error : "rank " + std::to_string(r) + " failed to start: " + error);
+      throw TrainError(static_cast<int>(r) == rank() ? error
+                                                     : "rank " + std::to_string(r) + " failed to start: " + error);
     }
   }
   for (size_t r = 1; r < ranks.size(); ++r) {
@@ -464,7 +467,9 @@ std::string Trainer::save_checkpoint() {
     }
   }
   const std::vector<std::string> outcome = comm_->exchange("save/" + std::to_string(save_count_++), error);
-  if (!outcome[0].empty()) throw TrainError(rank() == 0 ? outcome[0] : "rank 0 failed to save a checkpoint: " + outcome[0]);
+  if (!outcome[0].empty()) {
+    throw TrainError(rank() == 0 ? outcome[0] : "rank 0 failed to save a checkpoint: " + outcome[0]);
+  }
   last_checkpoint_ = (fs::path(options_.out) / checkpoint_name(step_)).string();
   return last_checkpoint_;
 }

@@ -3,7 +3,9 @@
 // table, installs the SIGINT/SIGTERM handlers and prints the results.
 #include <CLI/CLI.hpp>
 
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <exception>
 #include <iostream>
 
@@ -52,10 +54,14 @@ int main(int argc, char** argv) {
   lckv::train::add_cli_options(app, o);
   CLI11_PARSE(app, argc, argv);
 
+  // Outside the try: a rank that lost its peers exits from the catch without destroying the process
+  // group, whose destructor could wait for collectives that never finish.
+  std::unique_ptr<lckv::train::Trainer> trainer;
   try {
     lckv::train::install_stop_handlers();
-    lckv::train::Trainer trainer(o, &std::cerr);
-    const lckv::train::RunResult result = trainer.run();
+    trainer = std::make_unique<lckv::train::Trainer>(o, &std::cerr);
+    const lckv::train::RunResult result = trainer->run();
+    if (trainer->rank() != 0) return result.stop_signal ? 128 + result.stop_signal : 0;  // rank 0 reports
     if (result.final_eval) {
       std::cout << "final validation: loss " << result.final_eval->loss << ", perplexity " << result.final_eval->ppl
                 << " (step " << result.step << ", checkpoint " << result.last_checkpoint << ")\n";
@@ -65,6 +71,9 @@ int main(int argc, char** argv) {
     }
     if (result.stop_signal) return 128 + result.stop_signal;
     return 0;
+  } catch (const lckv::train::DistributedError& e) {
+    std::cerr << "lckv-train: error: " << e.what() << std::endl;
+    std::_Exit(1);
   } catch (const std::exception& e) {
     std::cerr << "lckv-train: error: " << e.what() << "\n";
     return 1;

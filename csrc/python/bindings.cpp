@@ -305,7 +305,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 
   // ---- training: the C++ trainer behind lckv-train (python -m lckv.train drives it)
-  py::register_exception<train::TrainError>(m, "TrainError", PyExc_ValueError);
+  auto& train_error = py::register_exception<train::TrainError>(m, "TrainError", PyExc_ValueError);
+  py::register_exception<train::DistributedError>(m, "DistributedError", train_error.ptr());
   py::register_exception<FileError>(m, "FileError", PyExc_OSError);
   py::class_<train::TrainOptions> options(m, "TrainOptions",
                                           "lckv-train's run options; the fields are those of option_fields().");
@@ -377,11 +378,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("total_steps", &train::Trainer::total_steps)
       .def_property_readonly("tokens_per_step", &train::Trainer::tokens_per_step)
       .def_property_readonly("options", &train::Trainer::options)
+      .def_property_readonly("rank", &train::Trainer::rank)
+      .def_property_readonly("world_size", &train::Trainer::world_size)
+      .def_property_readonly("bytes_reduced_per_step", &train::Trainer::bytes_reduced_per_step)
+      .def_property_readonly("optimizer_state_bytes", &train::Trainer::optimizer_state_bytes)
       .def_property_readonly("last_checkpoint", &train::Trainer::last_checkpoint)
       .def_property_readonly("_cpp_model", [](train::Trainer& t) { return t.model().ptr(); });
   m.def("install_stop_handlers", &train::install_stop_handlers,
         "SIGINT/SIGTERM make Trainer.run save a checkpoint and return (as lckv-train does).");
   m.def("clear_stop_request", &train::clear_stop_request);
+  m.def("training_flops_per_token", &training_flops_per_token, py::arg("config"), py::arg("seq_len"),
+        py::arg("forward_passes"), py::arg("backward_passes"),
+        "Matmul FLOPs per token of one training step as the iteration plan runs it (config.h).");
 
   // ---- data: the tokenizer and the loaders over lckv-prepare's shards
   py::class_<data::Tokenizer>(m, "Tokenizer")

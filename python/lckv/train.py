@@ -10,13 +10,20 @@ module only drives the C++ trainer. What Python users may replace:
 * a per-step callback: `trainer.run(callback)` calls `callback(stats)` after every step with
   lckv.train.StepStats (step, loss, lr, grad_norm, seconds).
 
-Users who write their own loop use lckv.LCKVForCausalLM directly (examples/own_training_loop.py).
+Users who write their own loop use lckv.LCKVForCausalLM directly (examples/own_training_loop.py),
+also under torch.nn.parallel.DistributedDataParallel.
+
+Data parallelism is the C++ trainer's: under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT) each rank runs batch_size / WORLD_SIZE rows and rank 0 alone logs and checkpoints:
+
+    torchrun --nproc-per-node 2 -m lckv.train --config run.json [--shard-optimizer]
 
     python -m lckv.train --config run.json [--max-steps 100 --lr 3e-4 ...]
 """
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Union
@@ -105,6 +112,14 @@ class Trainer:
     def options(self) -> TrainOptions:
         return self._cpp.options
 
+    @property
+    def rank(self) -> int:
+        return self._cpp.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._cpp.world_size
+
 
 _PARSERS = {"int": int, "float": float, "string": str}
 
@@ -136,13 +151,23 @@ def parse_options(argv: Optional[List[str]] = None) -> TrainOptions:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    trainer = None  # kept alive past an error: see below
     try:
         options = parse_options(argv)
         _C.install_stop_handlers()
-        result = Trainer(options).run()
+        trainer = Trainer(options)
+        result = trainer.run()
+    except _C.DistributedError as e:
+        # The other ranks are gone or hung: exit without destroying the process group, whose
+        # destructor could wait for collectives that never finish.
+        print(f"python -m lckv.train: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     except (_C.TrainError, _C.ConfigError, _C.CheckpointError, _C.FileError, RuntimeError, OSError, ValueError) as e:
         print(f"python -m lckv.train: error: {e}", file=sys.stderr)
         return 1
+    if trainer.rank != 0:  # rank 0 reports
+        return 128 + result.stop_signal if result.stop_signal else 0
     if result.final_eval is not None:
         e = result.final_eval
         print(f"final validation: loss {e.loss}, perplexity {e.ppl} (step {result.step}, "

@@ -1,9 +1,17 @@
 // The trainer (csrc/lckv/train): schedule, weight-decay groups, learning, exact resume through a
-// stop signal, checkpoints, and every bad-input case of the training program.
+// stop signal, checkpoints, every bad-input case of the training program, and data parallelism
+// (ranks launched as lckv-train processes).
 #include <catch2/catch.hpp>
 
 #include <CLI/CLI.hpp>
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <spawn.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "test_files.h"
 #include <torch/torch.h>
@@ -11,9 +19,13 @@
 #include <cmath>
 #include <csignal>
 #include <filesystem>
+#include <chrono>
 #include <fstream>
+#include <functional>
+#include <map>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include "lckv/data/shards.h"
 #include "lckv/data/tokenizer.h"
@@ -577,4 +589,381 @@ TEST_CASE("the sample after training: the prompt's continuation, cut short by a 
   std::raise(SIGTERM);
   CHECK(t.generate_sample(o.prompt, 50).empty());
   train::clear_stop_request();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data parallelism: ranks are lckv-train processes launched as torchrun would (the variables by
+// hand), with Gloo over 127.0.0.1.
+
+namespace {
+
+// A TCP port on 127.0.0.1 that was free a moment ago.
+int free_port() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  socklen_t len = sizeof a;
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+// lckv-train, built next to this test binary.
+std::string train_binary() { return (fs::read_symlink("/proc/self/exe").parent_path() / "lckv-train").string(); }
+
+struct RankRun {
+  int status = -1;      // exit code, or 128 + signal
+  std::string stderr_text;
+  double seconds = 0;   // from launch to exit
+};
+
+// Runs lckv-train with run file `run_file` as ranks 0..world-1 (`env` per rank replaces or adds
+// variables; launch_vars false: no launch variables), each with `extra[r]` flags. `during(pids)`
+// runs while they live. Every rank still alive after `timeout_s`, or `linger_s` after the first
+// rank ended, is killed (status -1 then).
+std::vector<RankRun> launch(const fs::path& run_file, const fs::path& logs, int world,
+                            const std::vector<std::vector<std::string>>& extra = {},
+                            const std::vector<std::map<std::string, std::string>>& env = {},
+                            const std::function<void(const std::vector<pid_t>&)>& during = {}, double timeout_s = 120,
+                            bool launch_vars = true, double linger_s = 60) {
+  const int port = free_port();
+  std::vector<pid_t> pids;
+  fs::create_directories(logs);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int r = 0; r < world; ++r) {
+    std::map<std::string, std::string> vars;
+    for (char** e = environ; *e; ++e) {
+      const std::string kv = *e;
+      const auto eq = kv.find('=');
+      vars[kv.substr(0, eq)] = kv.substr(eq + 1);
+    }
+    for (const char* name : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"}) {
+      vars.erase(name);
+    }
+    if (launch_vars) {
+      vars["RANK"] = vars["LOCAL_RANK"] = std::to_string(r);
+      vars["WORLD_SIZE"] = std::to_string(world);
+      vars["MASTER_ADDR"] = "127.0.0.1";
+      vars["MASTER_PORT"] = std::to_string(port);
+    }
+    if (r < static_cast<int>(env.size())) {
+      for (const auto& [k, v] : env[r]) {
+        if (v.empty()) vars.erase(k);
+        else vars[k] = v;
+      }
+    }
+    std::vector<std::string> args = {train_binary(), "--config", run_file.string()};
+    if (r < static_cast<int>(extra.size())) args.insert(args.end(), extra[r].begin(), extra[r].end());
+    std::vector<std::string> envs;
+    for (const auto& [k, v] : vars) envs.push_back(k + "=" + v);
+    std::vector<char*> argv, envp;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    for (auto& e : envs) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    const std::string err = (logs / ("rank" + std::to_string(r) + ".err")).string();
+    posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    pid_t pid = 0;
+    REQUIRE(posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), envp.data()) == 0);
+    posix_spawn_file_actions_destroy(&fa);
+    pids.push_back(pid);
+  }
+  if (during) during(pids);
+  std::vector<RankRun> runs(static_cast<size_t>(world));
+  std::vector<bool> done(static_cast<size_t>(world), false);
+  double first_exit = -1;
+  for (int left = world; left > 0;) {
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    for (int r = 0; r < world; ++r) {
+      int status = 0;
+      if (done[r] || waitpid(pids[r], &status, WNOHANG) != pids[r]) continue;
+      done[r] = true;
+      --left;
+      runs[r].status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      runs[r].seconds = elapsed;
+      if (first_exit < 0) first_exit = elapsed;
+    }
+    // Past the timeout, or `linger_s` after the first rank ended, the rest are killed (stopped ones too).
+    if (left > 0 && (elapsed > timeout_s || (first_exit >= 0 && elapsed - first_exit > linger_s))) {
+      for (int r = 0; r < world; ++r) {
+        if (done[r]) continue;
+        kill(pids[r], SIGKILL);
+        waitpid(pids[r], nullptr, 0);
+        done[r] = true;
+        --left;
+        runs[r].seconds = elapsed;  // status stays -1
+      }
+    }
+    if (left > 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  for (int r = 0; r < world; ++r) runs[r].stderr_text = read_bytes(logs / ("rank" + std::to_string(r) + ".err"));
+  return runs;
+}
+
+fs::path write_run_file(const fs::path& path, const TrainOptions& o) {
+  write_bytes(path, o.to_json().dump(2));
+  return path;
+}
+
+// max over tensors of ||a - b|| / ||b||.
+double max_relative_difference(const fs::path& a_dir, const fs::path& b_dir) {
+  const auto a = io::load_safetensors((a_dir / "model.safetensors").string());
+  const auto b = io::load_safetensors((b_dir / "model.safetensors").string());
+  REQUIRE(a.size() == b.size());
+  double worst = 0;
+  for (const auto& [name, t] : a) {
+    const torch::Tensor u = t.to(torch::kDouble), v = b.at(name).to(torch::kDouble);
+    worst = std::max(worst, (u - v).norm().item<double>() / std::max(v.norm().item<double>(), 1e-30));
+  }
+  return worst;
+}
+
+std::vector<nlohmann::json> records(const fs::path& metrics, const std::string& type) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(metrics);
+  for (std::string line; std::getline(in, line);) {
+    const auto rec = nlohmann::json::parse(line);
+    if (rec["type"] == type) out.push_back(rec);
+  }
+  return out;
+}
+
+TrainOptions parallel_options(const fs::path& root, const fs::path& data, const std::string& out) {
+  TrainOptions o = tiny_options(root, data, out);
+  o.dtype = "fp32";
+  o.threads = 1;
+  o.grad_accum = 2;
+  o.max_steps = 5;
+  o.eval_every = 0;
+  o.log_every = 1;
+  o.dist_timeout_s = 30;
+  o.bucket_mb = 0.01;  // several buckets for the tiny model: exercises their ordering and overlap
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("launch variables: all five or none; bad values are named", "[train][distributed]") {
+  using Env = std::map<std::string, std::string>;
+  auto read = [](const Env& env) {
+    return train::read_launch_env([&](const std::string& k) -> std::optional<std::string> {
+      const auto it = env.find(k);
+      if (it == env.end()) return std::nullopt;
+      return it->second;
+    });
+  };
+  CHECK(!read({}));
+  const Env good = {{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "1"}, {"MASTER_ADDR", "127.0.0.1"},
+                    {"MASTER_PORT", "29555"}};
+  const auto e = read(good);
+  REQUIRE(e);
+  CHECK((e->rank == 1 && e->world_size == 2 && e->local_rank == 1 && e->master_port == 29555 && !e->agent_store));
+  Env agent = good;
+  agent["TORCHELASTIC_USE_AGENT_STORE"] = "True";
+  CHECK(read(agent)->agent_store);
+  CHECK_THROWS_WITH(read({{"RANK", "0"}}), Contains("RANK set but WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not"));
+  auto with = [&](const std::string& k, const std::string& v) {
+    Env env = good;
+    env[k] = v;
+    return env;
+  };
+  CHECK_THROWS_WITH(read(with("RANK", "2")), Contains("RANK 2 is not below WORLD_SIZE 2"));
+  CHECK_THROWS_WITH(read(with("WORLD_SIZE", "two")), Contains("WORLD_SIZE='two'"));
+  CHECK_THROWS_WITH(read(with("MASTER_PORT", "70000")), Contains("MASTER_PORT='70000'"));
+  CHECK_THROWS_WITH(read(with("RANK", "-1")), Contains("RANK='-1'"));
+  CHECK_THROWS_WITH(read(with("LOCAL_RANK", "3")), Contains("LOCAL_RANK 3 exceeds RANK 1"));
+  CHECK_THROWS_WITH(read(with("MASTER_ADDR", "")), Contains("MASTER_ADDR is empty"));
+}
+
+TEST_CASE("data parallel: 2 ranks end where 1 rank with the whole batch ends, with and without --shard-optimizer",
+          "[train][distributed]") {
+  const TempDir tmp;
+  const fs::path root = tmp.path;
+  const fs::path data = make_data(root / "data", random_tokens(3000, 64, 21), random_tokens(400, 64, 22), 64, 64);
+  TrainOptions o = parallel_options(root, data, "one");
+  const fs::path run = write_run_file(root / "run.json", o);
+  REQUIRE(launch(run, root / "logs1", 1, {}, {}, {}, 120, /*launch_vars=*/false)[0].status == 0);
+  for (const bool shard : {false, true}) {
+    INFO("shard_optimizer " << shard);
+    const std::string out = shard ? "two_sharded" : "two";
+    std::vector<std::string> flags = {"--out", (root / out).string()};
+    if (shard) flags.push_back("--shard-optimizer");
+    const auto runs = launch(run, root / ("logs_" + out), 2, {flags, flags});
+    INFO(runs[0].stderr_text << "\n---\n" << runs[1].stderr_text);
+    REQUIRE(runs[0].status == 0);
+    REQUIRE(runs[1].status == 0);
+    CHECK(runs[1].stderr_text.empty());  // rank 0 alone logs
+    CHECK(fs::exists(root / out / "step_000005" / "optimizer.pt"));
+    const double diff = max_relative_difference(root / "one" / "step_000005", root / out / "step_000005");
+    INFO("max relative difference " << diff);
+    CHECK(diff <= 1e-6);
+    CHECK(diff > 0);  // two processes really summed their halves (not one rank computing everything)
+    // The same losses and validation, each step recorded once.
+    const auto a = records(root / "one" / "metrics.jsonl", "train"), b = records(root / out / "metrics.jsonl", "train");
+    REQUIRE(a.size() == 5);
+    REQUIRE(b.size() == 5);
+    for (size_t i = 0; i < a.size(); ++i) {
+      CHECK(b[i]["step"] == a[i]["step"]);
+      CHECK(b[i]["loss"].get<double>() == Approx(a[i]["loss"].get<double>()).epsilon(1e-6));
+      CHECK(b[i]["grad_norm"].get<double>() == Approx(a[i]["grad_norm"].get<double>()).epsilon(1e-5));
+      CHECK(b[i]["world_size"] == 2);
+    }
+    const auto ea = records(root / "one" / "metrics.jsonl", "eval"), eb = records(root / out / "metrics.jsonl", "eval");
+    REQUIRE((ea.size() == 1 && eb.size() == 1));
+    CHECK(eb[0]["val_loss"].get<double>() == Approx(ea[0]["val_loss"].get<double>()).epsilon(1e-6));
+    // All gradients cross once per step, whatever m and b; sharding halves the optimizer state.
+    int64_t param_bytes = 0;
+    for (const auto& [name, t] : io::load_safetensors((root / "one" / "step_000005" / "model.safetensors").string())) {
+      param_bytes += t.numel() * 4;
+    }
+    const int64_t reduced = b.back()["bytes_reduced_per_step"].get<int64_t>();
+    CHECK(reduced >= param_bytes);
+    CHECK(reduced < param_bytes + 2 * 4 * 64);  // the padding of the buckets to even sizes only
+    // The reduction overlaps the backward: buckets start as soon as their gradients are complete.
+    CHECK(b.back()["buckets"].get<int64_t>() > 4);
+    CHECK(b.back()["buckets_reduced_during_backward"].get<int64_t>() > 0);
+    const double state = static_cast<double>(b.back()["optimizer_state_bytes"].get<int64_t>());
+    if (shard) CHECK(state == Approx(param_bytes).epsilon(0.01));  // half of 2 fp32 moments
+    else CHECK(state == 2.0 * param_bytes);
+  }
+}
+
+TEST_CASE("data parallel: a 2-rank checkpoint resumes on 1 rank and a 1-rank checkpoint on 2 ranks",
+          "[train][distributed]") {
+  const TempDir tmp;
+  const fs::path root = tmp.path;
+  const fs::path data = make_data(root / "data", random_tokens(3000, 64, 23), random_tokens(300, 64, 24), 64, 64);
+  TrainOptions o = parallel_options(root, data, "one");
+  o.max_steps = 6;
+  o.save_every = 3;
+  const fs::path run = write_run_file(root / "run.json", o);
+  // The references: 6 uninterrupted steps on 1 and on 2 sharded ranks, checkpoints at 3 and 6.
+  REQUIRE(launch(run, root / "logs1", 1, {}, {}, {}, 120, false)[0].status == 0);
+  const std::vector<std::string> two = {"--out", (root / "two").string(), "--shard-optimizer"};
+  auto r2 = launch(run, root / "logs2", 2, {two, two});
+  INFO(r2[0].stderr_text);
+  REQUIRE((r2[0].status == 0 && r2[1].status == 0));
+  // Keep only step 3 of each, then finish the 1-rank run on 2 ranks and the 2-rank run on 1.
+  for (const char* out : {"one", "two"}) {
+    fs::remove_all(root / out / "step_000006");
+    write_bytes(root / out / "latest", "step_000003\n");
+  }
+  const std::vector<std::string> resume_one = {"--resume"};
+  auto a = launch(run, root / "logs3", 2, {resume_one, resume_one});
+  INFO(a[0].stderr_text);
+  REQUIRE((a[0].status == 0 && a[1].status == 0));
+  auto b = launch(run, root / "logs4", 1, {{"--resume", "--out", (root / "two").string()}}, {}, {}, 120, false);
+  INFO(b[0].stderr_text);
+  REQUIRE(b[0].status == 0);
+  // Either way the weights are those of the uninterrupted run (the loader position and the AdamW state crossed).
+  TrainOptions ref = o;
+  ref.out = (root / "ref").string();
+  REQUIRE(launch(write_run_file(root / "ref.json", ref), root / "logs5", 1, {}, {}, {}, 120, false)[0].status == 0);
+  CHECK(max_relative_difference(root / "one" / "step_000006", root / "ref" / "step_000006") <= 1e-6);
+  CHECK(max_relative_difference(root / "two" / "step_000006", root / "ref" / "step_000006") <= 1e-6);
+}
+
+TEST_CASE("data parallel: a killed or hung rank makes the other exit with a clear message; the checkpoint stays",
+          "[train][distributed]") {
+  const TempDir tmp;
+  const fs::path root = tmp.path;
+  const fs::path data = make_data(root / "data", random_tokens(3000, 64, 25), random_tokens(300, 64, 26), 64, 64);
+  TrainOptions o = parallel_options(root, data, "out");
+  o.max_steps = 100000;
+  o.save_every = 2;
+  o.dist_timeout_s = 8;
+  const fs::path run = write_run_file(root / "run.json", o);
+  for (const int sig : {SIGKILL, SIGSTOP}) {
+    INFO("signal " << sig);
+    const fs::path out = root / ("out" + std::to_string(sig));
+    const std::vector<std::string> flags = {"--out", out.string()};
+    double signalled_at = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto runs = launch(run, root / ("logs" + std::to_string(sig)), 2, {flags, flags}, {},
+                             [&](const std::vector<pid_t>& pids) {
+                               // Wait for the first checkpoint, then take rank 1 out in mid-run.
+                               for (int i = 0; i < 600 && !fs::exists(out / "latest"); ++i) {
+                                 std::this_thread::sleep_for(std::chrono::milliseconds(100));
+                               }
+                               std::this_thread::sleep_for(std::chrono::milliseconds(300));
+                               kill(pids[1], sig);
+                               signalled_at = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+                             },
+                             /*timeout_s=*/90, /*launch_vars=*/true, /*linger_s=*/2);
+    INFO(runs[0].stderr_text);
+    CHECK(runs[0].status == 1);
+    CHECK(runs[0].seconds - signalled_at < (sig == SIGKILL ? 20.0 : 8.0 + 20.0));
+    CHECK_THAT(runs[0].stderr_text, Contains("rank 0:"));
+    CHECK_THAT(runs[0].stderr_text, Contains("another rank died, hung past the timeout"));
+    // The last checkpoint is complete and loads.
+    const std::string latest = latest_name(out.string());
+    for (const char* f : {"config.json", "model.safetensors", "optimizer.pt", "trainer_state.json"}) {
+      CHECK(fs::exists(out / latest / f));
+    }
+    CHECK_NOTHROW(io::load_pretrained((out / latest).string()));
+  }
+}
+
+TEST_CASE("data parallel: bad launches are refused by name, without hanging", "[train][distributed]") {
+  const TempDir tmp;
+  const fs::path root = tmp.path;
+  const fs::path data = make_data(root / "data", random_tokens(3000, 64, 27), random_tokens(300, 64, 28), 64, 64);
+  TrainOptions o = parallel_options(root, data, "out");
+  o.dist_timeout_s = 5;
+  const fs::path run = write_run_file(root / "run.json", o);
+  SECTION("ranks with different options or model configs") {
+    auto r = launch(run, root / "l1", 2, {{}, {"--lr", "0.002"}});
+    for (const auto& x : r) {
+      CHECK(x.status == 1);
+      CHECK_THAT(x.stderr_text, Contains("rank 1's run options differs from rank 0's: field 'lr' is 0.002 (rank 0: 0.003)"));
+    }
+    const fs::path other = write_model_config(root / "other.json", 48);
+    r = launch(run, root / "l2", 2, {{}, {"--model-config", other.string()}});
+    for (const auto& x : r) {
+      CHECK(x.status == 1);
+      CHECK_THAT(x.stderr_text, Contains("rank 1's model config differs from rank 0's: field 'head_dim' is 12 (rank 0: 8), "
+                                         "field 'hidden_size' is 48 (rank 0: 32)"));
+    }
+  }
+  SECTION("a rank that fails to start is named by the others") {
+    auto r = launch(run, root / "l3", 2, {{}, {"--data", (root / "nowhere").string()}});
+    CHECK(r[0].status == 1);
+    CHECK_THAT(r[0].stderr_text, Contains("rank 1 failed to start:"));
+    CHECK_THAT(r[0].stderr_text, Contains("nowhere"));
+    CHECK(r[1].status == 1);
+  }
+  SECTION("a world size that does not divide the global batch") {
+    auto r = launch(run, root / "l4", 3, {});
+    for (const auto& x : r) {
+      CHECK(x.status == 1);
+      CHECK_THAT(x.stderr_text, Contains("batch_size 4 (the global micro-batch) is not divisible by WORLD_SIZE 3"));
+    }
+  }
+  SECTION("partial launch variables") {
+    auto r = launch(run, root / "l5", 1, {}, {{{"RANK", "0"}}}, {}, 60, /*launch_vars=*/false);
+    CHECK(r[0].status == 1);
+    CHECK_THAT(r[0].stderr_text, Contains("launch variables: RANK set but WORLD_SIZE"));
+  }
+  SECTION("a port in use") {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    REQUIRE(listen(fd, 4) == 0);
+    socklen_t len = sizeof a;
+    getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    const std::string port = std::to_string(ntohs(a.sin_port));
+    auto r = launch(run, root / "l6", 2, {}, {{{"MASTER_PORT", port}}, {{"MASTER_PORT", port}}}, {}, 60);
+    close(fd);
+    CHECK(r[0].status == 1);
+    CHECK_THAT(r[0].stderr_text, Contains("the port is in use"));
+    CHECK(r[1].status == 1);  // it reached our socket, which never answers: the timeout ends it
+    CHECK(r[1].seconds < 30);
+  }
 }

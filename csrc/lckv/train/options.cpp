@@ -51,6 +51,14 @@ const std::vector<OptionField>& option_fields() {
       {"metrics", &O::metrics, "Metrics JSONL file (default <out>/metrics.jsonl)"},
       {"prompt", &O::prompt, "After training, greedy-generate a continuation of this text (checked at start-up)"},
       {"generate_tokens", &O::generate_tokens, "Tokens to generate from prompt"},
+      {"shard_optimizer", &O::shard_optimizer,
+       "Data-parallel runs: each rank keeps and updates only its 1/N slice of the AdamW state (ZeRO-1/2: "
+       "reduce-scatter of the gradients, all-gather of the parameters); checkpoints hold the full state as without"},
+      {"dist_timeout_s", &O::dist_timeout_s,
+       "Data-parallel runs: seconds any rank waits for the others (start-up, each collective) before it stops with an "
+       "error naming what it waited for"},
+      {"bucket_mb", &O::bucket_mb,
+       "Data-parallel runs: MiB of gradients per all-reduce bucket (reduced as soon as the backward completes one)"},
   };
   return fields;
 }
@@ -170,6 +178,9 @@ void TrainOptions::validate() const {
   need(eval_every >= 0 && eval_batches >= 0 && save_every >= 0, "eval_every, eval_batches and save_every must be >= 0");
   need(keep_checkpoints > 0, "keep_checkpoints must be positive");
   need(log_every > 0, "log_every must be positive");
+  need(std::isfinite(dist_timeout_s) && dist_timeout_s >= 1 && dist_timeout_s <= 86400,
+       "dist_timeout_s must be in [1, 86400] seconds, got " + std::to_string(dist_timeout_s));
+  need(std::isfinite(bucket_mb) && bucket_mb > 0 && bucket_mb <= 65536, "bucket_mb must be in (0, 65536]");
   need(generate_tokens >= 0 && generate_tokens <= (int64_t{1} << 30), "generate_tokens must be in [0, 2^30]");
   for (const std::string& name : allow_changes) {
     bool ok = false;

@@ -60,6 +60,11 @@ struct TrainOptions {
   std::string prompt;
   int64_t generate_tokens = 64;
 
+  // Data parallelism (under torchrun's variables; distributed.h).
+  bool shard_optimizer = false;
+  double dist_timeout_s = 300;
+  double bucket_mb = 25;
+
   // Fields over the defaults. Throws TrainError naming `source` and the field on an unknown field, a
   // mistyped value, a non-integer or out-of-range integer.
   static TrainOptions from_json(const nlohmann::json& j, const std::string& source = "run file");

@@ -61,6 +61,20 @@ std::string format_duration(double seconds) {
 Trainer::Trainer(const TrainOptions& options, std::ostream* log, const OptimizerFactory& make_optimizer)
     : options_(options), log_(log) {
   options_.validate();
+  const std::optional<LaunchEnv> launch = read_launch_env();
+  if (launch) {
+    if (launch->rank != 0) log_ = nullptr;  // rank 0 alone logs
+    if (options_.batch_size % launch->world_size != 0) {
+      throw TrainError("option batch_size " + std::to_string(options_.batch_size) + " (the global micro-batch) is not "
+                       "divisible by WORLD_SIZE " + std::to_string(launch->world_size) +
+                       ": each rank runs batch_size / WORLD_SIZE rows; choose a multiple of " +
+                       std::to_string(launch->world_size));
+    }
+    if (options_.shard_optimizer && make_optimizer) {
+      throw TrainError("option shard_optimizer: the sharded AdamW replaces the optimizer; a custom optimizer cannot be "
+                       "sharded");
+    }
+  }
   torch::set_num_threads(options_.threads);
   try {
     device_ = torch::Device(options_.device);
@@ -70,7 +84,28 @@ Trainer::Trainer(const TrainOptions& options, std::ostream* log, const Optimizer
   if (device_.is_cuda() && !torch::cuda::is_available()) {
     throw TrainError("option device \"" + options_.device + "\": this LibTorch has no CUDA or sees no GPU");
   }
+  if (!launch) {
+    if (options_.shard_optimizer && log_) *log_ << "note: shard_optimizer has no effect without torchrun's variables\n";
+    build(make_optimizer);
+    write_outputs();
+    return;
+  }
+  if (device_.is_cuda()) device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(launch->local_rank));
+  comm_ = std::make_unique<Communicator>(
+      *launch, device_, std::chrono::milliseconds(static_cast<int64_t>(options_.dist_timeout_s * 1000)));
+  // Every rank builds, then all learn whether every rank succeeded and runs the same thing.
+  std::string local_error;
+  try {
+    build(make_optimizer);
+  } catch (const std::exception& e) {
+    local_error = e.what();
+    if (local_error.empty()) local_error = "failed";
+  }
+  check_ranks_agree(local_error);
+  write_outputs();
+}
 
+void Trainer::build(const OptimizerFactory& make_optimizer) {
   // Inputs first: data, model config, tokenizer, checkpoint. Nothing under `out` is written until
   // they pass (but the lock, taken before the checkpoint is read).
   data_ = data::read_prepared(options_.data);
@@ -91,8 +126,10 @@ Trainer::Trainer(const TrainOptions& options, std::ostream* log, const Optimizer
 
   data::LoaderOptions lo;
   lo.seq_len = options_.seq_len;
-  lo.batch_size = options_.batch_size;
+  lo.batch_size = options_.batch_size / world_size();
   lo.seed = options_.seed;
+  lo.rank = rank();
+  lo.world_size = world_size();
   train_loader_ = std::make_unique<data::TrainLoader>(data_.train_shards, lo);
   auto check_vocab = [&](int64_t shard_vocab, const std::vector<std::string>& shards, const char* split) {
     if (shard_vocab > config.vocab_size) {
@@ -122,20 +159,32 @@ Trainer::Trainer(const TrainOptions& options, std::ostream* log, const Optimizer
   model_ = LCKVForCausalLM(config);
   init_weights(model_);
   model_->to(device_);
-  optimizer_ = make_optimizer ? make_optimizer(model_, options_) : std::make_unique<FusedAdamW>(model_, options_);
+  if (comm_) {
+    sync_ = std::make_unique<GradientSync>(*comm_, model_, static_cast<int64_t>(options_.bucket_mb * (1 << 20)),
+                                           options_.shard_optimizer);
+  }
+  if (sync_ && options_.shard_optimizer) {
+    auto sharded = std::make_unique<ShardedAdamW>(*sync_, model_, options_);
+    sharded_ = sharded.get();
+    optimizer_ = std::move(sharded);
+  } else {
+    optimizer_ = make_optimizer ? make_optimizer(model_, options_) : std::make_unique<FusedAdamW>(model_, options_);
+  }
   if (!optimizer_) throw TrainError("the optimizer factory returned no optimizer");
 
   const fs::path out(options_.out);
-  std::error_code ec;
-  fs::create_directories(out, ec);
-  if (ec || !fs::is_directory(out)) {
-    throw TrainError("cannot create output directory '" + options_.out + "': " +
-                     (ec ? ec.message() : std::string("a file of that name exists")));
-  }
-  try {
-    out_lock_ = std::make_unique<FileLock>(out / ".lock", "output directory '" + options_.out + "'");
-  } catch (const FileError& e) {
-    throw TrainError(std::string(e.what()) + ": two runs cannot share an output directory");
+  if (rank() == 0) {  // the other ranks of a data-parallel run only read (a checkpoint to resume)
+    std::error_code ec;
+    fs::create_directories(out, ec);
+    if (ec || !fs::is_directory(out)) {
+      throw TrainError("cannot create output directory '" + options_.out + "': " +
+                       (ec ? ec.message() : std::string("a file of that name exists")));
+    }
+    try {
+      out_lock_ = std::make_unique<FileLock>(out / ".lock", "output directory '" + options_.out + "'");
+    } catch (const FileError& e) {
+      throw TrainError(std::string(e.what()) + ": two runs cannot share an output directory");
+    }
   }
   const std::optional<std::string> latest = latest_checkpoint(options_.out);
   if (options_.resume) {
@@ -148,11 +197,14 @@ Trainer::Trainer(const TrainOptions& options, std::ostream* log, const Optimizer
     throw TrainError("'" + options_.out + "' already holds a run (see '" + (out / "latest").string() +
                      "'): pass --resume to continue it, or choose another --out");
   }
+}
 
-  // Outputs.
+void Trainer::write_outputs() {
+  const fs::path out(options_.out);
+  metrics_path_ = options_.metrics.empty() ? (out / "metrics.jsonl").string() : options_.metrics;
+  if (rank() != 0) return;
   remove_stale_temporaries(options_.out);
   write_file_atomically(out / "train.json", options_.to_json().dump(2) + "\n");
-  metrics_path_ = options_.metrics.empty() ? (out / "metrics.jsonl").string() : options_.metrics;
   // A resumed run continues the metrics file from its checkpoint: records of steps after it
   // (written before the interruption) are dropped so the file reads as one run.
   std::string kept;
@@ -164,6 +216,97 @@ Trainer::Trainer(const TrainOptions& options, std::ostream* log, const Optimizer
     }
   }
   write_file_atomically(metrics_path_, kept);
+}
+
+// What every rank of a data-parallel run must share, compared field by field with rank 0's.
+namespace {
+
+uint64_t fnv1a(const std::string& text) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : text) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+// Appends "field 'a.b' is 1 (rank 0: 2)" for each difference between two JSON values.
+void differences(const json& mine, const json& theirs, const std::string& path, std::vector<std::string>& out) {
+  if (mine.is_object() && theirs.is_object()) {
+    for (auto it = theirs.begin(); it != theirs.end(); ++it) {
+      const std::string p = path.empty() ? it.key() : path + "." + it.key();
+      const auto other = mine.find(it.key());
+      if (other == mine.end()) out.push_back("field '" + p + "' is missing (rank 0: " + it.value().dump() + ")");
+      else differences(*other, it.value(), p, out);
+    }
+    for (auto it = mine.begin(); it != mine.end(); ++it) {
+      if (!theirs.contains(it.key())) {
+        out.push_back("field '" + (path.empty() ? it.key() : path + "." + it.key()) + "' is extra");
+      }
+    }
+    return;
+  }
+  if (mine == theirs) return;
+  auto cut = [](const json& v) {
+    std::string s = v.dump();
+    return s.size() > 80 ? s.substr(0, 77) + "..." : s;
+  };
+  out.push_back("field '" + path + "' is " + cut(mine) + " (rank 0: " + cut(theirs) + ")");
+}
+
+}  // namespace
+
+void Trainer::check_ranks_agree(const std::string& local_error) {
+  json mine = {{"error", local_error}};
+  if (local_error.empty()) {
+    json run = options_.to_json();
+    run.erase("device");  // cuda is cuda:LOCAL_RANK on each rank
+    std::string meta;
+    try {
+      meta = read_file(fs::path(options_.data) / "meta.json");
+    } catch (const std::exception&) {
+    }
+    mine["model config"] = model_->config.to_json();
+    mine["run options"] = run;
+    mine["data"] = {{"meta.json fnv1a", std::to_string(fnv1a(meta))},
+                    {"training tokens", train_loader_->state().stream_tokens},
+                    {"vocab_size", data_.vocab_size}};
+    mine["resumed step"] = step_;
+  }
+  const std::vector<std::string> all = comm_->exchange("startup", mine.dump());
+  std::vector<json> ranks;
+  for (const std::string& text : all) ranks.push_back(json::parse(text));
+  for (size_t r = 0; r < ranks.size(); ++r) {
+    const std::string error = ranks[r].value("error", std::string());
+    if (!error.empty()) {
+      throw TrainError(static_cast<int>(r) == rank() ? error
+                                                     : "rank " + std::to_string(r) + " failed to start: " + error);
+    }
+  }
+  for (size_t r = 1; r < ranks.size(); ++r) {
+    for (const char* part : {"model config", "run options", "data", "resumed step"}) {
+      std::vector<std::string> found;
+      differences(ranks[r][part], ranks[0][part], "", found);
+      if (!found.empty()) {
+        std::string list;
+        for (size_t i = 0; i < found.size() && i < 4; ++i) list += (i ? ", " : "") + found[i];
+        if (found.size() > 4) list += ", and " + std::to_string(found.size() - 4) + " more";
+        throw TrainError("rank " + std::to_string(r) + "'s " + part + " differs from rank 0's: " + list +
+                         "; every rank of a data-parallel run must use the same model config, run options and data");
+      }
+    }
+  }
+}
+
+int Trainer::stop_signal() const { return comm_ ? agreed_stop_ : requested_stop_signal(); }
+
+int64_t Trainer::optimizer_state_bytes() const {
+  if (sharded_) return sharded_->state_bytes();
+  auto* fused = dynamic_cast<FusedAdamW*>(optimizer_.get());
+  if (!fused) return 0;
+  int64_t bytes = 0;
+  for (const auto& [key, state] : fused->adamw().state()) {
+    const auto& st = static_cast<const torch::optim::AdamWParamState&>(*state);
+    bytes += (st.exp_avg().numel() + st.exp_avg_sq().numel()) * static_cast<int64_t>(st.exp_avg().element_size());
+  }
+  return bytes;
 }
 
 void Trainer::resume_from(const std::string& dir) {
@@ -222,7 +365,10 @@ StepStats Trainer::train_step() {
   s.lr = learning_rate(options_, step_, total_steps_);
   optimizer_->set_lr(s.lr);
   model_->train();
-  optimizer_->zero_grad();
+  // Data parallel: the gradients are views into the all-reduce buckets, zeroed there (an optimizer's
+  // zero_grad would detach them).
+  if (sync_) sync_->begin_step();
+  else optimizer_->zero_grad();
   auto not_finite = [&](const std::string& what, double value) {
     return TrainError("step " + std::to_string(step_ + 1) + ": " + what + " is " + std::to_string(value) +
                       "; stopping without applying this step. The last good checkpoint is " +
@@ -233,13 +379,29 @@ StepStats Trainer::train_step() {
   for (int micro = 0; micro < options_.grad_accum; ++micro) {
     const torch::Tensor loss = batch_loss(train_loader_->next());
     const double value = loss.item<double>();
-    if (!std::isfinite(value)) throw not_finite("the training loss", value);
+    // Data parallel: a rank goes on through the step's collectives, and the ranks agree below.
+    if (!std::isfinite(value) && !comm_) throw not_finite("the training loss", value);
+    if (sync_ && micro + 1 == options_.grad_accum) sync_->arm();  // the last backward reduces the gradients
     (loss / options_.grad_accum).backward();
     loss_sum += value;
   }
-  // The global norm over both groups (clipping with an infinite bound only measures it).
-  s.grad_norm = torch::nn::utils::clip_grad_norm_(
-      model_->parameters(), options_.grad_clip > 0 ? options_.grad_clip : std::numeric_limits<double>::infinity());
+  if (comm_) {
+    sync_->finish();
+    // One small all-reduce: the ranks' losses, and whether any rank got a stop signal.
+    const int sig = requested_stop_signal();
+    torch::Tensor agree = torch::tensor({loss_sum, sig == SIGINT ? 1.0 : 0.0, sig != 0 && sig != SIGINT ? 1.0 : 0.0},
+                                        torch::kDouble).to(device_);
+    comm_->all_reduce(agree, "the step's loss and stop agreement");
+    agree = agree.cpu();
+    loss_sum = agree[0].item<double>() / world_size();
+    agreed_stop_ = agree[1].item<double>() > 0 ? SIGINT : agree[2].item<double>() > 0 ? SIGTERM : 0;
+    if (!std::isfinite(loss_sum)) throw not_finite("the training loss (mean over the ranks)", loss_sum);
+    s.grad_norm = sync_->clip_grad_norm(options_.grad_clip);
+  } else {
+    // The global norm over both groups (clipping with an infinite bound only measures it).
+    s.grad_norm = torch::nn::utils::clip_grad_norm_(
+        model_->parameters(), options_.grad_clip > 0 ? options_.grad_clip : std::numeric_limits<double>::infinity());
+  }
   if (!std::isfinite(s.grad_norm)) throw not_finite("the gradient norm", s.grad_norm);
   optimizer_->step();
   ++step_;
@@ -266,6 +428,13 @@ EvalStats Trainer::evaluate() {
     ++batches;
   }
   model_->train();
+  if (comm_) {  // each rank evaluated its share of the windows
+    torch::Tensor sums = torch::tensor({loss_sum, static_cast<double>(e.tokens)}, torch::kDouble).to(device_);
+    comm_->all_reduce(sums, "the validation loss");
+    sums = sums.cpu();
+    loss_sum = sums[0].item<double>();
+    e.tokens = static_cast<int64_t>(sums[1].item<double>());
+  }
   e.loss = loss_sum / static_cast<double>(e.tokens);
   e.ppl = std::exp(e.loss);
   return e;
@@ -281,7 +450,27 @@ std::string Trainer::save_checkpoint() {
   s.rng_cpu = cpu_rng_state();
   s.optimizer = optimizer_->kind();
   s.options = options_.to_json();
-  last_checkpoint_ = train::save_checkpoint(options_.out, model_, *optimizer_, s, options_.keep_checkpoints);
+  if (!comm_) {
+    last_checkpoint_ = train::save_checkpoint(options_.out, model_, *optimizer_, s, options_.keep_checkpoints);
+    return last_checkpoint_;
+  }
+  // Data parallel: the ranks' weights are equal and the loader state is global, so rank 0 writes
+  // the checkpoint alone, the sharded optimizer's state first gathered from every rank; then every
+  // rank learns whether it succeeded.
+  std::unique_ptr<FusedAdamW> gathered = sharded_ ? sharded_->gather_full() : nullptr;
+  std::string error;
+  if (rank() == 0) {
+    try {
+      train::save_checkpoint(options_.out, model_, gathered ? *gathered : *optimizer_, s, options_.keep_checkpoints);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  const std::vector<std::string> outcome = comm_->exchange("save/" + std::to_string(save_count_++), error);
+  if (!outcome[0].empty()) {
+    throw TrainError(rank() == 0 ? outcome[0] : "rank 0 failed to save a checkpoint: " + outcome[0]);
+  }
+  last_checkpoint_ = (fs::path(options_.out) / checkpoint_name(step_)).string();
   return last_checkpoint_;
 }
 
@@ -311,6 +500,7 @@ std::string Trainer::generate_sample(const std::string& prompt_text, int64_t tok
 }
 
 void Trainer::log_metrics(const json& record) {
+  if (rank() != 0) return;
   std::ofstream out(metrics_path_, std::ios::app);
   out << record.dump() << "\n";
   out.flush();
@@ -337,6 +527,12 @@ RunResult Trainer::run(const std::function<void(const StepStats&)>& after_step) 
           << "training steps " << step_ << " -> " << total_steps_ << ", " << tokens_per_step() << " tokens/step, "
           << options_.dtype << " on " << options_.device << " with " << options_.threads << " threads, optimizer "
           << optimizer_->kind() << "\n";
+    if (comm_) {
+      *log_ << "data parallel: " << world_size() << " ranks x " << options_.batch_size / world_size()
+            << " rows per micro-batch, " << bytes_reduced_per_step() << " gradient bytes "
+            << (sharded_ ? "reduce-scattered" : "all-reduced") << " per step, optimizer state "
+            << optimizer_state_bytes() << " bytes per rank" << (sharded_ ? " (sharded)" : "") << "\n";
+    }
   }
   auto run_eval = [&] {
     if (!val_loader_) return;
@@ -358,14 +554,22 @@ RunResult Trainer::run(const std::function<void(const StepStats&)>& after_step) 
     interval_seconds += s.seconds;
     ++interval_steps;
     const bool last = step_ == total_steps_;
-    const int stop = requested_stop_signal();
+    const int stop = stop_signal();
     if (step_ % options_.log_every == 0 || last || stop) {
       const double tokens_per_s = static_cast<double>(interval_steps * tokens_per_step()) / interval_seconds;
       const double session_s = std::chrono::duration<double>(clock::now() - session_start).count();
       const double eta = session_s / static_cast<double>(step_ - session_first_step) * static_cast<double>(total_steps_ - step_);
       const double loss = interval_loss / static_cast<double>(interval_steps);
-      log_metrics({{"type", "train"}, {"step", step_}, {"loss", loss}, {"lr", s.lr}, {"grad_norm", s.grad_norm},
-                   {"tokens", tokens_seen_}, {"tokens_per_s", tokens_per_s}, {"elapsed_s", elapsed_s_}});
+      json record = {{"type", "train"}, {"step", step_}, {"loss", loss}, {"lr", s.lr}, {"grad_norm", s.grad_norm},
+                     {"tokens", tokens_seen_}, {"tokens_per_s", tokens_per_s}, {"elapsed_s", elapsed_s_}};
+      if (comm_) {
+        record["world_size"] = world_size();
+        record["bytes_reduced_per_step"] = bytes_reduced_per_step();
+        record["optimizer_state_bytes"] = optimizer_state_bytes();  // rank 0's
+        record["buckets"] = sync_->buckets().size();
+        record["buckets_reduced_during_backward"] = sync_->buckets_launched_during_backward();
+      }
+      log_metrics(record);
       if (log_) {
         *log_ << "step " << step_ << "/" << total_steps_ << " | loss " << std::fixed << std::setprecision(4) << loss
               << " | lr " << std::scientific << std::setprecision(2) << s.lr << " | grad norm " << std::fixed
@@ -391,7 +595,7 @@ RunResult Trainer::run(const std::function<void(const StepStats&)>& after_step) 
   }
   result.step = step_;
   result.last_checkpoint = last_checkpoint_;
-  if (!result.stop_signal && !options_.prompt.empty() && options_.generate_tokens > 0) {
+  if (!result.stop_signal && !options_.prompt.empty() && options_.generate_tokens > 0 && rank() == 0) {
     result.sample = generate_sample(options_.prompt, options_.generate_tokens);
     if (requested_stop_signal()) result.stop_signal = requested_stop_signal();
   }

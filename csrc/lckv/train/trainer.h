@@ -7,6 +7,12 @@
 // forward and backward run under autocast to bf16 (lckv::AutocastScope; oneDNN/AMX on CPU), with
 // "fp32" in plain fp32. The loss is computed in fp32 either way.
 //
+// Data parallelism: under torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+// MASTER_PORT; distributed.h) every rank runs batch_size / WORLD_SIZE rows of each micro-batch and
+// the gradients are averaged, so the run computes what one process computes (batch_size is global);
+// rank 0 alone logs, writes metrics and checkpoints and holds the output lock. Without them the
+// single-process path is unchanged.
+//
 // Resume: with the same options, a run stopped after step k and resumed (resume = true) gives
 // bitwise the same losses as an uninterrupted run on CPU with the same thread count. Options whose
 // change would change the result are refused on resume unless listed in allow_changes; every changed
@@ -30,6 +36,7 @@
 #include "lckv/files.h"
 #include "lckv/model/lckv_model.h"
 #include "lckv/train/checkpoint.h"
+#include "lckv/train/distributed.h"
 #include "lckv/train/optimizer.h"
 #include "lckv/train/options.h"
 
@@ -102,9 +109,18 @@ class Trainer {
   LCKVForCausalLM& model() { return model_; }
   Optimizer& optimizer() { return *optimizer_; }
   torch::Device device() const { return device_; }
+  int rank() const { return comm_ ? comm_->rank() : 0; }
+  int world_size() const { return comm_ ? comm_->world_size() : 1; }
+  // Data-parallel runs: bytes of gradients all-reduced (or reduce-scattered) per step; 0 otherwise.
+  int64_t bytes_reduced_per_step() const { return sync_ ? sync_->bytes_per_step() : 0; }
+  int64_t optimizer_state_bytes() const;  // this rank's AdamW moments (fused or sharded AdamW; 0 otherwise)
   const std::string& last_checkpoint() const { return last_checkpoint_; }
 
  private:
+  void build(const OptimizerFactory& make_optimizer);
+  void check_ranks_agree(const std::string& local_error);
+  void write_outputs();
+  int stop_signal() const;  // the stop agreed by the ranks in the last step (data parallel), else the local one
   void resume_from(const std::string& dir);
   void log_metrics(const nlohmann::json& record);
   torch::Tensor batch_loss(const data::Batch& batch);
@@ -114,7 +130,12 @@ class Trainer {
   data::PreparedData data_;
   torch::Device device_{torch::kCPU};
   LCKVForCausalLM model_{nullptr};
+  std::unique_ptr<Communicator> comm_;  // data-parallel runs only
+  std::unique_ptr<GradientSync> sync_;  // before optimizer_: a ShardedAdamW refers to it
   std::unique_ptr<Optimizer> optimizer_;
+  ShardedAdamW* sharded_ = nullptr;     // optimizer_ when --shard-optimizer
+  int agreed_stop_ = 0;
+  int64_t save_count_ = 0;
   std::unique_ptr<data::TrainLoader> train_loader_;
   std::unique_ptr<data::SequentialLoader> val_loader_;  // null without a validation split
   std::unique_ptr<FileLock> out_lock_;

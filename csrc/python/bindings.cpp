@@ -162,7 +162,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "_forward",
           [](LCKVForCausalLMImpl& self, const torch::Tensor& input_ids, const std::optional<torch::Tensor>& labels,
              std::optional<int> forward_passes, std::optional<int> backward_passes, bool sequential,
-             const IterationObserver& observer) {
+             const IterationObserver& observer, double tolerance) {
             const torch::Tensor lab = labels.value_or(torch::Tensor());
             CausalLMOutput out;
             if (sequential) {
@@ -172,13 +172,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
               counts.forward_passes = forward_passes.value_or(counts.forward_passes);
               counts.backward_passes = backward_passes.value_or(counts.backward_passes);
               counts.observer = observer;
+              counts.tolerance = tolerance;
               out = self.forward(input_ids, lab, counts);
             }
             return std::make_pair(out.logits,
                                   out.loss.defined() ? std::optional<torch::Tensor>(out.loss) : std::nullopt);
           },
           py::arg("input_ids"), py::arg("labels"), py::arg("forward_passes"), py::arg("backward_passes"),
-          py::arg("sequential"), py::arg("observer"), py::call_guard<py::gil_scoped_release>())
+          py::arg("sequential"), py::arg("observer"), py::arg("tolerance") = 0.0,
+          py::call_guard<py::gil_scoped_release>())
       .def("_init_weights",
            [](const ModelPtr& self) {
              LCKVForCausalLM holder(self);
@@ -384,6 +386,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("optimizer_state_bytes", &train::Trainer::optimizer_state_bytes)
       .def_property_readonly("last_checkpoint", &train::Trainer::last_checkpoint)
       .def_property_readonly("_cpp_model", [](train::Trainer& t) { return t.model().ptr(); });
+  m.def("convergence_tolerance", &convergence_tolerance, py::arg("dtype"),
+        "The KV convergence tolerance exact prefill uses for a compute dtype.");
   m.def("install_stop_handlers", &train::install_stop_handlers,
         "SIGINT/SIGTERM make Trainer.run save a checkpoint and return (as lckv-train does).");
   m.def("clear_stop_request", &train::clear_stop_request);

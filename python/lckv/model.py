@@ -140,6 +140,7 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         backward_passes: Optional[int] = None,
         sequential: bool = False,
         kv_observer: Optional[KVObserver] = None,
+        convergence_tolerance: float = 0.0,
     ) -> CausalLMOutput:
         """Logits [B, T, V] and, with labels, the mean next-token loss (labels aligned with
         input_ids, shifted inside; -100 ignored), as in Hugging Face.
@@ -148,7 +149,9 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         follow every real token, so they cannot affect real positions; they are left out of the loss.
         forward_passes / backward_passes override the config's m and b for this call;
         sequential=True runs the token-by-token definition; kv_observer sees the KVs of the
-        top targets after every iteration of the parallel forward.
+        top targets after every iteration of the parallel forward; convergence_tolerance > 0 stops
+        the no-grad iterations of a segment once its KVs change by at most that fraction of their
+        scale (lckv::IterationOptions::tolerance; exact prefill uses lckv._C.convergence_tolerance).
         """
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -159,7 +162,7 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         if attention_mask is not None:
             labels = _mask_padding(input_ids, labels, attention_mask)
         logits, loss = self.cpp_module._forward(
-            input_ids, labels, forward_passes, backward_passes, sequential, kv_observer
+            input_ids, labels, forward_passes, backward_passes, sequential, kv_observer, convergence_tolerance
         )
         return CausalLMOutput(loss=loss, logits=logits)
 

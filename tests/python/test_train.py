@@ -217,3 +217,18 @@ def test_ddp_around_the_model_in_two_gloo_processes(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         assert "ranks agree: max |difference| 0;" in r.stdout, r.stdout
         assert "terminate called" not in r.stderr
+
+
+def test_resume_from_python_refuses_result_changing_options_by_name(prepared, tmp_path):
+    out = tmp_path / "r"
+    rf = run_file(prepared, out, max_steps=2)
+    assert main(["--config", str(rf)]) == 0
+    with pytest.raises(lckv.TrainError, match=r"lr: 0.003 -> 0.01.*seed: 7 -> 8.*--allow-changes"):
+        Trainer({**json.loads(rf.read_text()), "resume": True, "lr": 0.01, "seed": 8, "max_steps": 3,
+                 "allow_changes": ["max_steps"]}, log=False)
+    with pytest.raises(lckv.TrainError, match="nothing to train.*step 2"):
+        Trainer({**json.loads(rf.read_text()), "resume": True}, log=False)
+    assert main(["--config", str(rf), "--resume"]) == 1  # the same, from the command line: exit 1, no traceback
+    t = Trainer({**json.loads(rf.read_text()), "resume": True, "max_steps": 3, "allow_changes": ["max_steps"]},
+                log=False)
+    assert t.step == 2 and t.run().step == 3

@@ -6,6 +6,7 @@ adapts the PyTorch conventions that ModuleWrapper lacks for a nested C++ module 
 .to() with every signature) and the Hugging Face-style entry points.
 """
 
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,28 @@ KVObserver = Callable[[int, int, int, torch.Tensor, torch.Tensor], None]
 
 @dataclass
 class CausalLMOutput:
+    """Like a Hugging Face ModelOutput: attributes, out["logits"], and out[0] / tuple(out) over the
+    fields that are set (loss first when there is one)."""
+
     loss: Optional[torch.Tensor]  # mean next-token cross-entropy, when labels are given
     logits: torch.Tensor  # [batch, tokens, vocab]
+
+    def to_tuple(self) -> Tuple[torch.Tensor, ...]:
+        return tuple(v for v in (self.loss, self.logits) if v is not None)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            value = getattr(self, key, None) if key in ("loss", "logits") else None
+            if value is None:
+                raise KeyError(key)
+            return value
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+    def __len__(self) -> int:
+        return len(self.to_tuple())
 
 
 @dataclass
@@ -82,8 +103,16 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         self.cpp_module._save_pretrained(str(directory), dtype or self._param_dtype())
 
     @property
-    def config(self) -> LCKVConfig:
-        return LCKVConfig(self.cpp_module._config.to_json())
+    def config(self) -> "FrozenConfig":
+        """The model's configuration, read-only: the C++ model was built from it, so changing a field
+        here could not change the model (setting one raises). Per call, forward takes forward_passes=,
+        backward_passes= and sequential=; for another architecture build a new model."""
+        return FrozenConfig(self.cpp_module._config.to_json())
+
+    # ---- copy.deepcopy, pickle and torch.save(model): the config and the weights
+    def __reduce__(self):
+        state = {name: t.detach().clone() for name, t in self.state_dict().items()}
+        return (_rebuild, (self.cpp_module._config.to_json(), state, self.training))
 
     def _param_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
@@ -141,7 +170,9 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         sequential: bool = False,
         kv_observer: Optional[KVObserver] = None,
         convergence_tolerance: float = 0.0,
-    ) -> CausalLMOutput:
+        return_dict: Optional[bool] = None,
+        use_cache: Optional[bool] = None,
+    ) -> Union[CausalLMOutput, Tuple[torch.Tensor, ...]]:
         """Logits [B, T, V] and, with labels, the mean next-token loss (labels aligned with
         input_ids, shifted inside; -100 ignored), as in Hugging Face.
 
@@ -152,7 +183,11 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         top targets after every iteration of the parallel forward; convergence_tolerance > 0 stops
         the no-grad iterations of a segment once its KVs change by at most that fraction of their
         scale (lckv::IterationOptions::tolerance; exact prefill uses lckv._C.convergence_tolerance).
+        Hugging Face's return_dict=False gives a tuple ((loss,) logits); use_cache is accepted and
+        ignored (a forward over whole sequences keeps no cache: generate() uses the condensed one).
         """
+        if _is_compiling():
+            _warn_once("torch.compile: LCKVForCausalLM's forward is C++ and is not traced; it runs eagerly")
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if labels is not None and not isinstance(labels, torch.Tensor):
@@ -164,15 +199,21 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         logits, loss = self.cpp_module._forward(
             input_ids, labels, forward_passes, backward_passes, sequential, kv_observer, convergence_tolerance
         )
-        return CausalLMOutput(loss=loss, logits=logits)
+        out = CausalLMOutput(loss=loss, logits=logits)
+        return out.to_tuple() if return_dict is False else out
 
     # ---- generation with the condensed KV cache (lckv::generate)
     def generate(
         self,
-        prompts: Union[torch.Tensor, Sequence[Sequence[int]]],
+        prompts: Union[torch.Tensor, Sequence[Sequence[int]], None] = None,
         max_new_tokens: Optional[int] = None,
         *,
         generation_config: Optional["_C.GenerationConfig"] = None,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        eos_token_id: Union[int, Sequence[int], None] = None,
+        pad_token_id: Optional[int] = None,
+        include_prompt: bool = False,
         **options,
     ) -> GenerationOutput:
         """Continues a batch of prompts (a [B, T] tensor or lists of token ids of any lengths).
@@ -182,7 +223,25 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         lckv.StreamingOptions, True for the defaults, or None), vocab_limit, return_logits) and of
         its SamplingConfig (do_sample, temperature, top_k, top_p, repetition_penalty), set over
         `generation_config` (default: GenerationConfig()). Greedy by default; Hugging Face's
-        sampling rules. cache_capacity 0 means prompt + max_new_tokens slots per sequence."""
+        sampling rules. cache_capacity 0 means prompt + max_new_tokens slots per sequence.
+
+        Hugging Face's names work too: input_ids= (instead of prompts) with a left-padded
+        attention_mask (its zeros are dropped: ragged prompts), eos_token_id= (an id or a list, added
+        to stop_tokens), pad_token_id= (accepted; the result is lists, so nothing is padded), and
+        include_prompt=True returns each prompt followed by its new tokens, as HF's sequences."""
+        if input_ids is not None:
+            if prompts is not None:
+                raise TypeError("generate() got both prompts and input_ids: pass one of them")
+            prompts = input_ids
+        if prompts is None:
+            raise TypeError("generate() needs prompts (or input_ids)")
+        if attention_mask is not None:
+            prompts = _strip_left_padding(prompts, attention_mask)
+        if pad_token_id is not None:
+            _integer(pad_token_id, "pad_token_id")
+        if eos_token_id is not None:
+            eos = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else list(eos_token_id)
+            options["stop_tokens"] = list(options.get("stop_tokens", [])) + eos
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() != 2:
                 raise ValueError(f"prompts must be [batch, tokens] or a list of token lists, got shape {tuple(prompts.shape)}")
@@ -191,7 +250,8 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         ids = [[_integer(t, f"prompts[{i}][{j}]") for j, t in enumerate(p)] for i, p in enumerate(prompts)]
         config = _generation_config(generation_config, max_new_tokens, options)
         r = self.cpp_module._generate(ids, config)
-        return GenerationOutput(tokens=r.tokens, logits=r.logits, stats=r.stats)
+        tokens = [p + t for p, t in zip(ids, r.tokens)] if include_prompt else r.tokens
+        return GenerationOutput(tokens=tokens, logits=r.logits, stats=r.stats)
 
     def __repr__(self) -> str:
         c = self.config
@@ -237,6 +297,59 @@ def _mask_padding(input_ids: torch.Tensor, labels: Optional[torch.Tensor], atten
     if labels is None:
         return None
     return labels.masked_fill(mask.to(labels.device) == 0, -100)
+
+
+class FrozenConfig(LCKVConfig):
+    """An LCKVConfig whose fields cannot be set: model.config (use config.copy() for an editable one)."""
+
+    def __setattr__(self, name, value):
+        raise AttributeError(
+            f"model.config is read-only: setting '{name}' would not change the C++ model built from it. "
+            "Pass forward_passes=/backward_passes=/sequential= to forward() for one call, or build a new "
+            "model from model.config.copy()"
+        )
+
+    def copy(self) -> LCKVConfig:
+        return LCKVConfig(self.to_json())
+
+
+_warned = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _strip_left_padding(prompts, attention_mask: torch.Tensor) -> List[List[int]]:
+    """The prompts of a left-padded [B, T] batch without their pads (Hugging Face's generate input)."""
+    if not isinstance(prompts, torch.Tensor) or not isinstance(attention_mask, torch.Tensor):
+        raise TypeError("attention_mask needs input_ids as a [batch, tokens] tensor, and must be a tensor itself")
+    if attention_mask.shape != prompts.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(prompts.shape)}, got {tuple(attention_mask.shape)}")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise TypeError(f"attention_mask must be an integer or bool tensor of 0/1, got {attention_mask.dtype}")
+    mask = attention_mask.to(torch.long)
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 and 1")
+    if (mask[:, 1:] < mask[:, :-1]).any():
+        raise ValueError("attention_mask for generate: only left padding (zeros, then ones) is supported")
+    _check_token_tensor("input_ids", prompts)
+    return [row[m.bool()].tolist() for row, m in zip(prompts, mask)]
+
+
+def _rebuild(config_json: str, state: Dict[str, torch.Tensor], training: bool) -> "LCKVForCausalLM":
+    model = LCKVForCausalLM(LCKVConfig(config_json), init_weights=False)
+    if state:
+        model = model.to(next(iter(state.values())).dtype)
+    model.load_state_dict(state)
+    return model.train(training)
 
 
 def _generation_config(base: Optional["_C.GenerationConfig"], max_new_tokens: Optional[int], options: Dict):

@@ -386,6 +386,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("optimizer_state_bytes", &train::Trainer::optimizer_state_bytes)
       .def_property_readonly("last_checkpoint", &train::Trainer::last_checkpoint)
       .def_property_readonly("_cpp_model", [](train::Trainer& t) { return t.model().ptr(); });
+  m.def(
+      "evaluate_windows",
+      [](const ModelPtr& model, const std::vector<std::string>& shards, int64_t seq_len, int64_t batch_size,
+         int64_t max_batches, bool bf16, bool exact) {
+        LCKVForCausalLM holder(model);
+        data::SequentialLoader loader(shards, loader_options(seq_len, batch_size, 0, 0, 1));
+        if (loader.vocab_size() > holder->config.vocab_size) {
+          throw train::TrainError("the shards (" + shards.front() + ", ...) hold token ids up to " +
+                                  std::to_string(loader.vocab_size() - 1) + " but the model's vocab_size is " +
+                                  std::to_string(holder->config.vocab_size));
+        }
+        train::WindowEval w;
+        w.seq_len = seq_len;
+        w.max_batches = max_batches;
+        w.bf16 = bf16;
+        const torch::Device device = holder->parameters().front().device();
+        if (exact) w.iterations = train::exact_iterations(seq_len, bf16, holder->parameters().front().scalar_type());
+        py::gil_scoped_release no_gil;
+        const auto [sum, tokens] = train::loss_sum(holder, loader, w, device);
+        return train::eval_stats(sum, tokens);
+      },
+      py::arg("model"), py::arg("shards"), py::arg("seq_len"), py::arg("batch_size"), py::arg("max_batches"),
+      py::arg("bf16"), py::arg("exact"),
+      "lckv-eval's computation: the next-token loss over the windows of token shards, as validation computes it.");
   m.def("convergence_tolerance", &convergence_tolerance, py::arg("dtype"),
         "The KV convergence tolerance exact prefill uses for a compute dtype.");
   m.def("install_stop_handlers", &train::install_stop_handlers,

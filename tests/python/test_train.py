@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 
 import lckv
+import lckv.eval
 from lckv import LCKVForCausalLM
 import torch
 from lckv.train import Trainer, main, parse_options
@@ -232,3 +233,27 @@ def test_resume_from_python_refuses_result_changing_options_by_name(prepared, tm
     t = Trainer({**json.loads(rf.read_text()), "resume": True, "max_steps": 3, "allow_changes": ["max_steps"]},
                 log=False)
     assert t.step == 2 and t.run().step == 3
+
+
+def test_lckv_eval_and_python_m_lckv_eval_reproduce_the_trainers_validation_exactly(prepared, tmp_path):
+    out = tmp_path / "e"
+    assert main(["--config", str(run_file(prepared, out, max_steps=3))]) == 0
+    final = records(out / "metrics.jsonl", "eval")[-1]
+    args = ["--model", str(out / "step_000003"), "--data", str(prepared / "data"), "--seq-len", "32",
+            "--batch-size", "4", "--dtype", "fp32", "--threads", "1"]
+    r = subprocess.run([sys.executable, "-m", "lckv.eval", *args], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["loss"] == final["val_loss"]  # bitwise: the same C++ computation
+    exe = BUILD / "lckv-eval"
+    if exe.exists():
+        r = subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["loss"] == final["val_loss"]
+        bad = subprocess.run([str(exe), "--model", str(tmp_path / "none"), "--data", str(prepared / "data")],
+                             capture_output=True, text=True)
+        assert bad.returncode == 1 and "none" in bad.stderr and "config.json" in bad.stderr
+    exact = lckv.eval.evaluate(LCKVForCausalLM.from_pretrained(out / "step_000003"), str(prepared / "data"),
+                               seq_len=32, batch_size=4, dtype="fp32", prefill="exact")
+    assert abs(exact["loss"] - final["val_loss"]) < 0.5 and exact["tokens"] == json.loads(r.stdout)["tokens"]
+    with pytest.raises(ValueError, match="split must be"):
+        lckv.eval.evaluate(LCKVForCausalLM.from_pretrained(out / "step_000003"), str(prepared / "data"), split="test")

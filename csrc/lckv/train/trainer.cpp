@@ -119,30 +119,20 @@ StepStats Trainer::train_step() {
 
 EvalStats Trainer::evaluate() {
   if (!val_loader_) throw TrainError("evaluate: '" + options_.data + "' has no validation split");
-  torch::NoGradGuard no_grad;
-  model_->eval();
-  val_loader_->reset();
-  double loss_sum = 0;
-  int64_t batches = 0;
-  EvalStats e;
-  while (auto batch = val_loader_->next()) {
-    if (options_.eval_batches > 0 && batches == options_.eval_batches) break;
-    const int64_t n = batch->rows * options_.seq_len;
-    loss_sum += batch_loss(*batch).item<double>() * static_cast<double>(n);
-    e.tokens += n;
-    ++batches;
-  }
+  WindowEval w;
+  w.seq_len = options_.seq_len;
+  w.max_batches = options_.eval_batches;
+  w.bf16 = options_.bf16();
+  auto [sum, tokens] = loss_sum(model_, *val_loader_, w, device_);
   model_->train();
   if (comm_) {  // each rank evaluated its share of the windows
-    torch::Tensor sums = torch::tensor({loss_sum, static_cast<double>(e.tokens)}, torch::kDouble).to(device_);
+    torch::Tensor sums = torch::tensor({sum, static_cast<double>(tokens)}, torch::kDouble).to(device_);
     comm_->all_reduce(sums, "the validation loss");
     sums = sums.cpu();
-    loss_sum = sums[0].item<double>();
-    e.tokens = static_cast<int64_t>(sums[1].item<double>());
+    sum = sums[0].item<double>();
+    tokens = static_cast<int64_t>(sums[1].item<double>());
   }
-  e.loss = loss_sum / static_cast<double>(e.tokens);
-  e.ppl = std::exp(e.loss);
-  return e;
+  return eval_stats(sum, tokens);
 }
 
 std::string Trainer::save_checkpoint() {

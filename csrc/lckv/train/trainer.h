@@ -36,6 +36,7 @@
 #include "lckv/files.h"
 #include "lckv/model/lckv_model.h"
 #include "lckv/train/checkpoint.h"
+#include "lckv/train/evaluate.h"
 #include "lckv/train/distributed.h"
 #include "lckv/train/optimizer.h"
 #include "lckv/train/options.h"
@@ -50,11 +51,6 @@ struct StepStats {
   double seconds = 0;    // wall time of the step
 };
 
-struct EvalStats {
-  double loss = 0;  // mean next-token loss over the evaluated tokens
-  double ppl = 0;   // exp(loss)
-  int64_t tokens = 0;
-};
 
 struct RunResult {
   int64_t step = 0;                     // optimizer steps completed

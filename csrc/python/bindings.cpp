@@ -18,6 +18,7 @@
 #include "lckv/model/lckv_model.h"
 #include "lckv/ops/condensed_attention.h"
 #include "lckv/ops/fused_ops.h"
+#include "lckv/ops/sdpa_attention.h"
 #include "lckv/files.h"
 #include "lckv/json_fields.h"
 #include "lckv/train/trainer.h"
@@ -304,6 +305,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy", &ops::cross_entropy, py::arg("logits"), py::arg("targets"), py::arg("ignore_index"),
         py::call_guard<py::gil_scoped_release>());
   m.def("fused_cpu_capability", &ops::fused_cpu_capability);
+  m.def(
+      "set_attention_backend",
+      [](const std::string& name) { ops::set_attention_backend(ops::parse_attention_backend(name)); },
+      py::arg("name"), "auto | lckv | sdpa (overrides LCKV_ATTENTION_BACKEND).");
+  m.def("attention_backend", [] { return ops::to_string(ops::attention_backend()); });
 
 
   // ---- training: the C++ trainer behind lckv-train (python -m lckv.train drives it)

@@ -78,3 +78,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 def fused_cpu_capability() -> str:
     """The compiled variant of the fused CPU kernels in use: "DEFAULT", "AVX2" or "AVX512"."""
     return _C.fused_cpu_capability()
+
+
+def set_attention_backend(name: str) -> None:
+    """The implementation condensed attention uses: "auto" (the default: on CPU the blocked path or
+    PyTorch's fused CPU attention, on CUDA PyTorch's SDPA), "lckv" (our CPU path and CUDA kernels)
+    or "sdpa" (PyTorch's scaled_dot_product_attention everywhere). Overrides LCKV_ATTENTION_BACKEND."""
+    _C.set_attention_backend(name)
+
+
+def attention_backend() -> str:
+    return _C.attention_backend()

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import lckv
+
 from lckv.ops import condensed_attention
 
 
@@ -121,3 +123,20 @@ def test_bad_inputs_name_the_argument():
         condensed_attention(q, k, v, window=-1)
     with pytest.raises(RuntimeError, match="q_offset"):
         condensed_attention(q, k, v, q_offset=-2)
+
+
+def test_attention_backend_selection_and_sdpa_equals_lckv():
+    torch.manual_seed(5)
+    q, k, v = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
+    assert lckv.ops.attention_backend() == "auto"
+    outs = {}
+    try:
+        for name in ("lckv", "sdpa"):
+            lckv.ops.set_attention_backend(name)
+            assert lckv.ops.attention_backend() == name
+            outs[name] = lckv.ops.condensed_attention(q, k, v, strict=True)
+        with pytest.raises(ValueError, match='"flash".*auto, lckv or sdpa'):
+            lckv.ops.set_attention_backend("flash")
+    finally:
+        lckv.ops.set_attention_backend("auto")
+    assert (outs["lckv"] - outs["sdpa"]).abs().max().item() < 1e-5

@@ -3,6 +3,8 @@
 // boolean mask) and, in CUDA builds, ops/cuda/condensed_attention_cuda.h.
 #include "lckv/ops/condensed_attention.h"
 
+#include "lckv/ops/sdpa_attention.h"
+
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
@@ -153,7 +155,11 @@ at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const a
   // The op picks its own precisions; keep autocast from re-casting its internal matmuls.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(qc, kc, vc, p);
-  if (use_sdpa(qc, kc, p)) {
+  const AttentionBackend backend = attention_backend();
+  if (backend == AttentionBackend::kSdpa || (backend == AttentionBackend::kAuto && qc.is_cuda())) {
+    return sdpa_condensed_attention(qc, kc, vc, p);
+  }
+  if (backend == AttentionBackend::kAuto && use_sdpa(qc, kc, p)) {
     if (auto out = cpu::condensed_attention_sdpa(qc, kc, vc, p)) return *out;
   }
   std::optional<at::Tensor> key_start;

@@ -28,9 +28,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward(
     const at::Tensor& out, const at::Tensor& lse, const AttentionParams& p);
 
 // The differentiable op. Under autocast the inputs are cast to the autocast dtype first, so forward
-// and backward run in that precision. On CPU, fp32/bf16/fp16 chunks of more than one query without
-// key_start go to PyTorch's fused CPU attention given the mask as booleans; fp64 (the exactness
-// path), key_start and single-token decode go to the blocked path; CUDA tensors to the kernels.
+// and backward run in that precision. The backend (sdpa_attention.h: auto | lckv | sdpa, option or
+// LCKV_ATTENTION_BACKEND) picks the implementation. auto: on CPU, fp32/bf16/fp16 chunks of more than
+// one query without key_start go to PyTorch's fused CPU attention given the mask as booleans, fp64
+// (the exactness path), key_start and single-token decode to the blocked path; CUDA tensors to the
+// SDPA backend (our kernels are used with lckv until a GPU run has measured them). lckv: the blocked
+// CPU path / the CUDA kernels. sdpa: PyTorch's SDPA on every device.
 at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const AttentionParams& p);
 

@@ -12,6 +12,7 @@
 #include "lckv/generate/generate.h"
 #include "lckv/model/lckv_model.h"
 #include "lckv/ops/condensed_attention.h"
+#include "lckv/ops/sdpa_attention.h"
 #include "test_reference.h"
 #ifdef LCKV_WITH_CUDA
 #include "lckv/ops/cuda/condensed_attention_kernels.cuh"
@@ -19,6 +20,13 @@
 
 using lckv::ops::AttentionParams;
 using lckv::testing::check_close;
+
+// These tests are about our CUDA kernels: the front's `auto` would send CUDA tensors to the SDPA
+// backend (ops/sdpa_attention.h), so each forces the lckv backend for its duration.
+struct UseLckvKernels {
+  UseLckvKernels() { lckv::ops::set_attention_backend(lckv::ops::AttentionBackend::kLckv); }
+  ~UseLckvKernels() { lckv::ops::clear_attention_backend(); }
+};
 
 namespace {
 
@@ -157,6 +165,7 @@ TEST_CASE("CUDA forward and backward equal the CPU op in fp32", "[cuda][gpu]") {
 }
 
 TEST_CASE("CUDA condensed_attention autograd gives the CPU gradients", "[cuda][gpu]") {
+  const UseLckvKernels lckv_kernels;
   if (!cuda_ready()) return;
   torch::manual_seed(1);
   for (const Case& c : {kCases[2], kCases[6], kCases[9]}) {
@@ -175,6 +184,7 @@ TEST_CASE("CUDA condensed_attention autograd gives the CPU gradients", "[cuda][g
 }
 
 TEST_CASE("CUDA bf16/fp16 errors are within 2x those of PyTorch's own attention", "[cuda][gpu]") {
+  const UseLckvKernels lckv_kernels;
   if (!cuda_ready()) return;
   torch::manual_seed(2);
   // No empty rows here: PyTorch's attention gives NaN for them, which would make its error undefined.
@@ -225,6 +235,7 @@ TEST_CASE("CUDA bf16/fp16 errors are within 2x those of PyTorch's own attention"
 }
 
 TEST_CASE("the CUDA path rejects inputs it cannot compute, naming the problem", "[cuda][gpu][bad-input]") {
+  const UseLckvKernels lckv_kernels;
   if (!cuda_ready()) return;
   const auto f32 = torch::TensorOptions().device(kCuda);
   torch::Tensor q = torch::randn({1, 4, 8, 64}, f32), k = torch::randn({1, 2, 8, 64}, f32),
@@ -257,6 +268,7 @@ lckv::LCKVForCausalLM tiny_model(uint64_t seed) {
 }  // namespace
 
 TEST_CASE("training a tiny model on the GPU follows the CPU losses", "[cuda][gpu]") {
+  const UseLckvKernels lckv_kernels;
   if (!cuda_ready()) return;
   std::vector<double> losses[2];
   torch::manual_seed(3);
@@ -282,6 +294,7 @@ TEST_CASE("training a tiny model on the GPU follows the CPU losses", "[cuda][gpu
 }
 
 TEST_CASE("greedy generation on the GPU equals the CPU's for a tiny fp32 model", "[cuda][gpu]") {
+  const UseLckvKernels lckv_kernels;
   if (!cuda_ready()) return;
   // Prompts of different lengths: left padding puts a key_start on the device.
   const std::vector<std::vector<int64_t>> prompts = {{5, 17, 3, 88, 41, 9, 60}, {12, 7, 30}};

@@ -27,8 +27,6 @@ at::Tensor visible_keys(const AttentionMask& m, int64_t T, int64_t S, const at::
   return visible;
 }
 
-bool all_finite(const at::Tensor& x) { return x.numel() == 0 || std::isfinite(x.sum().item<double>()); }
-
 }  // namespace
 
 AttentionBackend parse_attention_backend(const std::string& name) {
@@ -82,13 +80,10 @@ at::Tensor sdpa_condensed_attention(const at::Tensor& q, const at::Tensor& k, co
   }
   at::Tensor visible = visible_keys(m, T, S, q.options());  // [B|1, 1, T, S]
   const at::Tensor sees = visible.any(-1, /*keepdim=*/true);  // [B|1, 1, T, 1]
-  // Keys no query of a sequence sees are zeroed when one of them is not finite (finite ones give the
-  // same zeros after the mask), so NaN/inf there reaches neither an output nor a gradient.
+  // Keys no query of a sequence sees are zeroed (finite ones give the same zeros after the mask), so
+  // NaN/inf there reaches neither an output nor a gradient; one copy, no finiteness probe and sync.
   const at::Tensor unseen = visible.any(2).logical_not().unsqueeze(-1);  // [B|1, 1, S, 1]
-  at::Tensor kk = k, vv = v;
-  if (!all_finite(k.masked_fill(unseen.logical_not(), 0)) || !all_finite(v.masked_fill(unseen.logical_not(), 0))) {
-    kk = k.masked_fill(unseen, 0), vv = v.masked_fill(unseen, 0);
-  }
+  const at::Tensor kk = k.masked_fill(unseen, 0), vv = v.masked_fill(unseen, 0);
   // Rows that see no key attend to every key (finite now: SDPA would give NaN for an all-false row)
   // and are replaced by exact zeros, so they pass zero gradients back.
   const at::Tensor mask = visible.logical_or(sees.logical_not());

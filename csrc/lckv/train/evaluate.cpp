@@ -8,6 +8,12 @@
 
 namespace lckv::train {
 
+torch::Tensor window_loss(LCKVForCausalLM& model, const data::Batch& batch, const WindowEval& o, torch::Device device) {
+  const torch::Tensor ids = batch_tensor(batch, device);
+  AutocastScope autocast(device.type(), at::kBFloat16, o.bf16);
+  return model->next_token_loss(ids.narrow(1, 0, o.seq_len), ids.narrow(1, 1, o.seq_len), o.iterations);
+}
+
 std::pair<double, int64_t> loss_sum(LCKVForCausalLM& model, data::SequentialLoader& loader, const WindowEval& o,
                                     torch::Device device) {
   torch::NoGradGuard no_grad;
@@ -17,10 +23,7 @@ std::pair<double, int64_t> loss_sum(LCKVForCausalLM& model, data::SequentialLoad
   int64_t tokens = 0, batches = 0;
   while (auto batch = loader.next()) {
     if (o.max_batches > 0 && batches == o.max_batches) break;
-    const torch::Tensor ids = batch_tensor(*batch, device);
-    AutocastScope autocast(device.type(), at::kBFloat16, o.bf16);
-    const torch::Tensor loss =
-        model->next_token_loss(ids.narrow(1, 0, o.seq_len), ids.narrow(1, 1, o.seq_len), o.iterations);
+    const torch::Tensor loss = window_loss(model, *batch, o, device);
     const int64_t n = batch->rows * o.seq_len;
     sum += loss.item<double>() * static_cast<double>(n);
     tokens += n;

@@ -27,6 +27,10 @@ struct WindowEval {
   std::optional<IterationOptions> iterations;  // default: the config's m and b
 };
 
+// The mean next-token loss of one loader batch of windows [rows, T + 1] (autograd as the caller's
+// mode): what a training step and validation both compute per batch.
+torch::Tensor window_loss(LCKVForCausalLM& model, const data::Batch& batch, const WindowEval& o, torch::Device device);
+
 // Sum of per-token losses and the token count over `loader`'s windows from its start (no autograd;
 // the model is left in eval mode). Sums, not means, so data-parallel ranks can add theirs.
 std::pair<double, int64_t> loss_sum(LCKVForCausalLM& model, data::SequentialLoader& loader, const WindowEval& o,

@@ -59,9 +59,10 @@ std::string format_duration(double seconds) {
 }  // namespace
 
 torch::Tensor Trainer::batch_loss(const data::Batch& batch) {
-  const torch::Tensor tokens = batch_tensor(batch, device_);
-  AutocastScope autocast(device_.type(), at::kBFloat16, options_.bf16());
-  return model_->next_token_loss(tokens.narrow(1, 0, options_.seq_len), tokens.narrow(1, 1, options_.seq_len));
+  WindowEval w;
+  w.seq_len = options_.seq_len;
+  w.bf16 = options_.bf16();
+  return window_loss(model_, batch, w, device_);
 }
 
 StepStats Trainer::train_step() {

@@ -167,9 +167,10 @@ void check_partial_rotary_factor(const json& obj, const std::string& field, cons
 
 // One rope dict: its own rope_theta, if it has one, and its scaling (none for "default").
 struct RopeDict {
-  std::string field;  // "rope_scaling", "rope_parameters" or "rope_parameters.<kind>"
+  std::string field;  // "rope_scaling" or "rope_parameters"
   std::optional<double> theta;
   std::optional<RopeScaling> scaling;
+  bool states_original = false;  // the dict has its own original_max_position_embeddings
 };
 
 // The parameters each supported rope_type takes besides rope_type / type / rope_theta / partial_rotary_factor.
@@ -247,7 +248,8 @@ RopeDict read_rope_dict(const json& d, const std::string& field, int64_t max_pos
   }
   if (type == "llama3" || type == "yarn") {
     s.original_max_position_embeddings = static_cast<double>(max_position_embeddings);
-    get_optional_in(d, field, "original_max_position_embeddings", s.original_max_position_embeddings);
+    r.states_original =
+        get_optional_in(d, field, "original_max_position_embeddings", s.original_max_position_embeddings);
   }
   if (type == "yarn") {
     // transformers reads `beta_fast or 32`, `beta_slow or 1`, `mscale and mscale_all_dim`: 0 counts as absent.
@@ -271,28 +273,21 @@ RopeDict read_rope_dict(const json& d, const std::string& field, int64_t max_pos
   return r;
 }
 
-// rope_parameters: one rope dict, or (transformers 5 for models with several attention kinds) one per kind, which
-// must then describe the same RoPE: the model has one for all layers.
-std::vector<RopeDict> read_rope_parameters(const json& p, int64_t max_position_embeddings) {
+// rope_parameters: one rope dict. transformers 5 also nests it per attention kind for the models that give each kind
+// its own RoPE ({"full_attention": {...}, "sliding_attention": {...}}); its Llama reads only the flat keys (with none,
+// the default RoPE), so for a Llama that form is refused rather than read one way or the other.
+RopeDict read_rope_parameters(const json& p, int64_t max_position_embeddings) {
   if (!p.is_object()) {
     throw ConfigError("config field 'rope_parameters' has value " + json_fields::describe(p) + ", expected an object");
   }
-  if (!p.contains("full_attention") && !p.contains("sliding_attention")) {
-    return {read_rope_dict(p, "rope_parameters", max_position_embeddings)};
-  }
-  std::vector<RopeDict> dicts;
-  for (auto it = p.begin(); it != p.end(); ++it) {
-    const std::string field = "rope_parameters." + it.key();
-    if (it.key() != "full_attention" && it.key() != "sliding_attention") {
-      throw ConfigError("config field 'rope_parameters' is nested by attention kind but has key '" + it.key() +
-                        "', expected 'full_attention' or 'sliding_attention'");
+  for (const char* kind : {"full_attention", "sliding_attention"}) {
+    if (p.contains(kind)) {
+      throw ConfigError(std::string("config field 'rope_parameters' is nested by attention kind (key '") + kind +
+                        "'), which is not supported: transformers' Llama reads only a flat rope_parameters (and would "
+                        "use the default RoPE here); write one flat dict");
     }
-    if (it->is_null()) {
-      throw ConfigError("config field '" + field + "' is null (layers without RoPE), which is not supported");
-    }
-    dicts.push_back(read_rope_dict(*it, field, max_position_embeddings));
   }
-  return dicts;
+  return read_rope_dict(p, "rope_parameters", max_position_embeddings);
 }
 
 std::string describe_scaling(const std::optional<RopeScaling>& s) {
@@ -308,11 +303,21 @@ void read_rope(const json& j, LCKVConfig& c) {
   double theta = 0;
   if (json_fields::get_optional<double, ConfigError>(j, "rope_theta", theta, kWhere)) top_theta = theta;
   std::vector<RopeDict> dicts;
-  if (present(j, "rope_scaling")) dicts.push_back(read_rope_dict(j["rope_scaling"], "rope_scaling",
-                                                                 c.max_position_embeddings));
-  if (present(j, "rope_parameters")) {
-    for (RopeDict& d : read_rope_parameters(j["rope_parameters"], c.max_position_embeddings)) {
-      dicts.push_back(std::move(d));
+  const int64_t max_pos = c.max_position_embeddings;
+  if (present(j, "rope_scaling")) dicts.push_back(read_rope_dict(j["rope_scaling"], "rope_scaling", max_pos));
+  if (present(j, "rope_parameters")) dicts.push_back(read_rope_parameters(j["rope_parameters"], max_pos));
+  // transformers 5 (5.24) does not read a top-level original_max_position_embeddings for a Llama: the rope dict's own,
+  // else max_position_embeddings, counts. A top-level one that says otherwise is ambiguous.
+  double original = 0;
+  if (json_fields::get_optional<double, ConfigError>(j, "original_max_position_embeddings", original, kWhere)) {
+    for (const RopeDict& d : dicts) {
+      if (!d.scaling || d.scaling->type == "linear") continue;
+      if (d.scaling->original_max_position_embeddings == original) continue;
+      throw ConfigError("config field 'original_max_position_embeddings' = " + number(original) + " conflicts with " +
+                        (d.states_original ? "'" + d.field + ".original_max_position_embeddings' = "
+                                           : "the max_position_embeddings = ") +
+                        number(d.scaling->original_max_position_embeddings) + " that transformers uses for '" +
+                        d.field + "'");
     }
   }
   std::vector<std::pair<std::string, double>> thetas;  // (the field stating it, as messages say it; value)
@@ -413,7 +418,8 @@ LCKVConfig LCKVConfig::from_json(const json& j) {
   std::string dtype;
   if (json_fields::get_optional<std::string, ConfigError>(j, "dtype", dtype, kWhere)) {
     if (present(j, "torch_dtype") && dtype != c.torch_dtype) {
-      throw ConfigError("config field 'dtype' = '" + dtype + "' conflicts with 'torch_dtype' = '" + c.torch_dtype + "'");
+      throw ConfigError("config field 'dtype' = '" + dtype + "' conflicts with 'torch_dtype' = '" + c.torch_dtype +
+                        "'");
     }
     c.torch_dtype = dtype;
   }

@@ -3,6 +3,7 @@
 #include "lckv/files.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <set>
@@ -74,11 +75,13 @@ void get_optional(const json& j, const char* key, T& out) {
   json_fields::get_optional<T, ConfigError>(j, key, out, kWhere);
 }
 
-// A field of a nested object (rope_scaling), named "parent.key" in messages.
+// A field of a nested object (rope_parameters), named "parent.key" in messages; true when present and not null.
 template <typename T>
-void get_optional_in(const json& obj, const std::string& parent, const char* key, T& out) {
+bool get_optional_in(const json& obj, const std::string& parent, const char* key, T& out) {
   const auto it = obj.find(key);
-  if (it != obj.end() && !it->is_null()) out = json_fields::get<T, ConfigError>(*it, parent + "." + key, kWhere);
+  if (it == obj.end() || it->is_null()) return false;
+  out = json_fields::get<T, ConfigError>(*it, parent + "." + key, kWhere);
+  return true;
 }
 
 // bos/eos may be a list in newer HF configs; the first entry is the one we use, all must be ids.
@@ -141,6 +144,244 @@ void check_size(const LCKVConfig& c, int64_t kv_layers) {
                     " in float32)" + shape + limit);
 }
 
+// ---- Hugging Face configs as transformers 4 and 5 write them (docs/design.md §5.1, "Importing Hugging Face configs")
+
+std::string number(double v) { return json(v).dump(); }
+
+bool present(const json& j, const char* key) {
+  const auto it = j.find(key);
+  return it != j.end() && !it->is_null();
+}
+
+// partial_rotary_factor (top level or in a rope dict) rotates only part of each head; Llama rotates all of it.
+void check_partial_rotary_factor(const json& obj, const std::string& field, const char* key) {
+  double f = 1.0;
+  const bool found = field.empty() ? json_fields::get_optional<double, ConfigError>(obj, key, f, kWhere)
+                                   : get_optional_in(obj, field, key, f);
+  if (found && f != 1.0) {
+    const std::string name = field.empty() ? key : field + "." + key;
+    throw ConfigError("config field '" + name + "' = " + number(f) +
+                      " is not supported: a Llama rotates whole heads (expected 1 or no field)");
+  }
+}
+
+// One rope dict: its own rope_theta, if it has one, and its scaling (none for "default").
+struct RopeDict {
+  std::string field;  // "rope_scaling" or "rope_parameters"
+  std::optional<double> theta;
+  std::optional<RopeScaling> scaling;
+  bool states_original = false;  // the dict has its own original_max_position_embeddings
+};
+
+// The parameters each supported rope_type takes besides rope_type / type / rope_theta / partial_rotary_factor.
+const std::vector<std::pair<std::string, std::vector<std::string>>>& rope_type_keys() {
+  static const std::vector<std::pair<std::string, std::vector<std::string>>> keys = {
+      {"default", {}},
+      {"linear", {"factor"}},
+      {"llama3", {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}},
+      {"yarn",
+       {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+        "mscale_all_dim", "truncate"}},
+  };
+  return keys;
+}
+
+// Reads a rope dict named `field` as transformers 5 standardizes and computes it (modeling_rope_utils): the type from
+// "rope_type" or its old name "type"; a parameter the type requires that is missing, or a key the type does not take,
+// is an error; original_max_position_embeddings defaults to max_position_embeddings; yarn's attention factor and
+// betas are resolved here. dynamic (NTK) is refused: transformers recomputes its frequencies from the longest
+// sequence seen so far, a state that cached decoding cannot reproduce.
+RopeDict read_rope_dict(const json& d, const std::string& field, int64_t max_position_embeddings) {
+  if (!d.is_object()) {
+    throw ConfigError("config field '" + field + "' has value " + json_fields::describe(d) + ", expected an object");
+  }
+  std::string type, old_type;
+  const bool has_type = get_optional_in(d, field, "rope_type", type);
+  const bool has_old_type = get_optional_in(d, field, "type", old_type);
+  if (has_type && has_old_type && type != old_type) {
+    throw ConfigError("config field '" + field + "' has rope_type '" + type + "' and type '" + old_type +
+                      "', which disagree");
+  }
+  if (!has_type) type = has_old_type ? old_type : "default";
+  const std::string supported = "supported: default, linear, llama3, yarn";
+  if (type == "dynamic") {
+    throw ConfigError("config field '" + field + "' has rope_type 'dynamic' (dynamic NTK scaling), which is not " +
+                      "supported: transformers recomputes its frequencies from the longest sequence it has seen, a " +
+                      "state that cached decoding cannot reproduce (" + supported + ")");
+  }
+  const auto& all = rope_type_keys();
+  const auto known = std::find_if(all.begin(), all.end(), [&](const auto& k) { return k.first == type; });
+  if (known == all.end()) {
+    throw ConfigError("config field '" + field + "' has rope_type '" + type + "', which is not supported (" +
+                      supported + ")");
+  }
+  for (auto it = d.begin(); it != d.end(); ++it) {
+    const std::string& key = it.key();
+    if (it->is_null() || key == "rope_type" || key == "type" || key == "rope_theta" || key == "partial_rotary_factor") {
+      continue;
+    }
+    if (std::find(known->second.begin(), known->second.end(), key) == known->second.end()) {
+      std::string takes;
+      for (const std::string& k : known->second) takes += (takes.empty() ? "" : ", ") + k;
+      throw ConfigError("config field '" + field + "." + key + "' is not a parameter of rope_type '" + type +
+                        "' (it takes " + (takes.empty() ? "none besides rope_theta" : takes) + ")");
+    }
+  }
+  check_partial_rotary_factor(d, field, "partial_rotary_factor");
+  RopeDict r;
+  r.field = field;
+  double theta = 0;
+  if (get_optional_in(d, field, "rope_theta", theta)) r.theta = theta;
+  if (type == "default") return r;
+
+  RopeScaling s;
+  s.type = type;
+  auto required = [&](const char* key, double& out) {
+    if (!get_optional_in(d, field, key, out)) {
+      throw ConfigError("config field '" + field + "' has rope_type '" + type + "' but no '" + key + "'");
+    }
+  };
+  required("factor", s.factor);
+  if (type == "llama3") {
+    required("low_freq_factor", s.low_freq_factor);
+    required("high_freq_factor", s.high_freq_factor);
+  }
+  if (type == "llama3" || type == "yarn") {
+    s.original_max_position_embeddings = static_cast<double>(max_position_embeddings);
+    r.states_original =
+        get_optional_in(d, field, "original_max_position_embeddings", s.original_max_position_embeddings);
+  }
+  if (type == "yarn") {
+    // transformers reads `beta_fast or 32`, `beta_slow or 1`, `mscale and mscale_all_dim`: 0 counts as absent.
+    double v = 0;
+    if (get_optional_in(d, field, "beta_fast", v) && v != 0) s.beta_fast = v;
+    v = 0;
+    if (get_optional_in(d, field, "beta_slow", v) && v != 0) s.beta_slow = v;
+    const auto truncate = d.find("truncate");
+    if (truncate != d.end()) s.truncate = json_fields::get<bool, ConfigError>(*truncate, field + ".truncate", kWhere);
+    double mscale = 0, mscale_all_dim = 0;
+    get_optional_in(d, field, "mscale", mscale);
+    get_optional_in(d, field, "mscale_all_dim", mscale_all_dim);
+    auto get_mscale = [](double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; };
+    if (!get_optional_in(d, field, "attention_factor", s.attention_factor)) {
+      s.attention_factor = mscale != 0 && mscale_all_dim != 0
+                               ? get_mscale(s.factor, mscale) / get_mscale(s.factor, mscale_all_dim)
+                               : get_mscale(s.factor, 1.0);
+    }
+  }
+  r.scaling = s;
+  return r;
+}
+
+// rope_parameters: one rope dict. transformers 5 also nests it per attention kind for the models that give each kind
+// its own RoPE ({"full_attention": {...}, "sliding_attention": {...}}); its Llama reads only the flat keys (with none,
+// the default RoPE), so for a Llama that form is refused rather than read one way or the other.
+RopeDict read_rope_parameters(const json& p, int64_t max_position_embeddings) {
+  if (!p.is_object()) {
+    throw ConfigError("config field 'rope_parameters' has value " + json_fields::describe(p) + ", expected an object");
+  }
+  for (const char* kind : {"full_attention", "sliding_attention"}) {
+    if (p.contains(kind)) {
+      throw ConfigError(std::string("config field 'rope_parameters' is nested by attention kind (key '") + kind +
+                        "'), which is not supported: transformers' Llama reads only a flat rope_parameters (and would "
+                        "use the default RoPE here); write one flat dict");
+    }
+  }
+  return read_rope_dict(p, "rope_parameters", max_position_embeddings);
+}
+
+std::string describe_scaling(const std::optional<RopeScaling>& s) {
+  return s ? "rope_type '" + s->type + "', factor " + number(s->factor) : "rope_type 'default'";
+}
+
+// rope_theta and rope_scaling from the top-level fields (transformers 4) and rope_scaling / rope_parameters
+// (transformers 5 reads rope_scaling first). Every rope_theta stated, and the one each rope dict without its own
+// takes (the top-level one, else 10000), must agree, and so must the scalings: a conflict is an error, never a choice.
+void read_rope(const json& j, LCKVConfig& c) {
+  check_partial_rotary_factor(j, "", "partial_rotary_factor");
+  std::optional<double> top_theta;
+  double theta = 0;
+  if (json_fields::get_optional<double, ConfigError>(j, "rope_theta", theta, kWhere)) top_theta = theta;
+  std::vector<RopeDict> dicts;
+  const int64_t max_pos = c.max_position_embeddings;
+  if (present(j, "rope_scaling")) dicts.push_back(read_rope_dict(j["rope_scaling"], "rope_scaling", max_pos));
+  if (present(j, "rope_parameters")) dicts.push_back(read_rope_parameters(j["rope_parameters"], max_pos));
+  // transformers 5 (5.24) does not read a top-level original_max_position_embeddings for a Llama: the rope dict's own,
+  // else max_position_embeddings, counts. A top-level one that says otherwise is ambiguous.
+  double original = 0;
+  if (json_fields::get_optional<double, ConfigError>(j, "original_max_position_embeddings", original, kWhere)) {
+    for (const RopeDict& d : dicts) {
+      if (!d.scaling || d.scaling->type == "linear") continue;
+      if (d.scaling->original_max_position_embeddings == original) continue;
+      throw ConfigError("config field 'original_max_position_embeddings' = " + number(original) + " conflicts with " +
+                        (d.states_original ? "'" + d.field + ".original_max_position_embeddings' = "
+                                           : "the max_position_embeddings = ") +
+                        number(d.scaling->original_max_position_embeddings) + " that transformers uses for '" +
+                        d.field + "'");
+    }
+  }
+  std::vector<std::pair<std::string, double>> thetas;  // (the field stating it, as messages say it; value)
+  if (top_theta) thetas.emplace_back("'rope_theta' = " + number(*top_theta), *top_theta);
+  for (const RopeDict& d : dicts) {
+    if (d.theta) thetas.emplace_back("'" + d.field + ".rope_theta' = " + number(*d.theta), *d.theta);
+    else if (!top_theta) thetas.emplace_back("'" + d.field + "' without rope_theta (so the default 10000)", 10000.0);
+  }
+  for (const auto& t : thetas) {
+    if (t.second != thetas.front().second) {
+      throw ConfigError("config field " + t.first + " conflicts with " + thetas.front().first);
+    }
+  }
+  if (!thetas.empty()) c.rope_theta = thetas.front().second;
+  for (const RopeDict& d : dicts) {
+    if (d.scaling != dicts.front().scaling) {
+      throw ConfigError("config fields '" + dicts.front().field + "' (" + describe_scaling(dicts.front().scaling) +
+                        ") and '" + d.field + "' (" + describe_scaling(d.scaling) + ") describe different RoPE " +
+                        "scalings; keep one");
+    }
+  }
+  if (!dicts.empty()) c.rope_scaling = dicts.front().scaling;
+}
+
+// transformers 5's layer_types: one attention kind per layer. A Llama's layers attend to their own KVs, so
+// "full_attention" is identity and "sliding_attention" identity with the `s` suffix (a window of sliding_window).
+std::vector<LayerType> read_attention_kinds(const json& kinds, const json& j, int num_layers) {
+  if (static_cast<int64_t>(kinds.size()) != num_layers) {
+    throw ConfigError("config field 'layer_types' is a list of " + std::to_string(kinds.size()) +
+                      " attention kinds, expected num_hidden_layers = " + std::to_string(num_layers) + " entries");
+  }
+  std::vector<LayerType> types;
+  for (int i = 0; i < num_layers; ++i) {
+    const std::string field = "layer_types[" + std::to_string(i) + "]";
+    const std::string kind = json_fields::get<std::string, ConfigError>(kinds[i], field, kWhere);
+    if (kind != "full_attention" && kind != "sliding_attention") {
+      throw ConfigError("config field '" + field + "' = '" + kind +
+                        "' is not supported: a Llama layer is \"full_attention\" or \"sliding_attention\"");
+    }
+    types.push_back({i, kind == "sliding_attention"});
+    if (types.back().sliding && !present(j, "sliding_window")) {
+      throw ConfigError("config field '" + field + "' is \"sliding_attention\" but 'sliding_window' is missing");
+    }
+  }
+  return types;
+}
+
+// Fields of Hugging Face configs that would change the model if we ignored them.
+void check_unsupported_hf_fields(const json& j) {
+  double dropout = 0;
+  if (json_fields::get_optional<double, ConfigError>(j, "attention_dropout", dropout, kWhere) && dropout != 0) {
+    throw ConfigError("config field 'attention_dropout' = " + number(dropout) +
+                      " is not supported: LCKV trains without attention dropout (expected 0)");
+  }
+  int64_t tp = 1;
+  // transformers 4 splits the projections into pretraining_tp slices and sums them: the same products.
+  if (json_fields::get_optional<int64_t, ConfigError>(j, "pretraining_tp", tp, kWhere) && tp < 1) {
+    throw ConfigError("config field 'pretraining_tp' = " + std::to_string(tp) + ", expected a positive number");
+  }
+  if (present(j, "quantization_config")) {
+    throw ConfigError("config field 'quantization_config' is present: quantized checkpoints are not supported");
+  }
+}
+
 }  // namespace
 
 LCKVConfig LCKVConfig::from_json(const json& j) {
@@ -157,7 +398,6 @@ LCKVConfig LCKVConfig::from_json(const json& j) {
   get_optional(j, "hidden_act", c.hidden_act);
   get_optional(j, "max_position_embeddings", c.max_position_embeddings);
   get_optional(j, "rms_norm_eps", c.rms_norm_eps);
-  get_optional(j, "rope_theta", c.rope_theta);
   get_optional(j, "tie_word_embeddings", c.tie_word_embeddings);
   get_optional(j, "attention_bias", c.attention_bias);
   get_optional(j, "mlp_bias", c.mlp_bias);
@@ -174,25 +414,17 @@ LCKVConfig LCKVConfig::from_json(const json& j) {
   get_optional(j, "use_sequential", c.use_sequential);
   get_optional(j, "force_nodiag", c.force_nodiag);
 
-  const auto rs_it = j.find("rope_scaling");
-  if (rs_it != j.end() && !rs_it->is_null()) {
-    const json& rs = *rs_it;
-    if (!rs.is_object()) {
-      throw ConfigError("config field 'rope_scaling' has value " + json_fields::describe(rs) + ", expected an object");
+  // transformers 5 writes `dtype`, transformers 4 `torch_dtype`.
+  std::string dtype;
+  if (json_fields::get_optional<std::string, ConfigError>(j, "dtype", dtype, kWhere)) {
+    if (present(j, "torch_dtype") && dtype != c.torch_dtype) {
+      throw ConfigError("config field 'dtype' = '" + dtype + "' conflicts with 'torch_dtype' = '" + c.torch_dtype +
+                        "'");
     }
-    RopeScaling s;
-    if (rs.contains("rope_type")) get_optional_in(rs, "rope_scaling", "rope_type", s.type);
-    else get_optional_in(rs, "rope_scaling", "type", s.type);
-    if (s.type == "default") {
-      // HF writes {"rope_type": "default"} for no scaling.
-    } else {
-      get_optional_in(rs, "rope_scaling", "factor", s.factor);
-      get_optional_in(rs, "rope_scaling", "low_freq_factor", s.low_freq_factor);
-      get_optional_in(rs, "rope_scaling", "high_freq_factor", s.high_freq_factor);
-      get_optional_in(rs, "rope_scaling", "original_max_position_embeddings", s.original_max_position_embeddings);
-      c.rope_scaling = s;
-    }
+    c.torch_dtype = dtype;
   }
+  read_rope(j, c);
+  check_unsupported_hf_fields(j);
 
   if (c.num_hidden_layers <= 0 || c.num_hidden_layers > kMaxLayers) {
     throw ConfigError("config field 'num_hidden_layers' = " + std::to_string(c.num_hidden_layers) +
@@ -200,11 +432,14 @@ LCKVConfig LCKVConfig::from_json(const json& j) {
   }
   const auto lt_it = j.find("layer_types");
   if (lt_it != j.end() && !lt_it->is_null()) {
-    if (!lt_it->is_string()) {
-      throw ConfigError("config field 'layer_types' must be a string like \"0_6_6_7\", got " +
-                        json_fields::describe(*lt_it));
+    if (lt_it->is_array()) {
+      c.layer_types = read_attention_kinds(*lt_it, j, c.num_hidden_layers);
+    } else if (lt_it->is_string()) {
+      c.layer_types = parse_layer_types(lt_it->get<std::string>(), c.num_hidden_layers);
+    } else {
+      throw ConfigError("config field 'layer_types' must be a string like \"0_6_6_7\" or a list of attention kinds "
+                        "(\"full_attention\", \"sliding_attention\"), got " + json_fields::describe(*lt_it));
     }
-    c.layer_types = parse_layer_types(lt_it->get<std::string>(), c.num_hidden_layers);
   } else {
     for (int i = 0; i < c.num_hidden_layers; ++i) c.layer_types.push_back({i, false});
   }
@@ -326,11 +561,41 @@ void LCKVConfig::validate() const {
   if (!(rms_norm_eps > 0)) throw ConfigError("config field 'rms_norm_eps' must be positive");
   if (!(rope_theta > 0)) throw ConfigError("config field 'rope_theta' must be positive");
   if (rope_scaling) {
-    if (rope_scaling->type != "linear" && rope_scaling->type != "llama3") {
-      throw ConfigError("config field 'rope_scaling' has rope_type '" + rope_scaling->type +
-                        "', supported: 'linear', 'llama3'");
+    const RopeScaling& s = *rope_scaling;
+    if (s.type != "linear" && s.type != "llama3" && s.type != "yarn") {
+      throw ConfigError("config field 'rope_scaling' has rope_type '" + s.type +
+                        "', supported: 'linear', 'llama3', 'yarn'");
     }
-    if (!(rope_scaling->factor > 0)) throw ConfigError("config field 'rope_scaling.factor' must be positive");
+    auto positive_rope = [](const char* field, double v) {
+      if (!(v > 0)) {
+        throw ConfigError(std::string("config field 'rope_scaling.") + field + "' = " + json(v).dump() +
+                          ", expected a positive number");
+      }
+    };
+    positive_rope("factor", s.factor);
+    if (s.type == "llama3") {
+      positive_rope("low_freq_factor", s.low_freq_factor);
+      // The smoothing divides by high - low; transformers calls high <= low invalid.
+      if (!(s.high_freq_factor > s.low_freq_factor)) {
+        throw ConfigError("config field 'rope_scaling.high_freq_factor' = " + json(s.high_freq_factor).dump() +
+                          ", expected more than low_freq_factor = " + json(s.low_freq_factor).dump());
+      }
+    }
+    if (s.type == "llama3" || s.type == "yarn") {
+      positive_rope("original_max_position_embeddings", s.original_max_position_embeddings);
+    }
+    if (s.type == "yarn") {
+      positive_rope("attention_factor", s.attention_factor);
+      positive_rope("beta_slow", s.beta_slow);
+      if (!(s.beta_fast >= s.beta_slow)) {
+        throw ConfigError("config field 'rope_scaling.beta_fast' = " + json(s.beta_fast).dump() +
+                          ", expected at least beta_slow = " + json(s.beta_slow).dump());
+      }
+    }
+  }
+  if (model_type != "llama" && model_type != "lckv-llama") {
+    throw ConfigError("config field 'model_type' = '" + model_type +
+                      "' is not supported: expected 'llama' (a Hugging Face Llama) or 'lckv-llama' (an LCKV model)");
   }
   check_layer_types_size();
   for (int i = 0; i < num_hidden_layers; ++i) {

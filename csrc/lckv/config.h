@@ -48,13 +48,33 @@ struct IterationPlan {
   std::vector<Segment> segments;
 };
 
+// A RoPE scaling of a Hugging Face config (`rope_scaling` in transformers 4, `rope_parameters` in 5), computed as
+// transformers' modeling_rope_utils does. No scaling ("default") is no RopeScaling at all. from_json resolves
+// transformers' defaults into these fields, so a config written back means the same without them.
 struct RopeScaling {
-  std::string type;  // "linear" or "llama3"
+  std::string type;  // "linear", "llama3" or "yarn"
   double factor = 1.0;
-  // llama3 only
+  // llama3
   double low_freq_factor = 1.0;
   double high_freq_factor = 4.0;
+  // llama3 and yarn; from_json defaults it to max_position_embeddings, as transformers 5 does.
   double original_max_position_embeddings = 8192;
+  // yarn: cos and sin are multiplied by attention_factor (resolved from `attention_factor`, or `mscale` /
+  // `mscale_all_dim`, or 0.1 ln(factor) + 1); the ramp between interpolated and extrapolated frequencies runs over
+  // the dimensions that rotate between beta_slow and beta_fast times over original_max_position_embeddings.
+  double attention_factor = 1.0;
+  double beta_fast = 32.0;
+  double beta_slow = 1.0;
+  bool truncate = true;
+
+  bool operator==(const RopeScaling& o) const {
+    return type == o.type && factor == o.factor && low_freq_factor == o.low_freq_factor &&
+           high_freq_factor == o.high_freq_factor &&
+           original_max_position_embeddings == o.original_max_position_embeddings &&
+           attention_factor == o.attention_factor && beta_fast == o.beta_fast && beta_slow == o.beta_slow &&
+           truncate == o.truncate;
+  }
+  bool operator!=(const RopeScaling& o) const { return !(*this == o); }
 };
 
 // Bounds that validate() enforces besides the field's own rules, so that a config either describes a

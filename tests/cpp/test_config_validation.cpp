@@ -133,7 +133,9 @@ TEST_CASE("config.json: integer fields refuse non-integers and values outside th
       {"rope_scaling", "{\"rope_type\": \"linear\", \"factor\": \"2\"}", "field 'rope_scaling.factor' has value \"2\""},
       {"rope_scaling", "{\"rope_type\": 3}", "field 'rope_scaling.rope_type' has value 3"},
       {"rope_scaling", "[1, 2]", "field 'rope_scaling' has value an array of 2 elements, expected an object"},
-      {"layer_types", "[[\"0\"]]", "'layer_types' must be a string like \"0_6_6_7\", got an array of 1 element"},
+      {"layer_types", "[[\"0\"], 1, 2, 3]",
+       "field 'layer_types[0]' has value an array of 1 element, expected a string"},
+      {"layer_types", "{\"0\": 1}", "'layer_types' must be a string like \"0_6_6_7\" or a list of attention kinds"},
       {"rope_theta", "1e999", "invalid JSON in field 'rope_theta'"},
       {"vocab_size", "1e999", "invalid JSON in field 'vocab_size'"},
   };

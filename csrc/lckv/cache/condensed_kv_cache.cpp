@@ -114,7 +114,7 @@ void CondensedKVCache::evict(int64_t n) {
   if (kept > 0) {
     // Kept keys move n slots down: rotate them by -n positions (computed in fp32, fp64 for fp64 buffers).
     const auto acc = ops::accumulate_dtype(k_[0].scalar_type());
-    auto [cos, sin] = rotary_.cos_sin(torch::full({1}, -n, torch::kLong), acc);
+    auto [cos, sin] = rotary_.rotation(torch::full({1}, -n, torch::kLong), acc);
     cos = cos.to(k_[0].device());
     sin = sin.to(k_[0].device());
     for (size_t i = 0; i < k_.size(); ++i) {

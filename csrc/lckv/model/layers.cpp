@@ -27,13 +27,15 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
 }
 
 RotaryEmbedding::RotaryEmbedding(const LCKVConfig& c) {
+  // The inverse frequencies of transformers' modeling_rope_utils (_compute_*_parameters), in fp64.
   const int64_t d = c.head_dim;
   inv_freq = 1.0 / torch::pow(c.rope_theta, torch::arange(0, d, 2, torch::kDouble) / static_cast<double>(d));
-  if (c.rope_scaling && c.rope_scaling->type == "linear") {
-    inv_freq = inv_freq / c.rope_scaling->factor;
-  } else if (c.rope_scaling && c.rope_scaling->type == "llama3") {
+  if (!c.rope_scaling) return;
+  const RopeScaling& s = *c.rope_scaling;
+  if (s.type == "linear") {
+    inv_freq = inv_freq / s.factor;
+  } else if (s.type == "llama3") {
     // Llama 3.1 frequency-dependent scaling, as in HF's _compute_llama3_parameters.
-    const auto& s = *c.rope_scaling;
     const double low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
     const double high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
     torch::Tensor wavelen = 2 * M_PI / inv_freq;
@@ -43,16 +45,42 @@ RotaryEmbedding::RotaryEmbedding(const LCKVConfig& c) {
     torch::Tensor smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled;
     torch::Tensor medium = wavelen.ge(high_wavelen).logical_and(wavelen.le(low_wavelen));
     inv_freq = torch::where(medium, smoothed, scaled);
+  } else if (s.type == "yarn") {
+    // YaRN, as in HF's _compute_yarn_parameters: interpolated (inv_freq / factor) for the dimensions that rotate
+    // fewer than beta_slow times over original_max_position_embeddings, extrapolated (inv_freq) for those rotating
+    // more than beta_fast times, a linear ramp between; cos and sin are scaled by attention_factor.
+    auto correction_dim = [&](double rotations) {
+      return d * std::log(s.original_max_position_embeddings / (rotations * 2 * M_PI)) / (2 * std::log(c.rope_theta));
+    };
+    double low = correction_dim(s.beta_fast), high = correction_dim(s.beta_slow);
+    if (s.truncate) {
+      low = std::floor(low);
+      high = std::ceil(high);
+    }
+    low = std::max(low, 0.0);
+    high = std::min(high, static_cast<double>(d - 1));
+    if (low == high) high += 0.001;  // HF's guard against a zero-width ramp
+    torch::Tensor ramp = ((torch::arange(d / 2, torch::kDouble) - low) / (high - low)).clamp(0, 1);
+    torch::Tensor extrapolation = 1 - ramp;
+    inv_freq = inv_freq / s.factor * (1 - extrapolation) + inv_freq * extrapolation;
+    attention_scaling = s.attention_factor;
   }
 }
 
-std::pair<torch::Tensor, torch::Tensor> RotaryEmbedding::cos_sin(const torch::Tensor& positions,
-                                                                 torch::ScalarType dtype) const {
+std::pair<torch::Tensor, torch::Tensor> RotaryEmbedding::rotation(const torch::Tensor& positions,
+                                                                  torch::ScalarType dtype) const {
   torch::Tensor pos = positions.to(torch::kDouble);
   if (pos.dim() == 1) pos = pos.unsqueeze(0);                              // [B or 1, P]
   torch::Tensor freqs = pos.unsqueeze(-1) * inv_freq.to(pos.device());     // [B, P, D/2]
   torch::Tensor emb = torch::cat({freqs, freqs}, -1).unsqueeze(1);          // [B, 1, P, D]
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+std::pair<torch::Tensor, torch::Tensor> RotaryEmbedding::cos_sin(const torch::Tensor& positions,
+                                                                 torch::ScalarType dtype) const {
+  if (attention_scaling == 1.0) return rotation(positions, dtype);
+  auto [cos, sin] = rotation(positions, torch::kDouble);
+  return {(cos * attention_scaling).to(dtype), (sin * attention_scaling).to(dtype)};
 }
 
 MLPImpl::MLPImpl(const LCKVConfig& c) {

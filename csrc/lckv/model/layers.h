@@ -25,12 +25,17 @@ struct RMSNormImpl : torch::nn::Module {
 };
 TORCH_MODULE(RMSNorm);
 
-// cos/sin tables for given positions; computed in fp64 so fp64 models are exact.
+// cos/sin tables for given positions, computed in fp64 so fp64 models are exact; the frequencies of the config's
+// rope_theta and rope_scaling (default / linear / llama3 / yarn) as transformers computes them.
 struct RotaryEmbedding {
   explicit RotaryEmbedding(const LCKVConfig& c);
-  // positions: [P] or [B, P] absolute positions -> cos, sin broadcastable to [B, H, P, D].
+  // positions: [P] or [B, P] absolute positions -> cos, sin broadcastable to [B, H, P, D]: what q and k are rotated
+  // with, both tables times attention_scaling as in transformers (YaRN's mscale; 1 otherwise).
   std::pair<torch::Tensor, torch::Tensor> cos_sin(const torch::Tensor& positions, torch::ScalarType dtype) const;
+  // The pure rotation by `positions` (no attention_scaling): what moves keys that are already rotated (StreamingLLM).
+  std::pair<torch::Tensor, torch::Tensor> rotation(const torch::Tensor& positions, torch::ScalarType dtype) const;
   torch::Tensor inv_freq;  // [D / 2], fp64
+  double attention_scaling = 1.0;
 };
 
 struct MLPImpl : torch::nn::Module {

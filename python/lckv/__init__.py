@@ -45,5 +45,46 @@ GenerationConfig = _C.GenerationConfig
 SamplingConfig = _C.SamplingConfig
 StreamingOptions = _C.StreamingOptions
 
+
+def _register_with_transformers() -> None:
+    """lckv.hf's classes join AutoConfig / AutoModelForCausalLM (docs/design.md §5). Importing transformers costs
+    seconds, so `import lckv` does not: it registers now if transformers is already imported, else right after the
+    program imports it (a one-shot import hook). A failure warns and leaves transformers usable."""
+
+    def register():
+        try:
+            from . import hf  # noqa: F401  (registers on import)
+        except Exception as e:  # an incompatible transformers must not break `import transformers`
+            import warnings
+
+            warnings.warn(f"lckv: could not register its classes with transformers ({type(e).__name__}: {e})")
+
+    if "transformers" in sys.modules:
+        return register()
+    import importlib.abc
+    import importlib.machinery
+
+    class RegisterAfterImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name != "transformers":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+                return spec
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                register()
+
+            spec.loader.exec_module = exec_then_register
+            return spec
+
+    sys.meta_path.insert(0, RegisterAfterImport())
+
+
+_register_with_transformers()
+
 __all__ = ["LCKVConfig", "LCKVForCausalLM", "CausalLMOutput", "GenerationOutput", "ConfigError", "CheckpointError", "TrainError",
            "FileError", "GenerationConfig", "SamplingConfig", "StreamingOptions", "data", "ops"]

@@ -3,6 +3,7 @@
 #include "lckv/files.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <set>
@@ -270,7 +271,13 @@ json LCKVConfig::to_json(ConfigFormat format) const {
     if (rope_scaling->type == "llama3") {
       rs["low_freq_factor"] = rope_scaling->low_freq_factor;
       rs["high_freq_factor"] = rope_scaling->high_freq_factor;
-      rs["original_max_position_embeddings"] = rope_scaling->original_max_position_embeddings;
+      // a token count: transformers 5 warns unless it is written as an integer
+      const double original = rope_scaling->original_max_position_embeddings;
+      if (original == std::floor(original) && std::abs(original) < 9e15) {
+        rs["original_max_position_embeddings"] = static_cast<int64_t>(original);
+      } else {
+        rs["original_max_position_embeddings"] = original;
+      }
     }
   }
   j["rope_scaling"] = rs;

@@ -68,7 +68,8 @@ def _register_with_transformers() -> None:
         def find_spec(self, name, path=None, target=None):
             if name != "transformers":
                 return None
-            sys.meta_path.remove(self)
+            # importlib.util.find_spec("transformers") (an availability check) also lands here: the hook stays
+            # until a spec it returned is executed.
             spec = importlib.machinery.PathFinder.find_spec(name, path)
             if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
                 return spec
@@ -76,6 +77,8 @@ def _register_with_transformers() -> None:
 
             def exec_then_register(module):
                 exec_module(module)
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 register()
 
             spec.loader.exec_module = exec_then_register

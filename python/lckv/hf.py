@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PretrainedConfig,
+                          PreTrainedModel)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import _C
@@ -29,13 +30,19 @@ _LLAMA_SHAPE = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 1
                 "num_attention_heads": 32}
 # Keys of the LCKV format that PretrainedConfig itself owns or that name the classes, not the model.
 _NOT_ATTRIBUTES = ("architectures", "model_type", "auto_map", "torch_dtype", "layer_types", "rope_scaling")
+# transformers' generation options that LCKVLlamaForCausalLM.generate passes to lckv's (or that only describe the
+# config); any other one set to a non-default value is refused.
+_GENERATION_BOOKKEEPING = {"transformers_version", "_from_model_config", "bos_token_id", "use_cache",
+                           "num_beams", "num_return_sequences"}
+_GENERATE_OPTIONS = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+                     "eos_token_id", "pad_token_id"} | _GENERATION_BOOKKEEPING
 _AUTO_MAP = {"AutoConfig": "lckv_hf.LCKVLlamaConfig", "AutoModelForCausalLM": "lckv_hf.LCKVLlamaForCausalLM"}
 
 
 def _lckv_fields():
     """The fields our config.json reader knows: those the C++ library writes in the LCKV format."""
     small = dict(_LLAMA_SHAPE, num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=2)
-    return set(json.loads(LCKVConfig.from_dict(small).to_json("lckv")))
+    return set(json.loads(LCKVConfig.from_dict(small).to_json("lckv"))) | {"pad_token_id"}  # written only when set
 
 
 _FIELDS = _lckv_fields()
@@ -61,6 +68,7 @@ class LCKVLlamaConfig(PretrainedConfig):
         for k, v in lckv_format.items():
             if k not in _NOT_ATTRIBUTES:
                 setattr(self, k, v)
+        self.pad_token_id = lckv_format.get("pad_token_id")
         self.lckv_layer_types = lckv_format["layer_types"]
         self.lckv_rope_scaling = lckv_format["rope_scaling"]
 
@@ -89,14 +97,23 @@ class LCKVLlamaConfig(PretrainedConfig):
         d = super().to_dict()
         d["layer_types"] = d.pop("lckv_layer_types")
         d["rope_scaling"] = d.pop("lckv_rope_scaling")
-        if d.get("dtype") is not None:
-            d["torch_dtype"] = d["dtype"]
         d["auto_map"] = dict(_AUTO_MAP)
         return d
 
+    def to_diff_dict(self) -> Dict[str, Any]:
+        # config.json also names the dtype as the reference (and transformers 4) read it. Not in to_dict: transformers
+        # reads every to_dict key back as an attribute, and the attribute torch_dtype warns that it is deprecated.
+        return _with_torch_dtype(super().to_diff_dict())
+
     def to_lckv_config(self) -> LCKVConfig:
         """The lckv.LCKVConfig of these fields (validated by the C++ library)."""
-        return LCKVConfig.from_dict({k: v for k, v in self.to_dict().items() if k in _FIELDS})
+        return LCKVConfig.from_dict({k: v for k, v in _with_torch_dtype(self.to_dict()).items() if k in _FIELDS})
+
+
+def _with_torch_dtype(d: Dict[str, Any]) -> Dict[str, Any]:
+    if d.get("dtype") is not None:
+        d["torch_dtype"] = d["dtype"]
+    return d
 
 
 class LCKVLlamaForCausalLM(PreTrainedModel, GenerationMixin):
@@ -169,6 +186,13 @@ class LCKVLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         if gc.get("num_beams", 1) not in (None, 1) or gc.get("num_return_sequences", 1) not in (None, 1):
             raise ValueError("LCKVLlamaForCausalLM.generate supports greedy decoding and sampling, not beam search or "
                              "several sequences per prompt")
+        # An option lckv's generate does not have is refused unless it is transformers' default: never silently dropped.
+        defaults = GenerationConfig().to_dict()
+        ignored = sorted(k for k, v in gc.items() if k not in _GENERATE_OPTIONS and v != defaults.get(k, v)
+                         and v is not None)
+        if ignored:
+            raise ValueError(f"LCKVLlamaForCausalLM.generate does not support {ignored} (lckv's generate takes "
+                             f"{sorted(_GENERATE_OPTIONS - _GENERATION_BOOKKEEPING)})")
         max_new = gc.get("max_new_tokens")
         if max_new is None:
             max_new = max(int(gc.get("max_length") or 20) - input_ids.shape[1], 0)

@@ -30,7 +30,8 @@ PACKAGE_ROOT = str(Path(lckv.__file__).resolve().parents[1])
 def plain_llama(**overrides):
     """A plain Llama: GQA (4 heads, 2 KV heads), no layer_types."""
     c = tiny_config(num_hidden_layers=3, rope_theta=500000.0, **overrides)
-    del c["layer_types"]
+    if "layer_types" not in overrides:
+        del c["layer_types"]
     return c
 
 
@@ -66,6 +67,56 @@ def no_warnings_from_transformers():
     assert not messages, messages
 
 
+def rope_inv_freq_float64(config):
+    """The RoPE inverse frequencies of a transformers config in float64 (default or llama3 scaling), computed here:
+    transformers computes them in float32 even for a float64 model."""
+    rp, d = config.rope_parameters, config.head_dim
+    inv = 1.0 / (rp["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    if rp["rope_type"] == "default":
+        return inv
+    assert rp["rope_type"] == "llama3"
+    factor, low, high, orig = (rp[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                               "original_max_position_embeddings"))
+    wavelen = 2 * torch.pi / inv
+    scaled = torch.where(wavelen > orig / low, inv / factor, inv)
+    smooth = (orig / wavelen - low) / (high - low)
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+@pytest.fixture
+def transformers_in_float64(monkeypatch):
+    """transformers' Llama keeps RMSNorm statistics, the RoPE tables and (eager) softmax in float32 even for a float64
+    model, so it agrees with a float64 model to float32 precision only. This runs its float64 model in float64 (same
+    formulas; SDPA attention, which computes in the input dtype): call it on a loaded model."""
+    from transformers.models.llama import modeling_llama
+
+    def rms_norm(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def rotary(self, x, position_ids):
+        freqs = position_ids[..., None].to(torch.float64) * self.inv_freq.to(x.device, torch.float64)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm)
+    monkeypatch.setattr(modeling_llama.LlamaRotaryEmbedding, "forward", rotary)
+
+    def in_float64(hf):
+        hf.config._attn_implementation = "sdpa"
+        hf.model.rotary_emb.inv_freq = rope_inv_freq_float64(hf.config)
+        return hf
+
+    return in_float64
+
+
+def without_dtype(config):
+    """A config's fields but torch_dtype, which names the dtype a checkpoint was saved in (a model's own says float32)."""
+    d = json.loads(config.to_json("lckv"))
+    del d["torch_dtype"]
+    return d
+
+
 def ids(vocab, shape=(2, 11), seed=1):
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
@@ -75,7 +126,7 @@ def ids(vocab, shape=(2, 11), seed=1):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("tied", [False, True])
-def test_plain_llama_loads_in_transformers_without_warnings(tmp_path, dtype, tol, tied):
+def test_plain_llama_loads_in_transformers_without_warnings(tmp_path, dtype, tol, tied, transformers_in_float64):
     ours = build(plain_llama(tie_word_embeddings=tied), dtype)
     ours.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
@@ -93,17 +144,21 @@ def test_plain_llama_loads_in_transformers_without_warnings(tmp_path, dtype, tol
             hf = load(tmp_path, dtype=dtype).eval()
         assert type(hf) is LlamaForCausalLM and hf.config.num_key_value_heads == 2
         assert hf.config.tie_word_embeddings == tied and hf.config.rope_parameters["rope_theta"] == 500000.0
+        if dtype == torch.float64:
+            transformers_in_float64(hf)
         with torch.no_grad():
             got = hf(x).logits
         assert got.dtype == dtype and (got - expected).abs().max().item() <= tol
     # and we read back what we wrote
     again = lckv.LCKVForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
-    assert again.config == ours.config
+    saved_config = ours.config.copy()
+    saved_config.torch_dtype = written["torch_dtype"]
+    assert again.config == saved_config
     with torch.no_grad():
         assert torch.equal(again(x).logits, expected)
 
 
-def test_plain_llama_with_llama3_rope_scaling_equals_transformers(tmp_path):
+def test_plain_llama_with_llama3_rope_scaling_equals_transformers(tmp_path, transformers_in_float64):
     rope = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8}
     ours = build(plain_llama(rope_scaling=rope, max_position_embeddings=64))
@@ -111,6 +166,7 @@ def test_plain_llama_with_llama3_rope_scaling_equals_transformers(tmp_path):
     with no_warnings_from_transformers():
         hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
     assert hf.config.rope_parameters == dict(rope, rope_theta=500000.0)
+    transformers_in_float64(hf)
     x = ids(61, (1, 40))
     with torch.no_grad():
         assert (hf(x).logits - ours(x).logits).abs().max().item() <= 1e-9
@@ -131,7 +187,7 @@ def test_lckv_model_writes_the_reference_format_and_loads_through_auto_classes(t
     with no_warnings_from_transformers():
         hf = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(hf) is LCKVLlamaForCausalLM and not hf.training
-    assert hf.lckv.cpp_module._config.to_json() == ours.cpp_module._config.to_json()
+    assert without_dtype(hf.lckv.config) == without_dtype(ours.config)
     assert next(hf.parameters()).dtype == torch.float64  # config.json's torch_dtype
     x = ids(61)
     with torch.no_grad():
@@ -217,11 +273,11 @@ def test_auto_config_round_trip(tmp_path):
     assert c.forward_passes == 3 and c.num_key_value_heads == 2 and c.rope_scaling == {"rope_type": "linear",
                                                                                        "factor": 2.0}
     assert c.dtype == torch.float64 and c.pad_token_id == 0
-    assert c.to_lckv_config() == ours.config
+    assert without_dtype(c.to_lckv_config()) == without_dtype(ours.config)
     with no_warnings_from_transformers():
         c.save_pretrained(tmp_path / "b")
-    assert lckv.LCKVConfig.from_pretrained(tmp_path / "b") == ours.config
-    assert AutoConfig.from_pretrained(tmp_path / "b").to_dict() == c.to_dict()
+    assert lckv.LCKVConfig.from_pretrained(tmp_path / "b") == c.to_lckv_config()
+    assert AutoConfig.from_pretrained(tmp_path / "b").to_diff_dict() == c.to_diff_dict()
     # an edited field reaches the model built from the config
     c.forward_passes = 1
     assert LCKVLlamaForCausalLM(c).lckv.config.forward_passes == 1
@@ -304,6 +360,8 @@ def test_bad_input(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ok")
     with pytest.raises(ValueError, match="not beam search"):
         hf.generate(ids(61, (1, 3)), max_new_tokens=2, num_beams=2)
+    with pytest.raises(ValueError, match=r"does not support \['no_repeat_ngram_size'\]"):
+        hf.generate(ids(61, (1, 3)), max_new_tokens=2, no_repeat_ngram_size=3)
     with pytest.raises(TypeError, match="does not support"):
         hf(ids(61), output_attentions=True)
     (tmp_path / "bad_tok").mkdir()

@@ -186,10 +186,11 @@ class LCKVLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         if gc.get("num_beams", 1) not in (None, 1) or gc.get("num_return_sequences", 1) not in (None, 1):
             raise ValueError("LCKVLlamaForCausalLM.generate supports greedy decoding and sampling, not beam search or "
                              "several sequences per prompt")
-        # An option lckv's generate does not have is refused unless it is transformers' default: never silently dropped.
+        # An option lckv's generate does not have is refused unless it is off (None, False, 0) or transformers'
+        # default: never silently dropped.
         defaults = GenerationConfig().to_dict()
         ignored = sorted(k for k, v in gc.items() if k not in _GENERATE_OPTIONS and v != defaults.get(k, v)
-                         and v is not None)
+                         and v not in (None, False))
         if ignored:
             raise ValueError(f"LCKVLlamaForCausalLM.generate does not support {ignored} (lckv's generate takes "
                              f"{sorted(_GENERATE_OPTIONS - _GENERATION_BOOKKEEPING)})")

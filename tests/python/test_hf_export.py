@@ -313,14 +313,17 @@ def test_pipeline_text_generation_equals_our_greedy_generate(tmp_path, layer_typ
     prompt = "kalo mine"
     prompt_ids = [sp.bos_id] + sp.encode(prompt)
     new = ours.generate([prompt_ids], max_new_tokens=12).tokens[0]
-    expected = prompt + sp.decode([t for t in new if t not in (sp.bos_id, sp.eos_id)])
 
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     assert tokenizer(prompt).input_ids == prompt_ids
     generator = pipeline("text-generation", model=str(ckpt))
     assert type(generator.model) is (LlamaForCausalLM if layer_types is None else LCKVLlamaForCausalLM)
-    out = generator(prompt, max_new_tokens=12, do_sample=False)
-    assert out[0]["generated_text"] == expected
+    out = generator(prompt, max_new_tokens=12, do_sample=False, return_tensors=True)
+    assert out[0]["generated_token_ids"] == prompt_ids + new
+    # the text: a random model emits byte pieces, which SentencePiece and transformers render differently when they
+    # are not valid UTF-8; the pipeline's text is its tokenizer's rendering of our tokens
+    text = generator(prompt, max_new_tokens=12, do_sample=False)[0]["generated_text"]
+    assert text == prompt + tokenizer.decode(new, skip_special_tokens=True)
 
 
 # ---- README example
@@ -337,7 +340,7 @@ def test_readme_example_runs(tmp_path):
     (tmp_path / "data" / "kjv").mkdir(parents=True)
     shutil.copy(tokenizer_model, tmp_path / "data" / "kjv" / "tokenizer.model")
     out = run_python(readme_example(), tmp_path)
-    assert "LCKVLlamaForCausalLM" in out and "LlamaForCausalLM" in out
+    assert [line.split()[0] for line in out.splitlines()] == ["LlamaForCausalLM", "LCKVLlamaForCausalLM"], out
 
 
 # ---- bad input

@@ -2,8 +2,8 @@
 
 `LCKVLlamaConfig` is transformers' view of our config.json in the reference's LCKV format (model_type "lckv-llama"),
 `LCKVLlamaForCausalLM` a `PreTrainedModel` whose forward and generate are lckv.LCKVForCausalLM's (the C++ model, with
-Hugging Face's argument names mapped there, in python/lckv/model.py). `import lckv` registers both with AutoConfig /
-AutoModelForCausalLM once transformers is imported; exported LCKV directories also name them in an auto_map
+Hugging Face's argument names mapped there, in python/lckv/model.py). `import lckv` registers them with AutoConfig /
+AutoModelForCausalLM once transformers imports those (lckv/__init__.py); the model class is defined on first use; exported LCKV directories also name them in an auto_map
 (lckv_hf.py), for trust_remote_code=True. A plain Llama is exported as transformers' own Llama and needs neither.
 
 The config keeps our layer_types string as `lckv_layer_types`: transformers 5 validates a field `layer_types` on every
@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PretrainedConfig,
-                          PreTrainedModel)
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.configuration_utils import PretrainedConfig
 
 from . import _C
 from .config import LCKVConfig
@@ -116,111 +114,136 @@ def _with_torch_dtype(d: Dict[str, Any]) -> Dict[str, Any]:
     return d
 
 
-class LCKVLlamaForCausalLM(PreTrainedModel, GenerationMixin):
-    """transformers' PreTrainedModel around lckv.LCKVForCausalLM (`self.lckv`): forward, generate, from_pretrained and
-    save_pretrained are the C++ model's, so logits and generations equal lckv's exactly."""
+def _define_model_class():
+    """LCKVLlamaForCausalLM, defined on first use: transformers' PreTrainedModel costs seconds to import, and the
+    config alone (AutoConfig, AutoTokenizer, pipeline's set-up) does not need it."""
+    from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    config_class = LCKVLlamaConfig
-    base_model_prefix = "lckv"
-    main_input_name = "input_ids"
-    _supports_cache_class = False
+    class LCKVLlamaForCausalLM(PreTrainedModel, GenerationMixin):
+        """transformers' PreTrainedModel around lckv.LCKVForCausalLM (`self.lckv`): forward, generate, from_pretrained and
+        save_pretrained are the C++ model's, so logits and generations equal lckv's exactly."""
 
-    def __init__(self, config: LCKVLlamaConfig, lckv_model: Optional[LCKVForCausalLM] = None):
-        super().__init__(config)
-        self.lckv = lckv_model if lckv_model is not None else LCKVForCausalLM(config.to_lckv_config())
+        config_class = LCKVLlamaConfig
+        base_model_prefix = "lckv"
+        main_input_name = "input_ids"
+        _supports_cache_class = False
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *model_args, config=None, dtype=None,
-                        torch_dtype=None, **kwargs) -> "LCKVLlamaForCausalLM":
-        """Loads an lckv checkpoint directory with the C++ reader (lckv.LCKVForCausalLM.from_pretrained), in `dtype`
-        (a torch dtype, its name, or "auto" / None for config.json's torch_dtype)."""
-        if model_args:
-            raise TypeError(f"LCKVLlamaForCausalLM.from_pretrained takes no positional model arguments, got {model_args}")
-        directory = Path(pretrained_model_name_or_path)
-        if not (directory / "config.json").is_file():
-            raise _C.CheckpointError(f"'{directory}' has no config.json: LCKVLlamaForCausalLM loads local lckv checkpoint "
-                                     "directories (download a hub repository first, e.g. huggingface_hub.snapshot_download)")
-        if kwargs.get("device_map") not in (None, "cpu"):
-            raise ValueError(f"device_map={kwargs['device_map']!r} is not supported: load on the CPU and call .to(device)")
-        if config is None:
-            config = LCKVLlamaConfig.from_pretrained(directory)
-        dtype = dtype if dtype is not None else torch_dtype
-        if dtype is None or dtype == "auto":
-            dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
-        elif isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        model = LCKVForCausalLM.from_pretrained(directory, dtype=dtype)
-        return cls(config, lckv_model=model).eval()
+        def __init__(self, config: LCKVLlamaConfig, lckv_model: Optional[LCKVForCausalLM] = None):
+            super().__init__(config)
+            self.lckv = lckv_model if lckv_model is not None else LCKVForCausalLM(config.to_lckv_config())
 
-    def save_pretrained(self, save_directory: Union[str, Path], *args, dtype: Optional[torch.dtype] = None, **kwargs):
-        """Writes the checkpoint as lckv does (config.json, model.safetensors, lckv_hf.py; a plain Llama as transformers'
-        Llama); transformers' other save options (sharding, push_to_hub, ...) are not supported."""
-        unsupported = [k for k, v in kwargs.items() if v and k not in ("safe_serialization", "is_main_process")]
-        if args or unsupported:
-            raise TypeError(f"LCKVLlamaForCausalLM.save_pretrained takes a directory and dtype=, got {args} {unsupported}")
-        self.lckv.save_pretrained(save_directory, dtype=dtype)
+        @classmethod
+        def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *model_args, config=None, dtype=None,
+                            torch_dtype=None, **kwargs) -> "LCKVLlamaForCausalLM":
+            """Loads an lckv checkpoint directory with the C++ reader (lckv.LCKVForCausalLM.from_pretrained), in `dtype`
+            (a torch dtype, its name, or "auto" / None for config.json's torch_dtype)."""
+            if model_args:
+                raise TypeError(f"LCKVLlamaForCausalLM.from_pretrained takes no positional model arguments, got {model_args}")
+            directory = Path(pretrained_model_name_or_path)
+            if not (directory / "config.json").is_file():
+                raise _C.CheckpointError(f"'{directory}' has no config.json: LCKVLlamaForCausalLM loads local lckv checkpoint "
+                                         "directories (download a hub repository first, e.g. huggingface_hub.snapshot_download)")
+            if kwargs.get("device_map") not in (None, "cpu"):
+                raise ValueError(f"device_map={kwargs['device_map']!r} is not supported: load on the CPU and call .to(device)")
+            if config is None:
+                config = LCKVLlamaConfig.from_pretrained(directory)
+            dtype = dtype if dtype is not None else torch_dtype
+            if dtype is None or dtype == "auto":
+                dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
+            elif isinstance(dtype, str):
+                dtype = getattr(torch, dtype)
+            model = LCKVForCausalLM.from_pretrained(directory, dtype=dtype)
+            return cls(config, lckv_model=model).eval()
 
-    def get_input_embeddings(self):
-        raise NotImplementedError("the embedding of the C++ model is not a torch.nn.Embedding: resizing is not supported")
+        def save_pretrained(self, save_directory: Union[str, Path], *args, dtype: Optional[torch.dtype] = None, **kwargs):
+            """Writes the checkpoint as lckv does (config.json, model.safetensors, lckv_hf.py; a plain Llama as transformers'
+            Llama); transformers' other save options (sharding, push_to_hub, ...) are not supported."""
+            unsupported = [k for k, v in kwargs.items() if v and k not in ("safe_serialization", "is_main_process")]
+            if args or unsupported:
+                raise TypeError(f"LCKVLlamaForCausalLM.save_pretrained takes a directory and dtype=, got {args} {unsupported}")
+            self.lckv.save_pretrained(save_directory, dtype=dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, return_dict: Optional[bool] = None, **kwargs):
-        """lckv.LCKVForCausalLM.forward (right padding only; use_cache and the like accepted and ignored)."""
-        out = self.lckv(input_ids, labels=labels, attention_mask=attention_mask, use_cache=kwargs.pop("use_cache", None))
-        unknown = [k for k, v in kwargs.items() if v not in (None, False)]
-        if unknown:
-            raise TypeError(f"LCKVLlamaForCausalLM.forward does not support {unknown}")
-        result = CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
-        return result.to_tuple() if return_dict is False else result
+        def get_input_embeddings(self):
+            raise NotImplementedError("the embedding of the C++ model is not a torch.nn.Embedding: resizing is not supported")
 
-    @torch.no_grad()
-    def generate(self, input_ids: Optional[torch.Tensor] = None, generation_config=None, attention_mask=None,
-                 **kwargs) -> torch.Tensor:
-        """transformers' generate contract (a [B, T + new] tensor: the input, then the new tokens right-padded with
-        pad_token_id) over lckv's C++ generation, which takes Hugging Face's argument names itself. Options come from
-        `generation_config` (default: the model's) updated by `kwargs`; beam search and the like are refused."""
-        gc = (generation_config or self.generation_config).to_dict()
-        gc.update(kwargs)
-        if input_ids is None:
-            raise TypeError("generate() needs input_ids")
-        if gc.get("num_beams", 1) not in (None, 1) or gc.get("num_return_sequences", 1) not in (None, 1):
-            raise ValueError("LCKVLlamaForCausalLM.generate supports greedy decoding and sampling, not beam search or "
-                             "several sequences per prompt")
-        # An option lckv's generate does not have is refused unless it is off (None, False, 0) or transformers'
-        # default: never silently dropped.
-        defaults = GenerationConfig().to_dict()
-        ignored = sorted(k for k, v in gc.items() if k not in _GENERATE_OPTIONS and v != defaults.get(k, v)
-                         and v not in (None, False))
-        if ignored:
-            raise ValueError(f"LCKVLlamaForCausalLM.generate does not support {ignored} (lckv's generate takes "
-                             f"{sorted(_GENERATE_OPTIONS - _GENERATION_BOOKKEEPING)})")
-        max_new = gc.get("max_new_tokens")
-        if max_new is None:
-            max_new = max(int(gc.get("max_length") or 20) - input_ids.shape[1], 0)
-        options = {k: gc[k] for k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
-                   if gc.get(k) is not None}
-        if not options.get("do_sample"):
-            options = {k: v for k, v in options.items() if k in ("do_sample", "repetition_penalty")}
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        pad = gc.get("pad_token_id")
-        eos = gc.get("eos_token_id")
-        if pad is None:
-            pad = eos[0] if isinstance(eos, (list, tuple)) else (eos if eos is not None else 0)
-        new = self.lckv.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new,
-                                 eos_token_id=eos, pad_token_id=pad, **options).tokens
-        width = max((len(t) for t in new), default=0)
-        tail = torch.full((input_ids.shape[0], width), pad, dtype=input_ids.dtype)
-        for i, t in enumerate(new):
-            tail[i, : len(t)] = torch.tensor(t, dtype=input_ids.dtype)
-        return torch.cat([input_ids.cpu(), tail], dim=1).to(input_ids.device)
+        def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                    labels: Optional[torch.Tensor] = None, return_dict: Optional[bool] = None, **kwargs):
+            """lckv.LCKVForCausalLM.forward (right padding only; use_cache and the like accepted and ignored)."""
+            out = self.lckv(input_ids, labels=labels, attention_mask=attention_mask, use_cache=kwargs.pop("use_cache", None))
+            unknown = [k for k, v in kwargs.items() if v not in (None, False)]
+            if unknown:
+                raise TypeError(f"LCKVLlamaForCausalLM.forward does not support {unknown}")
+            result = CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+            return result.to_tuple() if return_dict is False else result
+
+        @torch.no_grad()
+        def generate(self, input_ids: Optional[torch.Tensor] = None, generation_config=None, attention_mask=None,
+                     **kwargs) -> torch.Tensor:
+            """transformers' generate contract (a [B, T + new] tensor: the input, then the new tokens right-padded with
+            pad_token_id) over lckv's C++ generation, which takes Hugging Face's argument names itself. Options come from
+            `generation_config` (default: the model's) updated by `kwargs`; beam search and the like are refused."""
+            gc = (generation_config or self.generation_config).to_dict()
+            gc.update(kwargs)
+            if input_ids is None:
+                raise TypeError("generate() needs input_ids")
+            if gc.get("num_beams", 1) not in (None, 1) or gc.get("num_return_sequences", 1) not in (None, 1):
+                raise ValueError("LCKVLlamaForCausalLM.generate supports greedy decoding and sampling, not beam search or "
+                                 "several sequences per prompt")
+            # An option lckv's generate does not have is refused unless it is off (None, False, 0) or transformers'
+            # default: never silently dropped.
+            defaults = GenerationConfig().to_dict()
+            ignored = sorted(k for k, v in gc.items() if k not in _GENERATE_OPTIONS and v != defaults.get(k, v)
+                             and v not in (None, False))
+            if ignored:
+                raise ValueError(f"LCKVLlamaForCausalLM.generate does not support {ignored} (lckv's generate takes "
+                                 f"{sorted(_GENERATE_OPTIONS - _GENERATION_BOOKKEEPING)})")
+            max_new = gc.get("max_new_tokens")
+            if max_new is None:
+                max_new = max(int(gc.get("max_length") or 20) - input_ids.shape[1], 0)
+            options = {k: gc[k] for k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+                       if gc.get(k) is not None}
+            if not options.get("do_sample"):
+                options = {k: v for k, v in options.items() if k in ("do_sample", "repetition_penalty")}
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            pad = gc.get("pad_token_id")
+            eos = gc.get("eos_token_id")
+            if pad is None:
+                pad = eos[0] if isinstance(eos, (list, tuple)) else (eos if eos is not None else 0)
+            new = self.lckv.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new,
+                                     eos_token_id=eos, pad_token_id=pad, **options).tokens
+            width = max((len(t) for t in new), default=0)
+            tail = torch.full((input_ids.shape[0], width), pad, dtype=input_ids.dtype)
+            for i, t in enumerate(new):
+                tail[i, : len(t)] = torch.tensor(t, dtype=input_ids.dtype)
+            return torch.cat([input_ids.cpu(), tail], dim=1).to(input_ids.device)
+
+    LCKVLlamaForCausalLM.__qualname__ = "LCKVLlamaForCausalLM"  # found as lckv.hf.LCKVLlamaForCausalLM (pickle)
+    return LCKVLlamaForCausalLM
 
 
-def register() -> None:
-    """Registers the classes with AutoConfig / AutoModelForCausalLM (idempotent; `import lckv` calls it once
-    transformers is imported)."""
+_model_class = None
+
+
+def __getattr__(name):
+    global _model_class
+    if name == "LCKVLlamaForCausalLM":
+        if _model_class is None:
+            _model_class = _define_model_class()
+        return _model_class
+    raise AttributeError(f"module 'lckv.hf' has no attribute '{name}'")
+
+
+def register_config() -> None:
+    """Registers LCKVLlamaConfig with AutoConfig (idempotent)."""
+    from transformers.models.auto.configuration_auto import AutoConfig
+
     AutoConfig.register(LCKVLlamaConfig.model_type, LCKVLlamaConfig, exist_ok=True)
-    AutoModelForCausalLM.register(LCKVLlamaConfig, LCKVLlamaForCausalLM, exist_ok=True)
 
 
-register()
+def register_model() -> None:
+    """Registers LCKVLlamaForCausalLM with AutoModelForCausalLM (idempotent)."""
+    from transformers.models.auto.modeling_auto import AutoModelForCausalLM
+
+    AutoModelForCausalLM.register(LCKVLlamaConfig, __getattr__("LCKVLlamaForCausalLM"), exist_ok=True)

@@ -251,10 +251,15 @@ def test_import_lckv_leaves_transformers_unimported_and_registers_when_it_is(tmp
         "import sys, time\n"
         "t = time.perf_counter(); import lckv; t = time.perf_counter() - t\n"
         "assert 'transformers' not in sys.modules\n"
-        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        "import importlib.util; assert importlib.util.find_spec('transformers.models.auto.modeling_auto')\n"
+        "from transformers import AutoConfig\n"
         "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
         "import lckv.hf\n"
         "assert CONFIG_MAPPING['lckv-llama'] is lckv.hf.LCKVLlamaConfig\n"
+        "assert 'LCKVLlamaForCausalLM' not in vars(lckv.hf)\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING\n"
+        "assert MODEL_FOR_CAUSAL_LM_MAPPING[lckv.hf.LCKVLlamaConfig] is lckv.hf.LCKVLlamaForCausalLM\n"
         "print(f'{t:.3f}')\n"
     )
     print("import lckv:", run_python(code, tmp_path).strip(), "s")

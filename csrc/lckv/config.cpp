@@ -471,10 +471,21 @@ LCKVConfig LCKVConfig::from_file(const std::string& path) {
   return from_json_text(text, path);
 }
 
-json LCKVConfig::to_json() const {
+// The one mapping between our layer_types and transformers' (docs/design.md §5, "The layer_types field and
+// transformers"): a plain Llama is written as transformers' own Llama directory (no layer_types: transformers 5 has a
+// field of that name, a list of attention kinds, and validates it), everything else in the reference's LCKV format
+// (model_type "lckv-llama", layer_types a string) with an auto_map to lckv's transformers classes.
+json LCKVConfig::to_json(ConfigFormat format) const {
+  // A config whose layer_types no longer fit num_hidden_layers (being edited) is written as it stands.
+  const bool plain =
+      format == ConfigFormat::kAuto && static_cast<int>(layer_types.size()) == num_hidden_layers && is_identity();
   json j;
-  j["architectures"] = {"LCKVLlamaForCausalLM"};
-  j["model_type"] = model_type;
+  j["architectures"] = {plain ? "LlamaForCausalLM" : "LCKVLlamaForCausalLM"};
+  j["model_type"] = plain ? "llama" : "lckv-llama";
+  if (!plain) {
+    j["auto_map"] = {{"AutoConfig", "lckv_hf.LCKVLlamaConfig"},
+                     {"AutoModelForCausalLM", "lckv_hf.LCKVLlamaForCausalLM"}};
+  }
   j["vocab_size"] = vocab_size;
   j["hidden_size"] = hidden_size;
   j["intermediate_size"] = intermediate_size;
@@ -485,17 +496,29 @@ json LCKVConfig::to_json() const {
   j["hidden_act"] = hidden_act;
   j["max_position_embeddings"] = max_position_embeddings;
   j["rms_norm_eps"] = rms_norm_eps;
+  // rope_theta and rope_scaling as transformers 4 and the reference write them; a plain Llama also gets
+  // transformers 5's rope_parameters (the same values), which transformers 5 reads without a deprecation warning.
   j["rope_theta"] = rope_theta;
+  json rs = nullptr;
   if (rope_scaling) {
-    json rs = {{"rope_type", rope_scaling->type}, {"factor", rope_scaling->factor}};
+    rs = {{"rope_type", rope_scaling->type}, {"factor", rope_scaling->factor}};
     if (rope_scaling->type == "llama3") {
       rs["low_freq_factor"] = rope_scaling->low_freq_factor;
       rs["high_freq_factor"] = rope_scaling->high_freq_factor;
-      rs["original_max_position_embeddings"] = rope_scaling->original_max_position_embeddings;
+      // a token count: transformers 5 warns unless it is written as an integer
+      const double original = rope_scaling->original_max_position_embeddings;
+      if (original == std::floor(original) && std::abs(original) < 9e15) {
+        rs["original_max_position_embeddings"] = static_cast<int64_t>(original);
+      } else {
+        rs["original_max_position_embeddings"] = original;
+      }
     }
-    j["rope_scaling"] = rs;
-  } else {
-    j["rope_scaling"] = nullptr;
+  }
+  j["rope_scaling"] = rs;
+  if (plain) {
+    json rp = rs.is_null() ? json{{"rope_type", "default"}} : rs;
+    rp["rope_theta"] = rope_theta;
+    j["rope_parameters"] = rp;
   }
   j["tie_word_embeddings"] = tie_word_embeddings;
   j["attention_bias"] = attention_bias;
@@ -504,7 +527,10 @@ json LCKVConfig::to_json() const {
   j["bos_token_id"] = bos_token_id;
   j["eos_token_id"] = eos_token_id;
   if (pad_token_id) j["pad_token_id"] = *pad_token_id;
+  // transformers 5 writes "dtype"; transformers 4 (before 4.56) and the reference read "torch_dtype".
+  if (plain) j["dtype"] = torch_dtype;
   j["torch_dtype"] = torch_dtype;
+  if (plain) return j;  // the LCKV fields below mean nothing for a plain Llama and transformers would keep them as junk
   j["layer_types"] = format_layer_types(layer_types);
   j["forward_passes"] = forward_passes;
   j["backward_passes"] = backward_passes;

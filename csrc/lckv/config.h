@@ -90,6 +90,11 @@ constexpr int kMaxPasses = 1'000'000;
 constexpr int kMaxLayers = 100'000;
 constexpr int64_t kMaxParameters = int64_t{1} << 40;
 
+// How to_json writes a config: kAuto is the mapping of docs/design.md §5 (a plain Llama as transformers' Llama, any
+// other model in the reference's LCKV format); kLCKV is the LCKV format for every model (lckv.hf.LCKVLlamaConfig, whose
+// model_type is "lckv-llama" whatever its layer_types).
+enum class ConfigFormat { kAuto, kLCKV };
+
 struct LCKVConfig {
   // LlamaConfig fields. The shape fields have no default: a config without them is rejected.
   int64_t vocab_size = 0;
@@ -128,7 +133,10 @@ struct LCKVConfig {
   // Parses config.json text; `path` names the file it came from in messages ("" for none). Nesting
   // deeper than json_fields::kMaxDepth and numbers beyond double (1e999) are refused by field.
   static LCKVConfig from_json_text(const std::string& text, const std::string& path = "");
-  nlohmann::json to_json() const;
+  // The config.json we write (docs/design.md §5): a plain Llama (is_identity: no sliding layers, no force_nodiag) as transformers' Llama, without the
+  // LCKV fields (they mean nothing there, and reading it back gives their defaults); any other model in the reference's
+  // LCKV format with an auto_map. from_json reads both back.
+  nlohmann::json to_json(ConfigFormat format = ConfigFormat::kAuto) const;
   void save(const std::string& path) const;  // atomically (temp file + rename)
 
   // Checks every invariant of the fields; from_json calls it, code that edits a config should too.
@@ -143,7 +151,7 @@ struct LCKVConfig {
   int64_t layer_window(int layer) const { return layer_types.at(layer).sliding ? sliding_window : 0; }
   std::vector<int> kv_layers() const;
   IterationPlan iteration_plan() const;
-  bool is_identity() const;  // a standard Llama
+  bool is_identity() const;  // a standard Llama, transformers' LlamaForCausalLM (no sliding window, no force_nodiag)
   // Parameters of the model (embeddings, layers, K/V projections of the KV layers, final norm, LM
   // head unless tied); validates first.
   int64_t parameter_count() const;

@@ -98,7 +98,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<LCKVConfig>(m, "LCKVConfig")
       .def(py::init(&config_from_json_text), py::arg("json_text"),
            "Parses a config.json text (Hugging Face LlamaConfig fields + LCKV fields); raises ConfigError.")
-      .def("to_json", [](const LCKVConfig& c) { return c.to_json().dump(2); })
+      .def("to_json",
+           [](const LCKVConfig& c, const std::string& format) {
+             if (format != "auto" && format != "lckv") {
+               throw ConfigError("to_json(format='" + format + "'): expected 'auto' (config.json as written) or 'lckv'");
+             }
+             return c.to_json(format == "lckv" ? ConfigFormat::kLCKV : ConfigFormat::kAuto).dump(2);
+           },
+           py::arg("format") = "auto",
+           "config.json text: 'auto' writes a plain Llama as transformers' Llama (docs/design.md §5), 'lckv' always "
+           "the LCKV format.")
       .def("save", &LCKVConfig::save, py::arg("path"), "Writes config.json atomically.")
       .def("validate", &LCKVConfig::validate)
       .def("kv_layers", &LCKVConfig::kv_layers)

@@ -45,5 +45,62 @@ GenerationConfig = _C.GenerationConfig
 SamplingConfig = _C.SamplingConfig
 StreamingOptions = _C.StreamingOptions
 
+
+def _register_with_transformers() -> None:
+    """lckv.hf's classes join AutoConfig / AutoModelForCausalLM (docs/design.md §5.1.1). Importing transformers costs
+    seconds, so `import lckv` does not: each class is registered when the transformers module of its Auto class
+    (configuration_auto, modeling_auto) has been imported, now or later (a one-shot import hook for each). A failure
+    warns and leaves transformers usable."""
+    registrations = {"transformers.models.auto.configuration_auto": "register_config",
+                     "transformers.models.auto.modeling_auto": "register_model"}
+
+    def register(module_name):
+        try:
+            from . import hf
+
+            getattr(hf, registrations[module_name])()
+        except Exception as e:  # an incompatible transformers must not break transformers
+            import warnings
+
+            warnings.warn(f"lckv: could not register its classes with transformers ({type(e).__name__}: {e})")
+
+    pending = set()
+    for name in registrations:
+        if name in sys.modules:
+            register(name)
+        else:
+            pending.add(name)
+    if not pending:
+        return
+    import importlib.abc
+    import importlib.machinery
+
+    class RegisterAfterImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name not in pending:
+                return None
+            # importlib.util.find_spec(name) (an availability check) also lands here: the module stays pending until
+            # a spec returned here is executed.
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+                return spec
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                if name in pending:
+                    pending.discard(name)
+                    if not pending and self in sys.meta_path:
+                        sys.meta_path.remove(self)
+                    register(name)
+
+            spec.loader.exec_module = exec_then_register
+            return spec
+
+    sys.meta_path.insert(0, RegisterAfterImport())
+
+
+_register_with_transformers()
+
 __all__ = ["LCKVConfig", "LCKVForCausalLM", "CausalLMOutput", "GenerationOutput", "ConfigError", "CheckpointError", "TrainError",
            "FileError", "GenerationConfig", "SamplingConfig", "StreamingOptions", "data", "ops"]

@@ -104,6 +104,52 @@ TEST_CASE("config round-trips through JSON", "[config]") {
   CHECK(d.to_json() == c.to_json());
 }
 
+TEST_CASE("to_json writes a plain Llama as transformers' Llama and the rest in the LCKV format", "[config][hf]") {
+  // docs/design.md §5.1.1: the one mapping between our layer_types and transformers'.
+  const LCKVConfig plain = with({{"rope_theta", 500000.0}, {"forward_passes", 3}, {"torch_dtype", "bfloat16"}});
+  const json p = plain.to_json();
+  CHECK(p["model_type"] == "llama");
+  CHECK(p["architectures"] == json::array({"LlamaForCausalLM"}));
+  for (const char* lckv_only : {"layer_types", "forward_passes", "backward_passes", "sliding_window", "use_sequential",
+                                "force_nodiag", "auto_map"}) {
+    INFO(lckv_only);
+    CHECK_FALSE(p.contains(lckv_only));
+  }
+  CHECK(p["rope_parameters"] == json({{"rope_type", "default"}, {"rope_theta", 500000.0}}));
+  CHECK(p["rope_theta"] == 500000.0);
+  CHECK(p["dtype"] == "bfloat16");
+  CHECK(p["torch_dtype"] == "bfloat16");
+  // read back: the same model; the LCKV fields, meaningless for a plain Llama, take their defaults
+  const LCKVConfig back = LCKVConfig::from_json(p);
+  CHECK(back.is_identity());
+  CHECK(back.rope_theta == 500000.0);
+  CHECK(back.forward_passes == 7);
+  CHECK(back.to_json() == p);
+
+  const LCKVConfig scaled = with({{"rope_scaling", {{"rope_type", "linear"}, {"factor", 2.0}}}});
+  CHECK(scaled.to_json()["rope_parameters"] == json({{"rope_type", "linear"}, {"factor", 2.0}, {"rope_theta", 10000.0}}));
+  CHECK(LCKVConfig::from_json(scaled.to_json()).rope_scaling->factor == 2.0);
+
+  // LCKV models, sliding identity layers (transformers' Llama has no sliding window) and force_nodiag
+  for (const json& patch : {json{{"layer_types", "0_3_3_3"}}, json{{"layer_types", "0_1s_2_3"}},
+                            json{{"force_nodiag", true}}}) {
+    INFO(patch.dump());
+    const json l = with(patch).to_json();
+    CHECK(l["model_type"] == "lckv-llama");
+    CHECK(l["architectures"] == json::array({"LCKVLlamaForCausalLM"}));
+    CHECK(l["auto_map"] == json({{"AutoConfig", "lckv_hf.LCKVLlamaConfig"},
+                                 {"AutoModelForCausalLM", "lckv_hf.LCKVLlamaForCausalLM"}}));
+    CHECK(l["layer_types"].is_string());
+    CHECK_FALSE(l.contains("rope_parameters"));
+    CHECK(LCKVConfig::from_json(l).to_json() == l);
+  }
+  // kLCKV: the LCKV format for a plain Llama too (lckv.hf.LCKVLlamaConfig's view)
+  const json forced = plain.to_json(ConfigFormat::kLCKV);
+  CHECK(forced["model_type"] == "lckv-llama");
+  CHECK(forced["layer_types"] == "0_1_2_3");
+  CHECK(forced["forward_passes"] == 3);
+}
+
 TEST_CASE("malformed layer_types are rejected naming the entry", "[config][bad-input]") {
   CHECK_THROWS_WITH(with({{"layer_types", "0_1_2"}}), Catch::Contains("has 3 entries, expected num_hidden_layers = 4"));
   CHECK_THROWS_WITH(with({{"layer_types", "0_1_2_4"}}), Catch::Contains("entry 3 ('4') is out of range [0, 4)"));

@@ -433,6 +433,32 @@ TEST_CASE("tie_word_embeddings must match whether the checkpoint has lm_head.wei
   CHECK_NOTHROW(io::load_pretrained(without_head.string()));
 }
 
+TEST_CASE("save_pretrained writes lckv_hf.py for an LCKV model only", "[io][hf]") {
+  const TempDir tmp;
+  for (const std::string layer_types : {"0_1_2_3", "0_3_3_3"}) {
+    const fs::path dir = tmp.path / layer_types;
+    nlohmann::json j = {{"vocab_size", 50}, {"hidden_size", 32}, {"intermediate_size", 48}, {"num_hidden_layers", 4},
+                        {"num_attention_heads", 4}, {"layer_types", layer_types}};
+    LCKVForCausalLM m(LCKVConfig::from_json(j));
+    io::save_pretrained(m, dir.string());
+    const bool lckv = layer_types != "0_1_2_3";
+    CHECK(fs::exists(dir / io::kHfRemoteCodeFile) == lckv);
+    CHECK_FALSE(fs::exists(dir / "tokenizer_config.json"));  // no tokenizer.model in dir
+    const auto config = nlohmann::json::parse(std::ifstream(dir / "config.json"));
+    CHECK(config["model_type"] == (lckv ? "lckv-llama" : "llama"));
+    if (lckv) {
+      std::ifstream in(dir / io::kHfRemoteCodeFile);
+      const std::string code((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      CHECK(code == io::kHfRemoteCode);
+    }
+  }
+  const fs::path bad = tmp.path / "bad_tokenizer";
+  fs::create_directories(bad);
+  std::ofstream(bad / "tokenizer.model") << "not a sentencepiece model";
+  LCKVForCausalLM m(LCKVConfig::from_json(tiny_config_json()));
+  CHECK_THROWS_WITH(io::save_pretrained(m, bad.string()), Catch::Contains("tokenizer.model: not a SentencePiece model"));
+}
+
 TEST_CASE("save_pretrained refuses a non-float dtype", "[io][bad-input]") {
   const TempDir tmp;
   LCKVForCausalLM m(LCKVConfig::from_json(tiny_config_json()));

@@ -83,7 +83,7 @@ def test_python_save_and_reload_is_bit_identical(tmp_path):
     ids = random_ids(2, 9)
     target = tmp_path / "a" / "b"  # created, nested
     model.save_pretrained(target)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "lckv_hf.py", "model.safetensors"]  # LCKV: auto_map
     reloaded = LCKVForCausalLM.from_pretrained(target)
     assert reloaded.config == model.config
     with torch.no_grad():

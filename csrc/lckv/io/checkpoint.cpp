@@ -1,6 +1,7 @@
 #include "lckv/io/checkpoint.h"
 
 #include "lckv/dtype.h"
+#include "lckv/files.h"
 
 #include <algorithm>
 #include <filesystem>
@@ -8,6 +9,7 @@
 #include <set>
 
 #include <nlohmann/json.hpp>
+#include <sentencepiece_processor.h>
 
 #include "lckv/io/safetensors.h"
 
@@ -201,6 +203,29 @@ LCKVForCausalLM load_pretrained(const std::string& dir, torch::ScalarType dtype)
   return model;
 }
 
+void write_hf_tokenizer_config(const std::string& dir) {
+  const fs::path model_path = fs::path(dir) / "tokenizer.model";
+  if (!fs::exists(model_path)) return;
+  // The special tokens by their pieces in this model (transformers' defaults "<s>", "</s>" are Llama's, not every
+  // model's), read with SentencePiece itself; lckv-generate's default prompt format (BOS, no EOS) is the one written.
+  sentencepiece::SentencePieceProcessor sp;
+  const auto status = sp.Load(model_path.string());
+  if (!status.ok()) {
+    throw FormatError(model_path.string() + ": not a SentencePiece model (" + status.ToString() +
+                      "), so no tokenizer_config.json for transformers can be written");
+  }
+  nlohmann::json j = {{"tokenizer_class", "LlamaTokenizer"}, {"add_bos_token", sp.bos_id() >= 0},
+                      {"add_eos_token", false}, {"clean_up_tokenization_spaces", false}};
+  const std::pair<const char*, int> specials[] = {
+      {"bos_token", sp.bos_id()}, {"eos_token", sp.eos_id()}, {"unk_token", sp.unk_id()}, {"pad_token", sp.pad_id()}};
+  for (const auto& [field, id] : specials) j[field] = id >= 0 ? nlohmann::json(sp.IdToPiece(id)) : nlohmann::json();
+  try {
+    write_file_atomically(fs::path(dir) / "tokenizer_config.json", j.dump(2) + "\n");
+  } catch (const FileError& e) {
+    throw FormatError(e.what());
+  }
+}
+
 void save_pretrained(LCKVForCausalLM& model, const std::string& dir, torch::ScalarType dtype) {
   if (!is_weight_dtype(dtype)) {
     throw FormatError("save_pretrained into '" + dir + "': dtype torch." + c10::getDtypeNames(dtype).first +
@@ -215,6 +240,16 @@ void save_pretrained(LCKVForCausalLM& model, const std::string& dir, torch::Scal
   LCKVConfig c = model->config;
   c.torch_dtype = float_dtype(dtype).hf;
   c.save((fs::path(dir) / "config.json").string());
+  // config.json's auto_map names lckv_hf.py (an LCKV model's, docs/design.md §5): transformers imports it with
+  // trust_remote_code=True, and it takes the classes from the installed lckv package.
+  if (!c.is_identity()) {
+    try {
+      write_file_atomically(fs::path(dir) / kHfRemoteCodeFile, kHfRemoteCode);
+    } catch (const FileError& e) {
+      throw FormatError(e.what());
+    }
+  }
+  write_hf_tokenizer_config(dir);
 }
 
 }  // namespace lckv::io

@@ -24,8 +24,22 @@ std::map<std::string, torch::Tensor> load_directory_tensors(const std::string& d
 // Builds the model from dir/config.json and loads its weights, in `dtype`.
 LCKVForCausalLM load_pretrained(const std::string& dir, torch::ScalarType dtype = torch::kFloat);
 
+// The file an LCKV model's config.json names in its auto_map (LCKVConfig::to_json), and its text: transformers'
+// trust_remote_code=True imports it, and it imports the classes of the installed lckv package.
+inline constexpr const char* kHfRemoteCodeFile = "lckv_hf.py";
+inline constexpr const char* kHfRemoteCode =
+    "# transformers' trust_remote_code=True loads the classes config.json's auto_map names from here; they are the\n"
+    "# installed lckv package's (pip install lckv), whose C++ model runs the forward.\n"
+    "from lckv.hf import LCKVLlamaConfig, LCKVLlamaForCausalLM  # noqa: F401\n";
+
+// When dir holds a SentencePiece tokenizer.model, writes the tokenizer_config.json with which transformers'
+// AutoTokenizer loads it (LlamaTokenizer, the model's own special-token pieces, BOS added as lckv-generate does);
+// nothing otherwise. Call it after copying a tokenizer.model into a checkpoint directory.
+void write_hf_tokenizer_config(const std::string& dir);
+
 // Writes config.json and model.safetensors into dir (created if missing), weights in `dtype`
-// (a float dtype; others are refused).
+// (a float dtype; others are refused); for an LCKV model also lckv_hf.py, and tokenizer_config.json when dir holds a
+// tokenizer.model (write_hf_tokenizer_config).
 void save_pretrained(LCKVForCausalLM& model, const std::string& dir, torch::ScalarType dtype = torch::kFloat);
 
 }  // namespace lckv::io

@@ -1,5 +1,6 @@
 #include "lckv/generate/sampling.h"
 
+#include <algorithm>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
@@ -7,6 +8,38 @@
 #include "lckv/ops/accumulate.h"
 
 namespace lckv {
+namespace {
+
+// Top-p in place on x [B, V]: ranked by logit (ties by token id), a token is dropped (set to -inf)
+// when the tokens ranked before it already hold top_p of the mass; the first always stays. Only the
+// top n candidates of each row are ranked, not the vocabulary: n = 64 first, grown 8x while some
+// row's cut may lie past its candidates, up to n = V (a full sort) at worst.
+void keep_nucleus(torch::Tensor& x, double top_p) {
+  const int64_t V = x.size(-1);
+  const torch::Tensor lse = x.logsumexp(-1, /*keepdim=*/true);
+  for (int64_t n = std::min<int64_t>(V, 64);; n = std::min(V, n * 8)) {
+    auto [values, ids] = x.topk(n, -1);
+    // Rank the candidates by value, ties by token id: sort by id, then stably by value.
+    auto [by_id, perm] = ids.sort(-1);
+    auto [ranked, order] = values.gather(-1, perm).sort(/*stable=*/true, -1, /*descending=*/true);
+    ids = by_id.gather(-1, order);
+    const torch::Tensor probs = (ranked - lse).exp_();
+    const torch::Tensor drop = (probs.cumsum(-1) - probs) >= top_p;
+    if (n < V) {
+      // A row is settled when it drops a candidate above its smallest candidate value: every token
+      // ranked before that one is a candidate and every one after it is dropped. Or when the
+      // smallest candidate is -inf: the tokens outside the candidates are filtered already.
+      const torch::Tensor smallest = ranked.narrow(-1, n - 1, 1);
+      const torch::Tensor settled = drop.logical_and(ranked > smallest).any(-1).logical_or(smallest.squeeze(-1).isneginf());
+      if (!settled.all().item<bool>()) continue;
+    }
+    const torch::Tensor keep = torch::zeros_like(x, torch::kBool).scatter_(-1, ids, drop.logical_not());
+    x.masked_fill_(keep.logical_not(), -std::numeric_limits<double>::infinity());
+    return;
+  }
+}
+
+}  // namespace
 
 void SamplingConfig::validate() const {
   auto fail = [](const std::string& field, double value, const std::string& expected) {
@@ -41,13 +74,7 @@ torch::Tensor process_logits(const torch::Tensor& logits, const SamplingConfig& 
     torch::Tensor kth = std::get<0>(x.topk(c.top_k, -1)).narrow(-1, c.top_k - 1, 1);
     x.masked_fill_(x < kth, neg_inf);
   }
-  if (c.top_p < 1.0) {
-    auto [sorted, order] = x.sort(-1, /*descending=*/true);
-    torch::Tensor probs = sorted.softmax(-1);
-    // Drop a token when the tokens ranked before it already hold top_p of the mass (the first stays).
-    torch::Tensor drop_sorted = (probs.cumsum(-1) - probs) >= c.top_p;
-    x.masked_fill_(torch::zeros_like(drop_sorted).scatter(-1, order, drop_sorted), neg_inf);
-  }
+  if (c.top_p < 1.0) keep_nucleus(x, c.top_p);
   return x;
 }
 

@@ -175,7 +175,9 @@ torch::Tensor full_sort_filters(const torch::Tensor& logits, const SamplingConfi
 TEST_CASE("top-k and top-p by partial selection equal the full-sort definition, draw for draw", "[generate][sampling]") {
   // Rows that settle on the first 64 candidates, rows whose nucleus needs more (a flat distribution:
   // the candidates grow to a full sort), ties (logits on a coarse grid), tiny and large vocabularies,
-  // p = 1, k = 1, k beyond the vocabulary, temperatures; fp32 and fp64.
+  // p = 1, k = 1, k beyond the vocabulary, temperatures; fp32 and fp64. (A cut whose mass equals
+  // top_p to the last bit is decided by rounding, differently in the two computations: the data keep
+  // clear of that, e.g. 301 equal logits, so that no p here is a whole number of them.)
   torch::manual_seed(11);
   struct Rows {
     const char* what;
@@ -187,7 +189,7 @@ TEST_CASE("top-k and top-p by partial selection equal the full-sort definition, 
       {"flat, V = 5000", torch::randn({B, 5000}) * 0.05},
       {"mixed peaked and flat rows", torch::cat({torch::randn({B / 2, 3000}) * 5, torch::randn({B / 2, 3000}) * 0.1})},
       {"ties on a coarse grid", torch::randint(0, 6, {B, 700}).to(torch::kFloat)},
-      {"all tied", torch::zeros({B, 300})},
+      {"all tied (V = 301: no cut falls exactly on a tie boundary)", torch::zeros({B, 301})},
       {"V = 3", torch::randn({B, 3})},
   };
   const SamplingConfig base{true};

@@ -177,9 +177,9 @@ TEST_CASE("condensed attention rejects bad inputs with a message naming the argu
 }
 
 TEST_CASE("the fp32 op matches the fp64 naive reference to fp32 precision, forward and backward", "[ops]") {
-  // The fp32 paths on every mask case: through the op (PyTorch's fused CPU attention for chunks of
-  // several queries, the blocked path for one) and the blocked forward/backward directly (fp32
-  // scores and statistics; what key_start batches and single-token decode use).
+  // The fp32 paths on every mask case as auto picks them: through the op (PyTorch's fused CPU
+  // attention's forward for chunks of more than 4 queries, the decode kernel for fewer; the blocked
+  // backward) and the raw forward/backward.
   torch::manual_seed(4);
   for (const Case& c : kCases) {
     auto opts = torch::TensorOptions().dtype(torch::kDouble);
@@ -238,21 +238,30 @@ const HiddenCase kHiddenCases[] = {
 }  // namespace
 
 TEST_CASE("keys and values that no query sees never reach an output or gradient, even as NaN/inf", "[ops]") {
-  // Every CPU path (the op's dispatch: fused SDPA for fp32/bf16 chunks, blocked otherwise; and the
-  // blocked forward/backward directly, in blocks of 2 rows) on fp64, fp32 and bf16: with NaN, +inf
+  // Every CPU forward path (auto, and rows, blocked in blocks of 2 rows, flash forced), through the op
+  // and through the raw forward and the blocked backward, on fp64, fp32 and bf16: with NaN, +inf
   // or -inf planted in every hidden key and value, out, dq, dk, dv equal the clean run's bit for bit,
   // and the hidden keys' dk, dv are exactly zero.
   torch::manual_seed(6);
   const int64_t D = 8;
   for (const HiddenCase& c : kHiddenCases) {
-    for (torch::ScalarType dt : {torch::kDouble, torch::kFloat, torch::kBFloat16}) {
+    for (auto [dt, path] : {std::pair{torch::kDouble, lckv::ops::CpuAttentionPath::kAuto},
+                            std::pair{torch::kFloat, lckv::ops::CpuAttentionPath::kAuto},
+                            std::pair{torch::kBFloat16, lckv::ops::CpuAttentionPath::kAuto},
+                            std::pair{torch::kDouble, lckv::ops::CpuAttentionPath::kRows},
+                            std::pair{torch::kBFloat16, lckv::ops::CpuAttentionPath::kRows},
+                            std::pair{torch::kFloat, lckv::ops::CpuAttentionPath::kBlocked},
+                            std::pair{torch::kBFloat16, lckv::ops::CpuAttentionPath::kBlocked},
+                            std::pair{torch::kFloat, lckv::ops::CpuAttentionPath::kFlash},
+                            std::pair{torch::kBFloat16, lckv::ops::CpuAttentionPath::kFlash}}) {
+      if (path == lckv::ops::CpuAttentionPath::kFlash && !c.key_start.empty()) continue;
       const torch::Tensor q = torch::randn({c.B, c.Hq, c.T, D}).to(dt), k = torch::randn({c.B, c.Hkv, c.S, D}).to(dt),
                           v = torch::randn({c.B, c.Hkv, c.S, D}).to(dt), g = torch::randn({c.B, c.Hq, c.T, D}).to(dt);
-      AttentionParams p{{c.strict, c.window, c.q_offset}, 0, 2};
+      AttentionParams p{{c.strict, c.window, c.q_offset}, 0, 2, path};
       if (!c.key_start.empty()) p.mask.key_start = torch::tensor(c.key_start, torch::kLong);
       const torch::Tensor hidden =
           lckv::testing::keys_no_query_sees(c.B, c.T, c.S, c.strict, c.window, c.q_offset, c.key_start);
-      INFO(c.what << ", dtype " << dt);
+      INFO(c.what << ", dtype " << dt << ", path " << int(path));
       REQUIRE(hidden.any().item<bool>());
       // out, dq, dk, dv through the differentiable op, then through the blocked path directly.
       auto run = [&](const torch::Tensor& kk, const torch::Tensor& vv) {

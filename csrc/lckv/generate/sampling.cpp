@@ -11,19 +11,21 @@ namespace lckv {
 namespace {
 
 // Top-p in place on x [B, V]: ranked by logit (ties by token id), a token is dropped (set to -inf)
-// when the tokens ranked before it already hold top_p of the mass; the first always stays. Only the
-// top n candidates of each row are ranked, not the vocabulary: n = 64 first, grown 8x while some
-// row's cut may lie past its candidates, up to n = V (a full sort) at worst.
+// when the tokens ranked before it already hold top_p of the mass (softmax(x) in token order, summed
+// in rank order); the first always stays. Only the top n candidates of each row are ranked, not the
+// vocabulary: n = 64 first, grown 8x while some row's cut may lie past its candidates, up to n = V
+// (a full sort) at worst. The candidates' probabilities and their running sum are the very numbers a
+// full sort would give, so the cut is the same to the last bit.
 void keep_nucleus(torch::Tensor& x, double top_p) {
   const int64_t V = x.size(-1);
-  const torch::Tensor lse = x.logsumexp(-1, /*keepdim=*/true);
+  const torch::Tensor all_probs = x.softmax(-1);
   for (int64_t n = std::min<int64_t>(V, 64);; n = std::min(V, n * 8)) {
     auto [values, ids] = x.topk(n, -1);
     // Rank the candidates by value, ties by token id: sort by id, then stably by value.
     auto [by_id, perm] = ids.sort(-1);
     auto [ranked, order] = values.gather(-1, perm).sort(/*stable=*/true, -1, /*descending=*/true);
     ids = by_id.gather(-1, order);
-    const torch::Tensor probs = (ranked - lse).exp_();
+    const torch::Tensor probs = all_probs.gather(-1, ids);
     const torch::Tensor drop = (probs.cumsum(-1) - probs) >= top_p;
     if (n < V) {
       // A row is settled when it drops a candidate above its smallest candidate value: every token

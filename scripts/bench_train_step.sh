@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# Training-step throughput, Llama identity vs LCKV w=2 (tiny shape, T=512), side by side in one
-# process, with the FLOP ratio of the iteration plans. Extra flags go to lckv-bench-train-step.
+# Training-step throughput, Llama identity vs LCKV w=2 of the quickstart shape (bf16 autocast,
+# 2 threads) at T=128 (batch 16) and T=512 (batch 4), side by side in one process each: the FLOP
+# ratio of the iteration plans, step GFLOP/s against the bf16 matmul rate of the same rounds, and
+# the attention share of a step. Extra flags go to lckv-bench-train-step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+build=${LCKV_BUILD_DIR:-build}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 mkdir -p bench/results
-out=bench/results/train_step_cpu_$(date +%Y%m%d).json
-./build/lckv-bench-train-step --configs configs/tiny-llama.json configs/tiny-lckv-w2.json \
-  --seq-len 512 --batch 1 --threads 2 --dtype bf16 --out "$out" "$@"
-echo "wrote $out"
+for shape in "128 16" "512 4"; do
+  read -r seq batch <<< "$shape"
+  out=bench/results/train_step_cpu_T${seq}_$(date +%Y%m%d).json
+  "$build"/lckv-bench-train-step --configs configs/quickstart-llama.json configs/quickstart-lckv-w2.json \
+    --seq-len "$seq" --batch "$batch" --threads 2 --dtype bf16 --steps 5 --warmup 1 --profiled-steps 2 --out "$out" "$@" \
+    > /dev/null
+  echo "wrote $out"
+done

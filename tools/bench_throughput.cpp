@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <fstream>
 #include <iostream>
 
@@ -82,7 +83,9 @@ int main(int argc, char** argv) {
   int64_t vocab = 4096, streaming_tokens = 1024, sink = 4, prefill_chunk = 64;
   std::vector<double> budgets_mib = {1024};
   std::string dtype = "bf16", prefill = "iterative", out_path;
-  bool sweep = true;
+  bool sweep = true, latency_only = false;
+  int latency_rounds = 5;
+  int64_t latency_prompt = 64, latency_new = 64, latency_batch = 32;
   app.add_option("--configs", configs, "config files of one shape (the first is the baseline)")->expected(1, 16);
   app.add_option("--scenarios", scenario_names, "PROMPT+GENERATED token counts");
   app.add_option("--budget-mib", budgets_mib, "memory budgets for the KV cache, MiB (a table for each; the sweep uses the last)");
@@ -95,6 +98,11 @@ int main(int argc, char** argv) {
   app.add_option("--streaming-tokens", streaming_tokens, "tokens generated per StreamingLLM run (batch 1)");
   app.add_option("--sink", sink, "StreamingLLM sink tokens");
   app.add_option("--threads", threads, "torch intra-op threads");
+  app.add_option("--latency-rounds", latency_rounds, "interleaved rounds of the decode latency part (0: skip it)");
+  app.add_option("--latency-prompt", latency_prompt, "prompt tokens of the decode latency part");
+  app.add_option("--latency-new", latency_new, "new tokens per run of the decode latency part");
+  app.add_option("--latency-batch", latency_batch, "batch of the greedy vs top-p comparison");
+  app.add_flag("--latency-only", latency_only, "only the decode latency part (no table, sweep or streaming)");
   app.add_option("--out", out_path, "write the JSON result here too");
   CLI11_PARSE(app, argc, argv);
   try {
@@ -139,6 +147,60 @@ int main(int argc, char** argv) {
                              {"vocab_size", vocab}, {"prefill", prefill},
                              {"prefill_chunk", prefill_chunk}, {"torch", TORCH_VERSION}, {"configs", config_json},
                              {"paper", {{"throughput_ratio_7b_5+8187_24GB", 4.7}, {"throughput_ratio_with_offloading", 26}}}};
+    // Decode latency: ms per decode step at batch 1 (greedy) and, at latency_batch, greedy against
+    // top-p sampling (p = 0.9) and top-k (k = 50), every config and mode interleaved in each round
+    // (the machine may be shared); medians over rounds.
+    if (latency_rounds > 0) {
+      struct Mode {
+        std::string name;
+        int64_t batch;
+        lckv::SamplingConfig sampling;
+        std::vector<double> ms;
+      };
+      lckv::SamplingConfig top_p{true}, top_k{true};
+      top_p.top_p = 0.9;
+      top_k.top_k = 50;
+      std::vector<std::vector<Mode>> modes(models.size());
+      for (auto& ms : modes) {
+        ms = {{"batch1_greedy", 1, {}, {}},
+              {"batch" + std::to_string(latency_batch) + "_greedy", latency_batch, {}, {}},
+              {"batch" + std::to_string(latency_batch) + "_top_p", latency_batch, top_p, {}},
+              {"batch" + std::to_string(latency_batch) + "_top_k", latency_batch, top_k, {}}};
+      }
+      const Scenario sc{latency_prompt, latency_new};
+      for (int r = 0; r <= latency_rounds; ++r) {  // round 0 warms up
+        for (size_t i = 0; i < models.size(); ++i) {
+          for (Mode& mode : modes[i]) {
+            lckv::GenerationConfig g = base;
+            g.sampling = mode.sampling;
+            const Measurement m = run(models[i], mode.batch, sc, g);
+            if (r > 0) mode.ms.push_back(1e3 * m.decode_s / (sc.generate - 1));
+          }
+        }
+      }
+      auto median = [](std::vector<double> v) {
+        std::sort(v.begin(), v.end());
+        return v[v.size() / 2];
+      };
+      nlohmann::json lat = nlohmann::json::array();
+      for (size_t i = 0; i < models.size(); ++i) {
+        nlohmann::json j = {{"config", models[i].path}};
+        for (const Mode& mode : modes[i]) j[mode.name + "_ms_per_step"] = median(mode.ms), j[mode.name + "_rounds_ms"] = mode.ms;
+        j["top_p_over_greedy"] = median(modes[i][2].ms) / median(modes[i][1].ms);
+        j["top_k_over_greedy"] = median(modes[i][3].ms) / median(modes[i][1].ms);
+        std::cerr << "latency " << models[i].path << ": batch 1 " << j["batch1_greedy_ms_per_step"] << " ms/step, top-p/greedy "
+                  << j["top_p_over_greedy"] << "\n";
+        lat.push_back(j);
+      }
+      result["decode_latency"] = {{"rounds", latency_rounds}, {"prompt", latency_prompt}, {"new_tokens", latency_new},
+                                  {"machine_shared", true}, {"runs", lat}};
+    }
+    if (latency_only) {
+      std::cout << result.dump(2) << "\n";
+      if (!out_path.empty()) lckv::write_file_atomically(out_path, result.dump(2) + "\n");
+      return 0;
+    }
+
     // Throughput table: each config at its largest batch, for every budget and scenario.
     nlohmann::json table = nlohmann::json::array();
     int64_t budget = 0;

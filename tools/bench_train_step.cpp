@@ -1,10 +1,17 @@
 // lckv-bench-train-step: tokens/s of one training step (forward + backward) for two configs side
 // by side in one process (interleaved, so both see the same machine state), with the FLOP ratio
-// of their iteration plans for comparison. Writes JSON.
+// of their iteration plans, the step's GFLOP/s against a bf16 matmul of the model's MLP shape timed
+// in the same rounds, and the share of the step spent in condensed attention (forward calls and
+// their backward nodes, timed by RecordFunction callbacks in separate profiled steps, so the
+// callbacks do not slow the timed ones). Writes JSON.
 #include <CLI/CLI.hpp>
 #include <torch/torch.h>
 
+#include <ATen/record_function.h>
+
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <chrono>
 #include <fstream>
 #include <iostream>
@@ -19,8 +26,39 @@ struct Run {
   std::string config_path;
   lckv::LCKVConfig config;
   lckv::LCKVForCausalLM model{nullptr};
-  std::vector<double> seconds;
+  std::vector<double> seconds, attention_share;
 };
+
+using Clock = std::chrono::steady_clock;
+
+// Seconds spent inside condensed attention (the op's forward, RECORD_FUNCTION'd by its front, and its
+// autograd node in the backward) while the callback is installed.
+std::atomic<int64_t> g_attention_ns{0};
+
+struct StartTime : at::ObserverContext {
+  Clock::time_point t0 = Clock::now();
+};
+
+bool is_attention(const char* name) {
+  return std::strcmp(name, "lckv::condensed_attention") == 0 || std::strstr(name, "CondensedAttentionFunction") != nullptr;
+}
+
+at::CallbackHandle install_attention_timer() {
+  return at::addGlobalCallback(
+      at::RecordFunctionCallback(
+          [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+            if (!is_attention(fn.name())) return nullptr;
+            return std::make_unique<StartTime>();
+          },
+          [](const at::RecordFunction&, at::ObserverContext* ctx) {
+            if (ctx == nullptr) return;
+            const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() -
+                                                                                 static_cast<StartTime*>(ctx)->t0);
+            g_attention_ns += ns.count();
+          })
+          .needsInputs(false)
+          .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION, at::RecordScope::USER_SCOPE}));
+}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -33,7 +71,7 @@ int main(int argc, char** argv) {
   lckv::ensure_passive_openmp(argc, argv);
   CLI::App app{"lckv-bench-train-step: training-step throughput of two configs, side by side"};
   std::vector<std::string> configs = {"configs/tiny-llama.json", "configs/tiny-lckv-w2.json"};
-  int threads = 2, seq_len = 512, batch = 1, steps = 3, warmup = 1;
+  int threads = 2, seq_len = 512, batch = 1, steps = 3, warmup = 1, profiled = 1;
   int64_t vocab = 0;
   std::string dtype = "bf16", out_path;
   app.add_option("--configs", configs, "config files to compare (the first is the baseline)")->expected(2, 16);
@@ -44,6 +82,7 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", warmup, "untimed steps per config");
   app.add_option("--vocab", vocab, "override vocab_size (0 keeps the config's)");
   app.add_option("--dtype", dtype, "bf16 (CPU autocast, AMX) or fp32")->check(CLI::IsMember({"bf16", "fp32"}));
+  app.add_option("--profiled-steps", profiled, "steps per config timing the attention share (0: skip)");
   app.add_option("--out", out_path, "write the JSON result here too");
   CLI11_PARSE(app, argc, argv);
   try {
@@ -68,16 +107,42 @@ int main(int argc, char** argv) {
       r.model->zero_grad();
       return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     };
+    // The matmul rate in the same rounds: the MLP's up projection of the batch, bf16.
+    const auto& c0 = runs[0].config;
+    const torch::Tensor mx = torch::randn({batch * seq_len, c0.hidden_size}, torch::kBFloat16),
+                        mw = torch::randn({c0.intermediate_size, c0.hidden_size}, torch::kBFloat16);
+    const double matmul_flops = 2.0 * batch * seq_len * c0.hidden_size * c0.intermediate_size;
+    std::vector<double> matmul_s;
+    auto time_matmul = [&] {
+      at::linear(mx, mw);
+      const auto t0 = Clock::now();
+      for (int j = 0; j < 10; ++j) at::linear(mx, mw);
+      matmul_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count() / 10);
+    };
     for (int i = 0; i < warmup; ++i) for (auto& r : runs) step(r);
     for (int i = 0; i < steps; ++i) {
+      time_matmul();
       for (auto& r : runs) {
         r.seconds.push_back(step(r));
         std::cerr << r.config_path << " step " << i << ": " << r.seconds.back() << " s\n";
       }
     }
+    for (int i = 0; i < profiled; ++i) {
+      for (auto& r : runs) {
+        const at::CallbackHandle handle = install_attention_timer();
+        g_attention_ns = 0;
+        const double s = step(r);
+        at::removeCallback(handle);
+        r.attention_share.push_back(g_attention_ns.load() * 1e-9 / s);
+      }
+    }
+    const double matmul_gflops = matmul_flops / median(matmul_s) / 1e9;
     nlohmann::json result = {{"benchmark", "train_step"}, {"threads", threads}, {"seq_len", seq_len},
                              {"batch", batch}, {"dtype", dtype}, {"steps", steps},
-                             {"torch", TORCH_VERSION}, {"runs", nlohmann::json::array()}};
+                             {"torch", TORCH_VERSION}, {"machine_shared", true},
+                             {"matmul_bf16_gflop_per_s", matmul_gflops},
+                             {"matmul_shape", {batch * seq_len, c0.hidden_size, c0.intermediate_size}},
+                             {"runs", nlohmann::json::array()}};
     const double base_s = median(runs[0].seconds);
     const auto& bc = runs[0].config;
     const double base_flops = lckv::training_flops_per_token(bc, seq_len, bc.forward_passes, bc.backward_passes);
@@ -92,6 +157,9 @@ int main(int argc, char** argv) {
                                 {"median_step_s", s},
                                 {"tokens_per_s", batch * seq_len / s},
                                 {"gflop_per_s", flops * batch * seq_len / s / 1e9},
+                                {"fraction_of_matmul_rate", flops * batch * seq_len / s / 1e9 / matmul_gflops},
+                                {"attention_share", r.attention_share.empty() ? nlohmann::json() : nlohmann::json(median(r.attention_share))},
+                                {"step_seconds", r.seconds},
                                 {"time_ratio_vs_first", s / base_s},
                                 {"flop_ratio_vs_first", flops / base_flops},
                                 {"time_over_flop_ratio", (s / base_s) / (flops / base_flops)}});

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "lckv/cache/condensed_kv_cache.h"
 #include "lckv/generate/generate.h"
@@ -144,6 +145,81 @@ TEST_CASE("sampling: greedy, top-k, top-p, temperature, repetition penalty and s
   torch::Tensor x = torch::tensor({{1.0, -1.0, 3.0}}, torch::kDouble);
   torch::Tensor seen = torch::tensor({true, true, false}).view({1, 3});
   CHECK(max_diff(process_logits(x, rp, seen), torch::tensor({{0.5, -2.0, 3.0}}, torch::kDouble)) == 0);
+}
+
+namespace {
+
+// The sampling filters by their definition, with a full sort of each row (what process_logits did
+// before it ranked only the top candidates): temperature, then top-k (every token tied with the k-th
+// stays), then top-p over the tokens ranked by logit, ties by token id (a stable sort), dropping a
+// token when the ones before it hold top_p of the mass (softmax in token order, summed in rank order).
+torch::Tensor full_sort_filters(const torch::Tensor& logits, const SamplingConfig& c) {
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  torch::Tensor x = logits.clone() / c.temperature;
+  const int64_t V = x.size(1);
+  if (c.top_k > 0 && c.top_k < V) {
+    const torch::Tensor kth = std::get<0>(x.sort(-1, true)).narrow(1, c.top_k - 1, 1);
+    x.masked_fill_(x < kth, neg_inf);
+  }
+  if (c.top_p < 1) {
+    const torch::Tensor order = std::get<1>(x.sort(/*stable=*/true, -1, /*descending=*/true));
+    const torch::Tensor probs = x.softmax(-1).gather(-1, order);
+    const torch::Tensor drop = (probs.cumsum(-1) - probs) >= c.top_p;
+    x.masked_fill_(torch::zeros_like(drop).scatter(-1, order, drop), neg_inf);
+  }
+  return x;
+}
+
+}  // namespace
+
+TEST_CASE("top-k and top-p by partial selection equal the full-sort definition, draw for draw", "[generate][sampling]") {
+  // Rows that settle on the first 64 candidates, rows whose nucleus needs more (a flat distribution:
+  // the candidates grow to a full sort), ties (logits on a coarse grid), tiny and large vocabularies,
+  // p = 1, k = 1, k beyond the vocabulary, temperatures; fp32 and fp64.
+  torch::manual_seed(11);
+  struct Rows {
+    const char* what;
+    torch::Tensor logits;
+  };
+  const int64_t B = 16;
+  std::vector<Rows> rows = {
+      {"peaked, V = 32000", torch::randn({B, 32000}) * 4},
+      {"flat, V = 5000", torch::randn({B, 5000}) * 0.05},
+      {"mixed peaked and flat rows", torch::cat({torch::randn({B / 2, 3000}) * 5, torch::randn({B / 2, 3000}) * 0.1})},
+      {"ties on a coarse grid", torch::randint(0, 6, {B, 700}).to(torch::kFloat)},
+      {"all tied", torch::zeros({B, 300})},
+      {"V = 3", torch::randn({B, 3})},
+  };
+  const SamplingConfig base{true};
+  std::vector<SamplingConfig> configs;
+  for (double p : {1.0, 0.999, 0.9, 0.5, 0.05}) {
+    for (int64_t k : {int64_t(0), int64_t(1), int64_t(50), int64_t(100000)}) {
+      for (double t : {1.0, 0.6}) {
+        SamplingConfig c = base;
+        c.top_p = p, c.top_k = k, c.temperature = t;
+        configs.push_back(c);
+      }
+    }
+  }
+  uint64_t seed = 100;
+  for (const Rows& r : rows) {
+    for (torch::ScalarType dt : {torch::kFloat, torch::kDouble}) {
+      const torch::Tensor logits = r.logits.to(dt);
+      for (const SamplingConfig& c : configs) {
+        INFO(r.what << ", " << dt << ", top_p " << c.top_p << ", top_k " << c.top_k << ", temperature " << c.temperature);
+        const torch::Tensor want = full_sort_filters(logits, c);
+        const torch::Tensor got = process_logits(logits, c, {});
+        REQUIRE(torch::equal(got.isneginf(), want.isneginf()));
+        CHECK(torch::equal(got, want));
+        at::Generator g1 = at::make_generator<at::CPUGeneratorImpl>(seed), g2 = at::make_generator<at::CPUGeneratorImpl>(seed);
+        ++seed;
+        const torch::Tensor drawn = select_next_tokens(logits, c, {}, g1);
+        const torch::Tensor ref = torch::multinomial(want.softmax(-1), 1, /*replacement=*/false, g2).squeeze(-1);
+        CHECK(torch::equal(drawn, ref));
+        CHECK(want.gather(1, drawn.unsqueeze(1)).isfinite().all().item<bool>());
+      }
+    }
+  }
 }
 
 TEST_CASE("generation stops at stop tokens and streams every step to the callback", "[generate][sampling]") {

@@ -5,10 +5,12 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "lckv/autocast.h"
 #include "lckv/ops/condensed_attention.h"
+#include "lckv/ops/fused_ops.h"
 #include "test_reference.h"
 
 using lckv::ops::AttentionParams;
@@ -175,9 +177,9 @@ TEST_CASE("condensed attention rejects bad inputs with a message naming the argu
 }
 
 TEST_CASE("the fp32 op matches the fp64 naive reference to fp32 precision, forward and backward", "[ops]") {
-  // The fp32 paths on every mask case: through the op (PyTorch's fused CPU attention for chunks of
-  // several queries, the blocked path for one) and the blocked forward/backward directly (fp32
-  // scores and statistics; what key_start batches and single-token decode use).
+  // The fp32 paths on every mask case as auto picks them: through the op (PyTorch's fused CPU
+  // attention's forward for chunks of more than 4 queries, the decode kernel for fewer; the blocked
+  // backward) and the raw forward/backward.
   torch::manual_seed(4);
   for (const Case& c : kCases) {
     auto opts = torch::TensorOptions().dtype(torch::kDouble);
@@ -236,21 +238,30 @@ const HiddenCase kHiddenCases[] = {
 }  // namespace
 
 TEST_CASE("keys and values that no query sees never reach an output or gradient, even as NaN/inf", "[ops]") {
-  // Every CPU path (the op's dispatch: fused SDPA for fp32/bf16 chunks, blocked otherwise; and the
-  // blocked forward/backward directly, in blocks of 2 rows) on fp64, fp32 and bf16: with NaN, +inf
+  // Every CPU forward path (auto, and rows, blocked in blocks of 2 rows, flash forced), through the op
+  // and through the raw forward and the blocked backward, on fp64, fp32 and bf16: with NaN, +inf
   // or -inf planted in every hidden key and value, out, dq, dk, dv equal the clean run's bit for bit,
   // and the hidden keys' dk, dv are exactly zero.
   torch::manual_seed(6);
   const int64_t D = 8;
   for (const HiddenCase& c : kHiddenCases) {
-    for (torch::ScalarType dt : {torch::kDouble, torch::kFloat, torch::kBFloat16}) {
+    for (auto [dt, path] : {std::pair{torch::kDouble, lckv::ops::CpuAttentionPath::kAuto},
+                            std::pair{torch::kFloat, lckv::ops::CpuAttentionPath::kAuto},
+                            std::pair{torch::kBFloat16, lckv::ops::CpuAttentionPath::kAuto},
+                            std::pair{torch::kDouble, lckv::ops::CpuAttentionPath::kRows},
+                            std::pair{torch::kBFloat16, lckv::ops::CpuAttentionPath::kRows},
+                            std::pair{torch::kFloat, lckv::ops::CpuAttentionPath::kBlocked},
+                            std::pair{torch::kBFloat16, lckv::ops::CpuAttentionPath::kBlocked},
+                            std::pair{torch::kFloat, lckv::ops::CpuAttentionPath::kFlash},
+                            std::pair{torch::kBFloat16, lckv::ops::CpuAttentionPath::kFlash}}) {
+      if (path == lckv::ops::CpuAttentionPath::kFlash && !c.key_start.empty()) continue;
       const torch::Tensor q = torch::randn({c.B, c.Hq, c.T, D}).to(dt), k = torch::randn({c.B, c.Hkv, c.S, D}).to(dt),
                           v = torch::randn({c.B, c.Hkv, c.S, D}).to(dt), g = torch::randn({c.B, c.Hq, c.T, D}).to(dt);
-      AttentionParams p{{c.strict, c.window, c.q_offset}, 0, 2};
+      AttentionParams p{{c.strict, c.window, c.q_offset}, 0, 2, path};
       if (!c.key_start.empty()) p.mask.key_start = torch::tensor(c.key_start, torch::kLong);
       const torch::Tensor hidden =
           lckv::testing::keys_no_query_sees(c.B, c.T, c.S, c.strict, c.window, c.q_offset, c.key_start);
-      INFO(c.what << ", dtype " << dt);
+      INFO(c.what << ", dtype " << dt << ", path " << int(path));
       REQUIRE(hidden.any().item<bool>());
       // out, dq, dk, dv through the differentiable op, then through the blocked path directly.
       auto run = [&](const torch::Tensor& kk, const torch::Tensor& vv) {
@@ -279,6 +290,126 @@ TEST_CASE("keys and values that no query sees never reach an output or gradient,
           CHECK(got[i].masked_select(hidden.expand_as(got[i])).eq(0).all().item<bool>());
         }
       }
+    }
+  }
+}
+
+namespace {
+
+// The row log-sum-exp of the naive reference's scaled, masked scores (-inf for a row that sees no key).
+torch::Tensor naive_lse(const torch::Tensor& q, const torch::Tensor& k, bool strict, int64_t window, int64_t q_offset,
+                        const std::vector<int64_t>& key_start) {
+  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), S = k.size(2);
+  const torch::Tensor kr = k.to(torch::kDouble).repeat_interleave(Hq / k.size(1), 1);
+  const torch::Tensor scores = torch::matmul(q.to(torch::kDouble), kr.transpose(-1, -2)) / std::sqrt(double(D));
+  const torch::Tensor visible = lckv::testing::naive_visible(B, T, S, strict, window, q_offset, key_start);
+  return scores.masked_fill(visible.logical_not(), -INFINITY).logsumexp(-1);
+}
+
+struct PathCase {
+  Case c;
+  std::vector<int64_t> key_start;
+};
+
+std::vector<PathCase> path_cases() {
+  std::vector<PathCase> cases;
+  for (const Case& c : kCases) cases.push_back({c, {}});
+  cases.push_back({{3, 4, 2, 1, 9, 8, false, 0, 8, 256}, {0, 3, 6}});  // decode with left padding
+  cases.push_back({{3, 8, 2, 3, 10, 8, true, 4, 7, 2}, {2, 0, 6}});    // a chunk, key_start, strict, window
+  cases.push_back({{2, 6, 2, 2, 12, 16, true, 5, 10, 256}, {}});       // two decoded rows, strict window, GQA 3
+  cases.push_back({{1, 4, 2, 4, 40, 64, false, 0, 36, 256}, {}});       // D = 64 as in the models
+  return cases;
+}
+
+}  // namespace
+
+TEST_CASE("every CPU forward path matches the fp64 reference, and the blocked backward from its lse", "[ops]") {
+  // rows (the decode kernel), blocked and flash (PyTorch's fused kernel; no key_start), forced one at a
+  // time: out and lse against the naive reference, then the blocked backward from that path's out and
+  // lse against the reference's autograd. fp64 to 1e-12 (rows, blocked), fp32 to fp32 precision.
+  using lckv::ops::CpuAttentionPath;
+  torch::manual_seed(12);
+  for (const PathCase& pc : path_cases()) {
+    const Case& c = pc.c;
+    auto opts = torch::TensorOptions().dtype(torch::kDouble);
+    const torch::Tensor q = torch::randn({c.B, c.Hq, c.T, c.D}, opts), k = torch::randn({c.B, c.Hkv, c.S, c.D}, opts),
+                        v = torch::randn({c.B, c.Hkv, c.S, c.D}, opts), g = torch::randn({c.B, c.Hq, c.T, c.D}, opts);
+    std::vector<torch::Tensor> leaves = {q.clone().requires_grad_(true), k.clone().requires_grad_(true),
+                                         v.clone().requires_grad_(true)};
+    const torch::Tensor ref = naive_attention(leaves[0], leaves[1], leaves[2], c.strict, c.window, c.q_offset, pc.key_start);
+    const auto ref_grads = torch::autograd::grad({(ref * g).sum()}, leaves);
+    const torch::Tensor ref_lse = naive_lse(q, k, c.strict, c.window, c.q_offset, pc.key_start);
+    for (CpuAttentionPath path : {CpuAttentionPath::kRows, CpuAttentionPath::kBlocked, CpuAttentionPath::kFlash}) {
+      if (path == CpuAttentionPath::kFlash && !pc.key_start.empty()) continue;
+      for (torch::ScalarType dt : {torch::kDouble, torch::kFloat}) {
+        if (path == CpuAttentionPath::kFlash && dt == torch::kDouble) continue;  // the fused kernel is fp32/bf16
+        AttentionParams p{{c.strict, c.window, c.q_offset}, 0, c.block, path};
+        if (!pc.key_start.empty()) p.mask.key_start = torch::tensor(pc.key_start, torch::kLong);
+        INFO("path " << int(path) << ", " << dt << ", B=" << c.B << " Hq=" << c.Hq << " Hkv=" << c.Hkv << " T=" << c.T
+                     << " S=" << c.S << " strict=" << c.strict << " window=" << c.window << " offset=" << c.q_offset
+                     << " key_start " << pc.key_start.size());
+        const double tol = dt == torch::kDouble ? 1e-12 : 2e-5;
+        const torch::Tensor qd = q.to(dt), kd = k.to(dt), vd = v.to(dt), gd = g.to(dt);
+        auto [out, lse] = lckv::ops::condensed_attention_forward(qd, kd, vd, p);
+        lckv::testing::check_close(out, ref.detach(), tol, "out");
+        lckv::testing::check_close(lse, ref_lse, tol, "lse");
+        auto [dq, dk, dv] = lckv::ops::condensed_attention_backward(gd, qd, kd, vd, out, lse, p);
+        lckv::testing::check_close(dq, ref_grads[0], 10 * tol, "dq");
+        lckv::testing::check_close(dk, ref_grads[1], 10 * tol, "dk");
+        lckv::testing::check_close(dv, ref_grads[2], 10 * tol, "dv");
+        // and through the differentiable op with this path
+        std::vector<torch::Tensor> xs = {qd.clone().requires_grad_(true), kd.clone().requires_grad_(true),
+                                         vd.clone().requires_grad_(true)};
+        const torch::Tensor op_out = condensed_attention(xs[0], xs[1], xs[2], p);
+        lckv::testing::check_close(op_out, ref.detach(), tol, "op out");
+        const auto op_grads = torch::autograd::grad({(op_out * gd).sum()}, xs);
+        for (int i = 0; i < 3; ++i) lckv::testing::check_close(op_grads[i], ref_grads[i], 10 * tol, "op grad");
+      }
+    }
+  }
+}
+
+TEST_CASE("the decode kernel and the blocked path read strided cache views, in every fused CPU variant and dtype",
+          "[ops]") {
+  // K/V as the cache hands them out: views of the first S slots of [B, Hkv, capacity, D] buffers
+  // whose later slots hold NaN; q as the model makes it: a transposed view of [B, T, Hq, D]. A decoded
+  // token (the rows kernel) and a chunk of 6 (the blocked path's fused softmax, forward and backward).
+  torch::manual_seed(13);
+  const int64_t B = 2, Hq = 8, Hkv = 4, D = 64, capacity = 20, S = 13;
+  const torch::Tensor kbuf = torch::full({B, Hkv, capacity, D}, NAN, torch::kDouble),
+                      vbuf = torch::full({B, Hkv, capacity, D}, NAN, torch::kDouble);
+  kbuf.narrow(2, 0, S).normal_();
+  vbuf.narrow(2, 0, S).normal_();
+  const torch::Tensor q = torch::randn({B, 1, Hq, D}, torch::kDouble).transpose(1, 2);
+  const torch::Tensor k = kbuf.narrow(2, 0, S), v = vbuf.narrow(2, 0, S);
+  AttentionParams p;
+  p.mask.q_offset = S - 1;  // the new token sees the cached ones and itself
+  p.mask.key_start = torch::tensor({int64_t(0), int64_t(4)}, torch::kLong);
+  const torch::Tensor ref = naive_attention(q, k, v, false, 0, S - 1, {0, 4});
+  const torch::Tensor chunk = torch::randn({B, 6, Hq, D}, torch::kDouble).transpose(1, 2), g = torch::randn({B, Hq, 6, D}, torch::kDouble);
+  std::vector<torch::Tensor> leaves = {chunk.clone().requires_grad_(true), k.clone().requires_grad_(true),
+                                       v.clone().requires_grad_(true)};
+  const torch::Tensor chunk_ref = naive_attention(leaves[0], leaves[1], leaves[2], true, 0, S - 6, {0, 4});
+  const auto chunk_grads = torch::autograd::grad({(chunk_ref * g).sum()}, leaves);
+  for (const std::string& cap : lckv::ops::runnable_fused_cpu_capabilities()) {
+    lckv::ops::ScopedFusedCpuCapability scoped(cap);
+    for (torch::ScalarType dt : {torch::kDouble, torch::kFloat, torch::kBFloat16, torch::kHalf}) {
+      INFO(cap << ", " << dt);
+      const double tol = dt == torch::kDouble ? 1e-12 : dt == torch::kFloat ? 1e-5 : 2e-2;
+      const torch::Tensor kd = kbuf.to(dt).narrow(2, 0, S), vd = vbuf.to(dt).narrow(2, 0, S);
+      const torch::Tensor out = condensed_attention(q.to(dt), kd, vd, p);
+      CHECK(out.scalar_type() == dt);
+      lckv::testing::check_close(out, ref, tol, "out");
+      AttentionParams pb = p;
+      pb.mask.q_offset = S - 6;
+      pb.mask.strict = true;
+      pb.cpu_path = lckv::ops::CpuAttentionPath::kBlocked;
+      auto [bout, blse] = lckv::ops::condensed_attention_forward(chunk.to(dt), kd, vd, pb);
+      lckv::testing::check_close(bout, chunk_ref, tol, "blocked out");
+      auto [dq, dk, dv] = lckv::ops::condensed_attention_backward(g.to(dt), chunk.to(dt), kd, vd, bout, blse, pb);
+      lckv::testing::check_close(dq, chunk_grads[0], 10 * tol, "blocked dq");
+      lckv::testing::check_close(dk, chunk_grads[1].narrow(2, 0, S), 10 * tol, "blocked dk");
+      lckv::testing::check_close(dv, chunk_grads[2].narrow(2, 0, S), 10 * tol, "blocked dv");
     }
   }
 }

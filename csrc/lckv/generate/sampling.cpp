@@ -1,12 +1,66 @@
 #include "lckv/generate/sampling.h"
 
+#include <algorithm>
 #include <limits>
 #include <sstream>
+#include <tuple>
 #include <stdexcept>
 
 #include "lckv/ops/accumulate.h"
 
 namespace lckv {
+namespace {
+
+// Top-p in place on x [B, V]: ranked by logit (ties by token id), a token is dropped (set to -inf)
+// when the tokens ranked before it already hold top_p of the mass (softmax(x) in token order, summed
+// in rank order); the first always stays. Only the top n candidates of each row are ranked, not the
+// vocabulary: n = 64 first, grown while some row's cut may lie past its candidates, up to n = V
+// (one full sort, as before) at worst. The candidates' probabilities and their running sum are the very numbers a
+// full sort would give, so the cut is the same to the last bit.
+void keep_nucleus(torch::Tensor& x, double top_p) {
+  const int64_t V = x.size(-1);
+  const torch::Tensor all_probs = x.softmax(-1);
+  for (int64_t n = std::min<int64_t>(V, 64);;) {
+    torch::Tensor ranked, ids;
+    if (n == V) {  // a full stable sort ranks ties by token id by itself
+      std::tie(ranked, ids) = x.sort(/*stable=*/true, -1, /*descending=*/true);
+    } else {
+      auto [values, top] = x.topk(n, -1);
+      // Rank the candidates by value, ties by token id: sort by id, then stably by value.
+      auto [by_id, perm] = top.sort(-1);
+      torch::Tensor order;
+      std::tie(ranked, order) = values.gather(-1, perm).sort(/*stable=*/true, -1, /*descending=*/true);
+      ids = by_id.gather(-1, order);
+    }
+    const torch::Tensor probs = all_probs.gather(-1, ids);
+    const torch::Tensor cumsum = probs.cumsum(-1);
+    const torch::Tensor drop = (cumsum - probs) >= top_p;
+    if (n < V) {
+      // A row is settled when it drops a candidate above its smallest candidate value: every token
+      // ranked before that one is a candidate and every one after it is dropped. Or when the
+      // smallest candidate is -inf: the tokens outside the candidates are filtered already.
+      const torch::Tensor smallest = ranked.narrow(-1, n - 1, 1);
+      const torch::Tensor settled =
+          drop.logical_and(ranked > smallest).any(-1).logical_or(smallest.squeeze(-1).isneginf());
+      if (!settled.all().item<bool>()) {
+        // The tokens left are no more likely than the smallest candidate, so an unsettled row needs
+        // at least (top_p - mass so far) / that probability more: grow to that (at least 8x), and
+        // to a full sort when that is a large part of the vocabulary anyway.
+        const torch::Tensor missing = (top_p - cumsum.narrow(-1, n - 1, 1)).clamp_min(0) /
+                                      probs.narrow(-1, n - 1, 1).clamp_min(std::numeric_limits<float>::min());
+        const double need = missing.masked_fill(settled.unsqueeze(-1), 0).max().item<double>();
+        const double next = std::max<double>(8.0 * n, 1.25 * (n + need));
+        n = next >= V / 4.0 ? V : static_cast<int64_t>(next);
+        continue;
+      }
+    }
+    const torch::Tensor keep = torch::zeros_like(x, torch::kBool).scatter_(-1, ids, drop.logical_not());
+    x.masked_fill_(keep.logical_not(), -std::numeric_limits<double>::infinity());
+    return;
+  }
+}
+
+}  // namespace
 
 void SamplingConfig::validate() const {
   auto fail = [](const std::string& field, double value, const std::string& expected) {
@@ -41,13 +95,7 @@ torch::Tensor process_logits(const torch::Tensor& logits, const SamplingConfig& 
     torch::Tensor kth = std::get<0>(x.topk(c.top_k, -1)).narrow(-1, c.top_k - 1, 1);
     x.masked_fill_(x < kth, neg_inf);
   }
-  if (c.top_p < 1.0) {
-    auto [sorted, order] = x.sort(-1, /*descending=*/true);
-    torch::Tensor probs = sorted.softmax(-1);
-    // Drop a token when the tokens ranked before it already hold top_p of the mass (the first stays).
-    torch::Tensor drop_sorted = (probs.cumsum(-1) - probs) >= c.top_p;
-    x.masked_fill_(torch::zeros_like(drop_sorted).scatter(-1, order, drop_sorted), neg_inf);
-  }
+  if (c.top_p < 1.0) keep_nucleus(x, c.top_p);
   return x;
 }
 

@@ -19,7 +19,9 @@ struct SamplingConfig {
   void validate() const;
 };
 
-// The processed logits [B, V] (fp32 or fp64, filtered tokens at -inf) that sampling draws from.
+// The processed logits [B, V] (fp32 or fp64, filtered tokens at -inf) that sampling draws from. Top-k
+// keeps every token tied with the k-th; top-p ranks tokens by logit, ties by token id, and ranks only
+// as many top candidates (a partial selection, topk) as each row's cut needs, not the vocabulary.
 // seen: [B, V] bool of tokens already in each sequence, or undefined (no repetition penalty).
 torch::Tensor process_logits(const torch::Tensor& logits, const SamplingConfig& c, const torch::Tensor& seen);
 

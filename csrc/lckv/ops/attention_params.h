@@ -30,10 +30,16 @@ struct AttentionMask {
   int64_t key_end(int64_t p) const { return strict ? p : p + 1; }
 };
 
+// The CPU implementation of the forward (ops/cpu/condensed_attention_cpu.h); the backward is always
+// the blocked one. auto: rows for chunks of at most 4 queries (decode), blocked for fp64 (the
+// exactness path) and key_start, flash otherwise. Tests force each one.
+enum class CpuAttentionPath { kAuto, kRows, kBlocked, kFlash };
+
 struct AttentionParams {
   AttentionMask mask;
   double scale = 0;          // softmax scale; <= 0 means 1/sqrt(head_dim)
   int64_t query_block = 256; // blocked CPU path: query rows per block, bounds the score matrix held at once
+  CpuAttentionPath cpu_path = CpuAttentionPath::kAuto;
 };
 
 }  // namespace lckv::ops

@@ -6,13 +6,16 @@
 #include "lckv/ops/sdpa_attention.h"
 
 #include <ATen/autocast_mode.h>
+#include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 
 #include <cmath>
 #include <optional>
 
+#include "lckv/ops/accumulate.h"
 #include "lckv/ops/cpu/condensed_attention_cpu.h"
+#include "lckv/ops/cpu/fused_kernels.h"
 #ifdef LCKV_WITH_CUDA
 #include "lckv/ops/cuda/condensed_attention_cuda.h"
 #endif
@@ -78,13 +81,20 @@ double softmax_scale(const at::Tensor& q, const AttentionParams& p) {
   return p.scale > 0 ? p.scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
 }
 
-// PyTorch's fused CPU attention for fp32/bf16/fp16 chunks of more than one query without key_start:
-// several times faster than the blocked path (bf16 forward at the quickstart shape, 2 threads:
-// ~0.45 vs ~2-3 ms), which stays the path for fp64 (the exactness reference), per-sequence
-// key_start and single-token decode.
-bool use_sdpa(const at::Tensor& q, const at::Tensor& k, const AttentionParams& p) {
-  return q.device().is_cpu() && q.scalar_type() != at::kDouble && !p.mask.key_start.defined() && q.size(2) > 1 &&
-         k.size(2) > 0;
+// Chunks of at most this many queries (decode) go to the direct-loop kernel (fused_kernels.h):
+// one call for all heads instead of a dozen ATen ops per block, so a decode step pays no per-op
+// overhead in attention. Longer chunks are compute-bound and go to the matmul-based paths.
+constexpr int64_t kDirectRows = 4;
+
+std::tuple<at::Tensor, at::Tensor> forward_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const AttentionParams& p) {
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty(q.sizes().slice(0, 3), q.options().dtype(accumulate_dtype(q.scalar_type())));
+  AttentionMask mask = p.mask;
+  if (mask.key_start.defined()) mask.key_start = mask.key_start.contiguous();
+  auto unit_d = [](const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); };
+  cpu::active_fused_kernels().attention_rows(unit_d(q), unit_d(k), unit_d(v), mask, softmax_scale(q, p), out, lse);
+  return {out, lse};
 }
 
 }  // namespace
@@ -95,6 +105,17 @@ std::tuple<at::Tensor, at::Tensor> condensed_attention_forward(const at::Tensor&
 #ifdef LCKV_WITH_CUDA
   if (q.is_cuda()) return cuda::condensed_attention_forward_cuda(q, k, v, p, softmax_scale(q, p));
 #endif
+  CpuAttentionPath path = p.cpu_path;
+  if (path == CpuAttentionPath::kAuto) {
+    path = q.size(2) <= kDirectRows                                        ? CpuAttentionPath::kRows
+           : q.scalar_type() == at::kDouble || p.mask.key_start.defined() ? CpuAttentionPath::kBlocked
+                                                                          : CpuAttentionPath::kFlash;
+  }
+  if (path == CpuAttentionPath::kRows) return forward_rows(q, k, v, p);
+  if (path == CpuAttentionPath::kFlash) {
+    TORCH_CHECK(!p.mask.key_start.defined(), "condensed_attention: the flash CPU path takes no key_start");
+    if (auto r = cpu::condensed_attention_forward_flash(q, k, v, p, softmax_scale(q, p))) return *r;
+  }
   return cpu::condensed_attention_forward_blocked(q, k, v, p, softmax_scale(q, p));
 }
 
@@ -111,12 +132,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward(
 
 namespace {
 
-// Autograd over condensed_attention_forward/backward (the blocked CPU path and CUDA).
+// Autograd over condensed_attention_forward/backward (on CPU: the forward of the shape's path, the
+// blocked backward from its lse; CUDA).
 struct CondensedAttentionFunction : public torch::autograd::Function<CondensedAttentionFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const std::optional<at::Tensor>& key_start, bool strict,
-                            int64_t window, int64_t q_offset, double scale, int64_t query_block) {
-    AttentionParams p{{strict, window, q_offset, key_start.value_or(at::Tensor())}, scale, query_block};
+                            int64_t window, int64_t q_offset, double scale, int64_t query_block,
+                            int64_t cpu_path) {
+    AttentionParams p{{strict, window, q_offset, key_start.value_or(at::Tensor())}, scale, query_block,
+                      static_cast<CpuAttentionPath>(cpu_path)};
     auto [out, lse] = condensed_attention_forward(q, k, v, p);
     ctx->save_for_backward({q, k, v, out, lse});
     if (p.mask.key_start.defined()) ctx->saved_data["key_start"] = p.mask.key_start;
@@ -138,7 +162,8 @@ struct CondensedAttentionFunction : public torch::autograd::Function<CondensedAt
                       ctx->saved_data["scale"].toDouble(),
                       ctx->saved_data["query_block"].toInt()};
     auto [dq, dk, dv] = condensed_attention_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], p);
-    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -146,6 +171,7 @@ struct CondensedAttentionFunction : public torch::autograd::Function<CondensedAt
 
 at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const AttentionParams& p) {
+  RECORD_FUNCTION("lckv::condensed_attention", std::vector<c10::IValue>());  // profilers see the op as one
   at::Tensor qc = q, kc = k, vc = v;
   const auto device_type = q.device().type();
   if (at::autocast::is_autocast_enabled(device_type)) {
@@ -159,13 +185,17 @@ at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const a
   if (backend == AttentionBackend::kSdpa || (backend == AttentionBackend::kAuto && qc.is_cuda())) {
     return sdpa_condensed_attention(qc, kc, vc, p);
   }
-  if (backend == AttentionBackend::kAuto && use_sdpa(qc, kc, p)) {
-    if (auto out = cpu::condensed_attention_sdpa(qc, kc, vc, p)) return *out;
+  AttentionParams pc = p;
+  if (backend == AttentionBackend::kLckv && pc.cpu_path == CpuAttentionPath::kAuto && qc.size(2) > kDirectRows) {
+    pc.cpu_path = CpuAttentionPath::kBlocked;  // our own implementations only
   }
+  const bool needs_grad = at::GradMode::is_enabled() && (qc.requires_grad() || kc.requires_grad() || vc.requires_grad());
+  if (!needs_grad) return std::get<0>(condensed_attention_forward(qc, kc, vc, pc));  // no autograd node to build
   std::optional<at::Tensor> key_start;
-  if (p.mask.key_start.defined()) key_start = p.mask.key_start;
-  return CondensedAttentionFunction::apply(qc, kc, vc, key_start, p.mask.strict, p.mask.window,
-                                           p.mask.q_offset, p.scale, p.query_block);
+  if (pc.mask.key_start.defined()) key_start = pc.mask.key_start;
+  return CondensedAttentionFunction::apply(qc, kc, vc, key_start, pc.mask.strict, pc.mask.window,
+                                           pc.mask.q_offset, pc.scale, pc.query_block,
+                                           static_cast<int64_t>(pc.cpu_path));
 }
 
 }  // namespace lckv::ops

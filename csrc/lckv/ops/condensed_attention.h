@@ -16,24 +16,27 @@
 
 namespace lckv::ops {
 
-// Forward on raw tensors (no autograd), by the blocked CPU path or the CUDA kernels: returns out
+// Forward on raw tensors (no autograd), by the CPU path of p.cpu_path (attention_params.h) or the
+// CUDA kernels: returns out
 // [B,Hq,T,D] (dtype of q) and the row log-sum-exp [B,Hq,T] (fp32, or fp64 for fp64 inputs; -inf for
 // rows that see no key).
 std::tuple<at::Tensor, at::Tensor> condensed_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                                const at::Tensor& v, const AttentionParams& p);
 
-// Backward from the saved forward results: returns dq, dk, dv.
+// Backward from the saved forward results (the blocked path on CPU, whichever path ran the forward):
+// returns dq, dk, dv.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const AttentionParams& p);
 
 // The differentiable op. Under autocast the inputs are cast to the autocast dtype first, so forward
 // and backward run in that precision. The backend (sdpa_attention.h: auto | lckv | sdpa, option or
-// LCKV_ATTENTION_BACKEND) picks the implementation. auto: on CPU, fp32/bf16/fp16 chunks of more than
-// one query without key_start go to PyTorch's fused CPU attention given the mask as booleans, fp64
-// (the exactness path), key_start and single-token decode to the blocked path; CUDA tensors to the
-// SDPA backend (our kernels are used with lckv until a GPU run has measured them). lckv: the blocked
-// CPU path / the CUDA kernels. sdpa: PyTorch's SDPA on every device.
+// LCKV_ATTENTION_BACKEND) picks the implementation. auto: on CPU the path of p.cpu_path (auto: the
+// decode kernel for chunks of at most 4 queries, the blocked path for fp64 and key_start, PyTorch's
+// fused CPU kernel's forward otherwise), with the blocked backward; CUDA tensors to the SDPA backend
+// (our kernels are used with lckv until a GPU run has measured them). lckv: our own CPU paths (decode
+// kernel, blocked) / the CUDA kernels. sdpa: PyTorch's SDPA with its autograd on every device.
+// Without grad (GradMode off or no input requiring it) no autograd node is built.
 at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const AttentionParams& p);
 

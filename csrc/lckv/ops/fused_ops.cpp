@@ -261,6 +261,10 @@ at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets, in
   return CrossEntropyFunction::apply(l3, t2, ignore_index, counted.sum().item<int64_t>());
 }
 
+namespace cpu {
+const FusedKernels& active_fused_kernels() { return kernels(); }
+}  // namespace cpu
+
 std::string fused_cpu_capability() {
   const int o = g_override.load();
   return compiled_variants()[o >= 0 ? o : widest_runnable()].name;

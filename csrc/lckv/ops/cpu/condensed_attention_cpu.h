@@ -5,8 +5,9 @@
 //    (fp64 for fp64 inputs). Each block only touches the key range its rows can see, so causal and
 //    windowed attention skip masked-out tiles. The backward recomputes probabilities from the saved
 //    log-sum-exp, as flash attention does, so the [T, S] probability matrix is never kept.
-//  * PyTorch's fused CPU attention (flash-style online softmax, GQA without repeated K/V, its own
-//    autograd) given the condensed mask as a boolean mask.
+//  * PyTorch's fused CPU attention (flash-style online softmax, GQA without repeated K/V) given the
+//    condensed mask, for the forward; its log-sum-exp feeds the blocked backward.
+//  * Few query rows (decode): the direct-loop kernel of fused_kernels.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,10 +30,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward_bloc
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const AttentionParams& p, double scale);
 
-// The differentiable output of PyTorch's fused CPU attention under the condensed mask (no
-// key_start), or nullopt when no row sees any key (the blocked path gives those zeros, with their
-// zero gradients). Rows that see no key are zeros.
-std::optional<at::Tensor> condensed_attention_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                   const AttentionParams& p);
+// Forward by PyTorch's fused CPU attention (flash-style online softmax, GQA without repeated K/V)
+// under the condensed mask (no key_start): out as the blocked forward's (rows that see no key are
+// zeros) and its row log-sum-exp (fp32), which the blocked backward takes. nullopt when no row sees
+// any key (the blocked path gives those zeros).
+std::optional<std::tuple<at::Tensor, at::Tensor>> condensed_attention_forward_flash(const at::Tensor& q,
+                                                                                     const at::Tensor& k,
+                                                                                     const at::Tensor& v,
+                                                                                     const AttentionParams& p,
+                                                                                     double scale);
 
 }  // namespace lckv::ops::cpu

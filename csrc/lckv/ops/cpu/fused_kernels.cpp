@@ -9,9 +9,11 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace lckv::ops::cpu {
 namespace CPU_CAPABILITY {
@@ -433,12 +435,249 @@ void cross_entropy_backward(const at::Tensor& logits, const at::Tensor& targets,
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Condensed attention of a few query rows (decode)
+
+template <typename T>
+void attention_rows_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                         double scale, const at::Tensor& out, const at::Tensor& lse) {
+  using A = acc_t<T>;
+  using In = Lanes<T, A>;
+  using Acc = Lanes<A, A>;
+  using V = typename In::V;
+  const int64_t B = q.size(0), Hq = q.size(1), T_ = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), G = Hq / Hkv;
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  A* lp = lse.mutable_data_ptr<A>();
+  const int64_t* ks = mask.key_start.defined() ? mask.key_start.const_data_ptr<int64_t>() : nullptr;
+  const A a_scale = static_cast<A>(scale);
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  // One task: the G query heads of one KV head at one query row, so each key and value is loaded once.
+  at::parallel_for(0, B * Hkv * T_, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> scores, acc(G * D), qrow(G * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task % T_, h = task / T_ % Hkv, b = task / (T_ * Hkv);
+      const int64_t pos = mask.q_offset + t;
+      const int64_t lo = std::max(mask.key_begin(pos), ks ? ks[b] : int64_t(0));
+      const int64_t hi = std::min(S, mask.key_end(pos));
+      const int64_t n = std::max<int64_t>(0, hi - lo);
+      const T* kb = kp + b * k.stride(0) + h * k.stride(1);
+      const T* vb = vp + b * v.stride(0) + h * v.stride(1);
+      for (int64_t g = 0; g < G; ++g) {  // the query rows in the acc dtype, times the scale
+        const T* qr = qp + b * q.stride(0) + (h * G + g) * q.stride(1) + t * q.stride(2);
+        for (int64_t d = 0; d < D; ++d) qrow[g * D + d] = static_cast<A>(qr[d]) * a_scale;
+      }
+      scores.resize(G * n);
+      std::vector<A> row_max(G, neg_inf), row_sum(G, A(0));
+      for (int64_t j = 0; j < n; ++j) {
+        const T* kr = kb + (lo + j) * k.stride(2);
+        for (int64_t g = 0; g < G; ++g) {
+          typename Acc::V dot(A(0));
+          for (int64_t d = 0; d < D; d += In::kStep) {
+            auto [ka, kb2] = In::load(kr + d, D - d);
+            auto [qa, qb] = Acc::load(qrow.data() + g * D + d, D - d);
+            dot = at::vec::fmadd(ka, qa, at::vec::fmadd(kb2, qb, dot));
+          }
+          const A s = sum_lanes(dot);
+          scores[g * n + j] = s;
+          row_max[g] = std::max(row_max[g], s);
+        }
+      }
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t g = 0; g < G; ++g) {  // probabilities, unnormalised
+        A* sg = scores.data() + g * n;
+        const typename Acc::V m(row_max[g]);
+        typename Acc::V sum(A(0));
+        for (int64_t j = 0; j < n; j += Acc::kStep) {
+          auto [a, b2] = Acc::load(sg + j, n - j);
+          const int64_t w = std::min<int64_t>(n - j, Acc::kStep);
+          typename Acc::V ea = (a - m).exp(), eb = (b2 - m).exp();
+          ea = Acc::V::set(typename Acc::V(A(0)), ea, std::min<int64_t>(w, Acc::kWidth));
+          eb = Acc::V::set(typename Acc::V(A(0)), eb, std::max<int64_t>(w - Acc::kWidth, 0));
+          Acc::store(sg + j, ea, eb, w);
+          sum = sum + ea + eb;
+        }
+        row_sum[g] = sum_lanes(sum);
+      }
+      for (int64_t j = 0; j < n; ++j) {  // out = sum_j p_j v_j
+        const T* vr = vb + (lo + j) * v.stride(2);
+        for (int64_t d = 0; d < D; d += In::kStep) {
+          auto [va, vb2] = In::load(vr + d, D - d);
+          for (int64_t g = 0; g < G; ++g) {
+            const typename Acc::V p(scores[g * n + j]);
+            A* ar = acc.data() + g * D + d;
+            auto [aa, ab] = Acc::load(ar, D - d);
+            Acc::store(ar, at::vec::fmadd(va, p, aa), at::vec::fmadd(vb2, p, ab), D - d);
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t row = (b * Hq + h * G + g) * T_ + t;
+        T* orow = op + row * D;
+        const A inv = n > 0 ? A(1) / row_sum[g] : A(0);
+        for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(acc[g * D + d] * inv);
+        lp[row] = n > 0 ? row_max[g] + std::log(row_sum[g]) : neg_inf;
+      }
+    }
+  });
+}
+
+void attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                    double scale, const at::Tensor& out, const at::Tensor& lse) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_rows",
+                                  [&] { attention_rows_impl<scalar_t>(q, k, v, mask, scale, out, lse); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The softmax of a block of the blocked attention
+
+// Row r of a block's [B, Hkv, G * tb, ns] scores: its visible keys [lo, hi) within the block.
+struct BlockRows {
+  BlockRows(const at::Tensor& scores, const AttentionMask& m, int64_t t0_, int64_t tb_, int64_t kb_)
+      : mask(m),
+        key_start(m.key_start.defined() ? m.key_start.const_data_ptr<int64_t>() : nullptr),
+        t0(t0_), tb(tb_), kb(kb_), ns(scores.size(3)), rows(scores.numel() / std::max<int64_t>(1, scores.size(3))),
+        rows_per_sequence(scores.size(1) * scores.size(2)) {}
+  std::pair<int64_t, int64_t> range(int64_t r) const {
+    const int64_t pos = mask.q_offset + t0 + r % tb;
+    int64_t lo = mask.key_begin(pos);
+    if (key_start) lo = std::max(lo, key_start[r / rows_per_sequence]);
+    lo = std::clamp<int64_t>(lo - kb, 0, ns);
+    const int64_t hi = std::clamp<int64_t>(mask.key_end(pos) - kb, lo, ns);
+    return {lo, hi};
+  }
+  const AttentionMask& mask;
+  const int64_t* key_start;
+  int64_t t0, tb, kb, ns, rows, rows_per_sequence;
+};
+
+template <typename T>
+void block_softmax_impl(const at::Tensor& scores, const AttentionMask& mask, int64_t t0, int64_t tb, int64_t kb,
+                        double scale, const at::Tensor& probs, const at::Tensor& lse) {
+  using A = acc_t<T>;
+  using In = Lanes<T, A>;
+  using Acc = Lanes<A, A>;
+  using V = typename Acc::V;
+  const BlockRows br(scores, mask, t0, tb, kb);
+  const int64_t ns = br.ns;
+  const T* sp = scores.const_data_ptr<T>();
+  T* pp = probs.mutable_data_ptr<T>();
+  A* lp = lse.mutable_data_ptr<A>();
+  const A a_scale = static_cast<A>(scale);
+  at::parallel_for(0, br.rows, row_grain(ns), [&](int64_t begin, int64_t end) {
+    std::vector<A> buf(ns + Acc::kStep);
+    for (int64_t r = begin; r < end; ++r) {
+      const auto [lo, hi] = br.range(r);
+      const int64_t n = hi - lo;
+      const T* srow = sp + r * ns + lo;
+      T* prow = pp + r * ns;
+      std::fill(prow, prow + lo, T(0));
+      std::fill(prow + hi, prow + ns, T(0));
+      if (n == 0) {
+        lp[r] = -std::numeric_limits<A>::infinity();
+        continue;
+      }
+      const V vs(a_scale);
+      V mx(-std::numeric_limits<A>::infinity());
+      for (int64_t j = 0; j < n; j += In::kStep) {  // scaled scores into buf, and their max
+        const int64_t w = std::min<int64_t>(n - j, In::kStep);
+        auto [a, b] = In::load(srow + j, w);
+        a = a * vs, b = b * vs;
+        Acc::store(buf.data() + j, a, b, w);
+        if (w < In::kStep) {  // tail lanes are zeros: keep them out of the max
+          a = V::set(mx, a, std::min<int64_t>(w, In::kWidth));
+          b = V::set(mx, b, std::max<int64_t>(w - In::kWidth, 0));
+        }
+        mx = at::vec::maximum(mx, at::vec::maximum(a, b));
+      }
+      const A m = max_lanes(mx);
+      const V vm(m);
+      V sum(A(0));
+      for (int64_t j = 0; j < n; j += Acc::kStep) {
+        const int64_t w = std::min<int64_t>(n - j, Acc::kStep);
+        auto [a, b] = Acc::load(buf.data() + j, w);
+        V ea = (a - vm).exp(), eb = (b - vm).exp();
+        ea = V::set(V(A(0)), ea, std::min<int64_t>(w, Acc::kWidth));
+        eb = V::set(V(A(0)), eb, std::max<int64_t>(w - Acc::kWidth, 0));
+        Acc::store(buf.data() + j, ea, eb, w);
+        sum = sum + ea + eb;
+      }
+      const A total = sum_lanes(sum);
+      lp[r] = m + std::log(total);
+      const V inv(A(1) / total);
+      for (int64_t j = 0; j < n; j += Acc::kStep) {
+        const int64_t w = std::min<int64_t>(n - j, Acc::kStep);
+        auto [a, b] = Acc::load(buf.data() + j, w);
+        In::store(prow + lo + j, a * inv, b * inv, w);
+      }
+    }
+  });
+}
+
+template <typename T>
+void block_softmax_backward_impl(const at::Tensor& scores, const at::Tensor& dp, const at::Tensor& delta,
+                                 const at::Tensor& lse, const AttentionMask& mask, int64_t t0, int64_t tb, int64_t kb,
+                                 double scale, const at::Tensor& probs, const at::Tensor& ds) {
+  using A = acc_t<T>;
+  using In = Lanes<T, A>;
+  using V = typename In::V;
+  const BlockRows br(scores, mask, t0, tb, kb);
+  const int64_t ns = br.ns;
+  const T* sp = scores.const_data_ptr<T>();
+  const T* dpp = dp.const_data_ptr<T>();
+  const A* dl = delta.const_data_ptr<A>();
+  const A* lp = lse.const_data_ptr<A>();
+  T* pp = probs.mutable_data_ptr<T>();
+  T* dsp = ds.mutable_data_ptr<T>();
+  const A a_scale = static_cast<A>(scale);
+  at::parallel_for(0, br.rows, row_grain(ns), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      auto [lo, hi] = br.range(r);
+      if (std::isinf(lp[r])) hi = lo;  // a row that sees no key: zeros
+      T* prow = pp + r * ns;
+      T* dsrow = dsp + r * ns;
+      for (T* row : {prow, dsrow}) {
+        std::fill(row, row + lo, T(0));
+        std::fill(row + hi, row + ns, T(0));
+      }
+      const V vs(a_scale), vl(lp[r]), vd(dl[r]);
+      for (int64_t j = lo; j < hi; j += In::kStep) {
+        const int64_t w = std::min<int64_t>(hi - j, In::kStep);
+        auto [sa, sb] = In::load(sp + r * ns + j, w);
+        auto [da, db] = In::load(dpp + r * ns + j, w);
+        const V pa = at::vec::fmsub(sa, vs, vl).exp(), pb = at::vec::fmsub(sb, vs, vl).exp();
+        In::store(prow + j, pa, pb, w);
+        In::store(dsrow + j, pa * (da - vd) * vs, pb * (db - vd) * vs, w);
+      }
+    }
+  });
+}
+
+void block_softmax(const at::Tensor& scores, const AttentionMask& mask, int64_t t0, int64_t tb, int64_t kb,
+                   double scale, const at::Tensor& probs, const at::Tensor& lse) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, scores.scalar_type(), "block_softmax", [&] {
+    block_softmax_impl<scalar_t>(scores, mask, t0, tb, kb, scale, probs, lse);
+  });
+}
+
+void block_softmax_backward(const at::Tensor& scores, const at::Tensor& dp, const at::Tensor& delta,
+                            const at::Tensor& lse, const AttentionMask& mask, int64_t t0, int64_t tb, int64_t kb,
+                            double scale, const at::Tensor& probs, const at::Tensor& ds) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, scores.scalar_type(), "block_softmax_backward", [&] {
+    block_softmax_backward_impl<scalar_t>(scores, dp, delta, lse, mask, t0, tb, kb, scale, probs, ds);
+  });
+}
+
 }  // namespace
 
 const FusedKernels& fused_kernels() {
   static const FusedKernels table{rms_norm_forward,      rms_norm_backward,     rotary,
                                   swiglu_forward,        swiglu_backward,       residual_add,
-                                  cross_entropy_forward, cross_entropy_backward};
+                                  cross_entropy_forward, cross_entropy_backward, attention_rows,
+                                  block_softmax,         block_softmax_backward};
   return table;
 }
 

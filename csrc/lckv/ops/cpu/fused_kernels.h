@@ -11,6 +11,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "lckv/ops/attention_params.h"
+
 namespace lckv::ops::cpu {
 
 struct FusedKernels {
@@ -42,9 +44,33 @@ struct FusedKernels {
   // ignored rows.
   void (*cross_entropy_backward)(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
                                  const at::Tensor& lse, double scale, const at::Tensor& dlogits);
+  // Condensed attention of a few query rows by direct loops, for decode: one call for all heads,
+  // no per-op overhead, and each row reads only the keys it sees (so hidden ones, NaN or not, never
+  // enter). q [B, Hq, T, D], k, v [B, Hkv, S, D], unit stride in D (any other strides); the mask's
+  // key_start is an int64 [B] CPU tensor or undefined. Writes out [B, Hq, T, D] contiguous (q's
+  // dtype) and lse [B, Hq, T] contiguous (acc dtype; -inf and zeros for a row that sees no key).
+  void (*attention_rows)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                         double scale, const at::Tensor& out, const at::Tensor& lse);
+  // The elementwise middle of one block of the blocked attention (condensed_attention_cpu.cpp), in one
+  // pass instead of a chain of ATen ops over broadcast masks. scores [B, Hkv, G * tb, ns] contiguous
+  // (the unscaled q k^T of query rows t0.. t0 + tb of each head group, keys kb.. kb + ns); each row's
+  // visible keys come from the mask (key_start: int64 [B] CPU tensor or undefined). Forward: probs
+  // (scores' shape and dtype, contiguous; exact zeros where hidden) = softmax(scale * scores) and
+  // lse [B * Hkv * G * tb] contiguous (acc dtype, -inf for a row that sees no key).
+  void (*block_softmax)(const at::Tensor& scores, const AttentionMask& mask, int64_t t0, int64_t tb, int64_t kb,
+                        double scale, const at::Tensor& probs, const at::Tensor& lse);
+  // Backward: with p = exp(scale * scores - lse) on visible keys (0 elsewhere), writes probs = p and
+  // ds = scale * p * (dp - delta), both scores' shape and dtype; dp like scores, delta and lse
+  // [B * Hkv * G * tb] contiguous in the acc dtype.
+  void (*block_softmax_backward)(const at::Tensor& scores, const at::Tensor& dp, const at::Tensor& delta,
+                                 const at::Tensor& lse, const AttentionMask& mask, int64_t t0, int64_t tb, int64_t kb,
+                                 double scale, const at::Tensor& probs, const at::Tensor& ds);
 };
 
 constexpr int64_t kRMSNormRowsPerPartial = 64;
+
+// The kernels of the capability fused_ops.h selects (the widest runnable unless overridden).
+const FusedKernels& active_fused_kernels();
 
 // The kernels compiled for each capability (fused_kernels.cpp defines them).
 namespace DEFAULT { const FusedKernels& fused_kernels(); }

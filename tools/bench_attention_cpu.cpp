@@ -1,0 +1,168 @@
+// lckv-bench-attention-cpu: the CPU paths of condensed attention side by side in one process, in
+// interleaved rounds (the machine may be shared: medians of several rounds), against the bf16
+// matmul rate measured in the same rounds. Writes JSON.
+//  * training shapes (bf16, the quickstart's heads: 4 query, 2 KV, D 64): causal and strict
+//    attention, forward without grad and forward + backward, by flash (PyTorch's fused kernel,
+//    forward; our blocked backward from its lse: what auto runs), blocked (ours, forward and
+//    backward) and sdpa (PyTorch's SDPA with its own autograd: the previous auto);
+//  * decode (T = 1 over S cached keys, the tiny shape's heads: 8 query, 4 KV, D 64, bf16): the
+//    direct-loop kernel (rows) against the blocked path.
+#include <CLI/CLI.hpp>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <ctime>
+#include <fstream>
+#include <iostream>
+#include <map>
+
+#include "lckv/files.h"
+#include "lckv/openmp_policy.h"
+#include "lckv/ops/condensed_attention.h"
+#include "lckv/ops/sdpa_attention.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using lckv::ops::AttentionParams;
+using lckv::ops::CpuAttentionPath;
+
+// Median milliseconds of `reps` calls of fn (after one warm-up call).
+template <typename F>
+double time_ms(F&& fn, int reps) {
+  fn();
+  std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) {
+    const auto t0 = Clock::now();
+    fn();
+    ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+struct Contender {
+  std::string name;
+  std::function<void()> fn;
+  double flops = 0;
+  std::vector<double> ms;  // one median per round
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  lckv::ensure_passive_openmp(argc, argv);
+  CLI::App app{"lckv-bench-attention-cpu: CPU condensed attention paths vs the in-run bf16 matmul rate"};
+  int threads = 2, rounds = 5, reps = 5;
+  std::vector<int64_t> seq_lens = {128, 512};
+  int64_t tokens = 2048, context = 512;
+  std::string out_path;
+  app.add_option("--threads", threads, "torch intra-op threads");
+  app.add_option("--rounds", rounds, "interleaved rounds (medians reported)");
+  app.add_option("--reps", reps, "timed calls per contender per round");
+  app.add_option("--seq-lens", seq_lens, "T of the training shapes");
+  app.add_option("--tokens", tokens, "tokens per training batch (batch = tokens / T)");
+  app.add_option("--context", context, "cached keys of the decode benchmark");
+  app.add_option("--out", out_path, "write the JSON here too");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    torch::set_num_threads(threads);
+    torch::manual_seed(0);
+    const auto bf16 = torch::TensorOptions().dtype(torch::kBFloat16);
+    std::vector<Contender> all;
+    // The matmul rate: a model-shaped bf16 linear (tokens x 256 -> 768, the quickstart MLP).
+    const torch::Tensor x = torch::randn({tokens, 256}, bf16), w = torch::randn({768, 256}, bf16);
+    all.push_back({"matmul_bf16", [&] { at::linear(x, w); }, 2.0 * tokens * 256 * 768});
+    std::vector<torch::Tensor> keep;  // inputs the lambdas read
+    nlohmann::json shapes = nlohmann::json::array();
+    for (int64_t T : seq_lens) {
+      const int64_t B = std::max<int64_t>(1, tokens / T), Hq = 4, Hkv = 2, D = 64;
+      shapes.push_back({{"T", T}, {"batch", B}, {"heads", Hq}, {"kv_heads", Hkv}, {"head_dim", D}});
+      for (bool strict : {false, true}) {
+        torch::Tensor q = torch::randn({B, Hq, T, D}, bf16).requires_grad_(), k = torch::randn({B, Hkv, T, D}, bf16).requires_grad_(),
+                      v = torch::randn({B, Hkv, T, D}, bf16).requires_grad_(), g = torch::randn({B, Hq, T, D}, bf16);
+        keep.insert(keep.end(), {q, k, v, g});
+        const double pairs = strict ? T * (T - 1) / 2.0 : T * (T + 1) / 2.0;
+        const double fwd = 4.0 * B * Hq * D * pairs;
+        const std::string tag = "T" + std::to_string(T) + (strict ? "_strict" : "_causal");
+        for (auto [name, path, backend] :
+             {std::tuple{"flash", CpuAttentionPath::kFlash, lckv::ops::AttentionBackend::kAuto},
+              std::tuple{"blocked", CpuAttentionPath::kBlocked, lckv::ops::AttentionBackend::kAuto},
+              std::tuple{"sdpa", CpuAttentionPath::kAuto, lckv::ops::AttentionBackend::kSdpa}}) {
+          AttentionParams p;
+          p.mask.strict = strict;
+          p.cpu_path = path;
+          auto run = [=](bool grad) {
+            lckv::ops::set_attention_backend(backend);
+            if (!grad) {
+              torch::NoGradGuard no_grad;
+              lckv::ops::condensed_attention(q, k, v, p);
+            } else {
+              torch::autograd::grad({(lckv::ops::condensed_attention(q, k, v, p) * g).sum()}, {q, k, v});
+            }
+            lckv::ops::clear_attention_backend();
+          };
+          all.push_back({tag + "_fwd_" + name, [=] { run(false); }, fwd});
+          all.push_back({tag + "_fwdbwd_" + name, [=] { run(true); }, 3.5 * fwd});
+        }
+      }
+    }
+    // Decode: one new token over `context` cached keys, batch 1, the tiny shape's heads.
+    {
+      const int64_t Hq = 8, Hkv = 4, D = 64;
+      torch::Tensor q = torch::randn({1, Hq, 1, D}, bf16), k = torch::randn({1, Hkv, context, D}, bf16),
+                    v = torch::randn({1, Hkv, context, D}, bf16);
+      keep.insert(keep.end(), {q, k, v});
+      for (auto [name, path] : {std::pair{"rows", CpuAttentionPath::kRows}, std::pair{"blocked", CpuAttentionPath::kBlocked}}) {
+        AttentionParams p;
+        p.mask.q_offset = context - 1;
+        p.cpu_path = path;
+        all.push_back({"decode_" + std::string(name), [=] {
+                         torch::NoGradGuard no_grad;
+                         lckv::ops::condensed_attention(q, k, v, p);
+                       },
+                       4.0 * Hq * D * context});
+      }
+    }
+    for (int r = 0; r < rounds; ++r) {
+      for (auto& c : all) c.ms.push_back(time_ms(c.fn, reps));
+      std::cerr << "round " << r + 1 << "/" << rounds << " done\n";
+    }
+    const double matmul_ms = median(all[0].ms);
+    const double matmul_gflops = all[0].flops / matmul_ms / 1e6;
+    char date[32];
+    const std::time_t now = std::time(nullptr);
+    std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+    nlohmann::json result = {{"benchmark", "condensed_attention_cpu"},
+                             {"date", date},
+                             {"torch", TORCH_VERSION},
+                             {"threads", threads},
+                             {"rounds", rounds},
+                             {"reps_per_round", reps},
+                             {"machine_shared", true},
+                             {"note", "2-core machine shared with other agents' builds: medians over interleaved rounds; "
+                                      "ratios inside one run are what to compare"},
+                             {"training_shapes", shapes},
+                             {"decode_context", context},
+                             {"matmul_bf16_gflop_per_s", matmul_gflops},
+                             {"contenders", nlohmann::json::object()}};
+    for (const auto& c : all) {
+      const double ms = median(c.ms);
+      const double gflops = c.flops / ms / 1e6;
+      result["contenders"][c.name] = {{"median_ms", ms}, {"round_medians_ms", c.ms}, {"gflop_per_s", gflops},
+                                      {"fraction_of_matmul_rate", gflops / matmul_gflops}};
+    }
+    std::cout << result.dump(2) << std::endl;
+    if (!out_path.empty()) lckv::write_file_atomically(out_path, result.dump(2) + "\n");
+    return 0;
+  } catch (const std::exception& e) {
+    std::cerr << "lckv-bench-attention-cpu: " << e.what() << "\n";
+    return 1;
+  }
+}

@@ -505,6 +505,8 @@ json LCKVConfig::to_json(ConfigFormat format) const {
     if (rope_scaling->type == "llama3") {
       rs["low_freq_factor"] = rope_scaling->low_freq_factor;
       rs["high_freq_factor"] = rope_scaling->high_freq_factor;
+    }
+    if (rope_scaling->type == "llama3" || rope_scaling->type == "yarn") {
       // a token count: transformers 5 warns unless it is written as an integer
       const double original = rope_scaling->original_max_position_embeddings;
       if (original == std::floor(original) && std::abs(original) < 9e15) {
@@ -512,6 +514,14 @@ json LCKVConfig::to_json(ConfigFormat format) const {
       } else {
         rs["original_max_position_embeddings"] = original;
       }
+    }
+    if (rope_scaling->type == "yarn") {
+      // The resolved values (from_json already turned mscale/mscale_all_dim into attention_factor), so a reload
+      // computes the same frequencies and scale.
+      rs["attention_factor"] = rope_scaling->attention_factor;
+      rs["beta_fast"] = rope_scaling->beta_fast;
+      rs["beta_slow"] = rope_scaling->beta_slow;
+      rs["truncate"] = rope_scaling->truncate;
     }
   }
   j["rope_scaling"] = rs;

@@ -381,6 +381,25 @@ TEST_CASE("Hugging Face configs we cannot honour are refused naming the field", 
                     Contains("'layer_types' must be a string"));
 }
 
+TEST_CASE("yarn and llama3 scaling survive to_json and from_json in both formats", "[config][hf]") {
+  const json yarn = {{"rope_type", "yarn"},   {"factor", 4.0},       {"original_max_position_embeddings", 32},
+                     {"mscale", 2.0},         {"mscale_all_dim", 1.0}, {"beta_fast", 16.0},
+                     {"beta_slow", 2.0},      {"truncate", false}};
+  const json llama3 = {{"rope_type", "llama3"}, {"factor", 8.0},  {"low_freq_factor", 1.0},
+                       {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 16}};
+  for (const json& rope : {yarn, llama3}) {
+    for (const char* layers : {"0_1_2_3", "0_2_2_3"}) {  // a plain Llama and the LCKV format
+      INFO(rope.dump() << " " << layers);
+      LCKVConfig c = hf5_with({{"rope_parameters", rope}});
+      c.layer_types = parse_layer_types(layers, c.num_hidden_layers);
+      const LCKVConfig d = LCKVConfig::from_json(c.to_json());
+      REQUIRE(d.rope_scaling);
+      CHECK(*d.rope_scaling == *c.rope_scaling);
+      CHECK(d.rope_scaling->original_max_position_embeddings != static_cast<double>(c.max_position_embeddings));
+    }
+  }
+}
+
 TEST_CASE("our own config.json still reads as to_json writes it", "[config][hf]") {
   LCKVConfig c = with({{"layer_types", "0_2_2_3"}, {"rope_theta", 500000.0},
                        {"rope_scaling", {{"rope_type", "linear"}, {"factor", 2.0}}}});

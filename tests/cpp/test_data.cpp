@@ -268,35 +268,35 @@ TEST_CASE("tokenizer.json: BPE merges by rank, leftmost first; special tokens in
   // tokenizer_config.json beside it names BOS/EOS, as transformers writes it.
   write_bytes(dir / "tokenizer_config.json", R"({"bos_token": {"content": "</s>"}, "eos_token": "<s>"})");
   const Tokenizer configured = Tokenizer::load(dir.path.string());  // a directory: finds tokenizer.json
-  CHECK(configured.path() == (dir / "tokenizer.json").string());
+  CHECK(configured.path() == dir / "tokenizer.json");
   CHECK(configured.bos_id() == 6);
   CHECK(configured.eos_id() == 5);
 
   // copy_tokenizer takes the side files with it; a SentencePiece model is copied as tokenizer.model.
   fs::create_directories(dir / "ckpt");
-  CHECK(copy_tokenizer(dir.path.string(), (dir / "ckpt").string()) == (dir / "ckpt/tokenizer.json").string());
+  CHECK(copy_tokenizer(dir.path.string(), dir / "ckpt") == dir / "ckpt/tokenizer.json");
   CHECK(read_bytes(dir / "ckpt/tokenizer_config.json") == read_bytes(dir / "tokenizer_config.json"));
-  CHECK(Tokenizer::load((dir / "ckpt").string()).bos_id() == 6);
+  CHECK(Tokenizer::load(dir / "ckpt").bos_id() == 6);
   const std::string spm = small_tokenizer(dir);  // tok.model, not tokenizer.model
   fs::create_directories(dir / "ckpt2");
-  CHECK(copy_tokenizer(spm, (dir / "ckpt2").string()) == (dir / "ckpt2/tokenizer.model").string());
+  CHECK(copy_tokenizer(spm, dir / "ckpt2") == dir / "ckpt2/tokenizer.model");
   CHECK(read_bytes(dir / "ckpt2/tokenizer.model") == read_bytes(spm));
-  CHECK(find_tokenizer((dir / "ckpt2").string()) == (dir / "ckpt2/tokenizer.model").string());
-  CHECK(Tokenizer::load((dir / "ckpt2").string()).kind() == "sentencepiece");
+  CHECK(find_tokenizer(dir / "ckpt2") == dir / "ckpt2/tokenizer.model");
+  CHECK(Tokenizer::load(dir / "ckpt2").kind() == "sentencepiece");
   // Copying onto itself leaves it as it is.
-  CHECK(copy_tokenizer((dir / "ckpt2").string(), (dir / "ckpt2").string()) == (dir / "ckpt2/tokenizer.model").string());
+  CHECK(copy_tokenizer(dir / "ckpt2", dir / "ckpt2") == dir / "ckpt2/tokenizer.model");
   CHECK(read_bytes(dir / "ckpt2/tokenizer.model") == read_bytes(spm));
 }
 
 TEST_CASE("tokenizer.json and tokenizer lookup errors name the file, directory and field", "[data]") {
   TempDir dir;
   fs::create_directories(dir / "empty");
-  CHECK_THROWS_WITH(find_tokenizer((dir / "empty").string()),
-                    Contains((dir / "empty").string()) && Contains("holds no tokenizer") &&
+  CHECK_THROWS_WITH(find_tokenizer(dir / "empty"),
+                    Contains(dir / "empty") && Contains("holds no tokenizer") &&
                         Contains("tokenizer.model") && Contains("tokenizer.json"));
-  CHECK_THROWS_WITH(Tokenizer::load((dir / "empty").string()), Contains("holds no tokenizer"));
-  CHECK_THROWS_WITH(copy_tokenizer((dir / "empty").string(), dir.path.string()), Contains("holds no tokenizer"));
-  CHECK_THROWS_WITH(find_tokenizer((dir / "nope").string()), Contains("nope") && Contains("no such directory"));
+  CHECK_THROWS_WITH(Tokenizer::load(dir / "empty"), Contains("holds no tokenizer"));
+  CHECK_THROWS_WITH(copy_tokenizer(dir / "empty", dir.path.string()), Contains("holds no tokenizer"));
+  CHECK_THROWS_WITH(find_tokenizer(dir / "nope"), Contains("nope") && Contains("no such directory"));
 
   const std::string good = tiny_tokenizer_json();
   write_bytes(dir / "t.json", good.substr(0, good.size() / 2));
@@ -513,7 +513,7 @@ TEST_CASE("prepare_corpus writes tokenizer, shards and meta.json", "[data]") {
 
   const PreparedData data = read_prepared(o.out_dir);
   // The data directory holds a copy of the tokenizer it was encoded with.
-  CHECK(data.tokenizer == (dir / "out/tokenizer.model").string());
+  CHECK(data.tokenizer == dir / "out/tokenizer.model");
   CHECK(read_bytes(data.tokenizer) == read_bytes(o.tokenizer));
   CHECK(data.eos_id == 2);
   REQUIRE(data.train_shards.size() > 1);

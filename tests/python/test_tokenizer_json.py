@@ -273,3 +273,41 @@ def test_tokenizer_found_in_directories(byte_level_json, llama2_dir, tmp_path):
     shutil.copy(byte_level_json, both / "tokenizer.json")
     shutil.copy(llama2_dir / "prep" / "tokenizer.model", both / "tokenizer.model")
     assert _C.Tokenizer.load(str(both)).vocab_size == 1000  # tokenizer.model first
+
+
+def test_checkpoints_carry_and_find_their_tokenizer(byte_level_json, tmp_path):
+    """A checkpoint directory with a tokenizer.json: load_tokenizer finds it, lckv-generate uses it, and a tokenizer
+    with more ids than the model's vocab_size is refused naming both numbers and the file."""
+    import lckv
+    from conftest import tiny_config
+
+    model = lckv.LCKVForCausalLM(tiny_config(vocab_size=3000, num_hidden_layers=2, layer_types="0_1"))
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    with pytest.raises(RuntimeError, match=r"holds no tokenizer: looked for tokenizer.model .* and tokenizer.json"):
+        lckv.load_tokenizer(ckpt)
+    assert lckv.data.copy_tokenizer(str(byte_level_json), str(ckpt)) == str(ckpt / "tokenizer.json")
+    tok = lckv.load_tokenizer(ckpt, model)
+    assert tok.kind == "tokenizer.json" and tok.path == str(ckpt / "tokenizer.json")
+    hf = tokenizers.Tokenizer.from_file(str(byte_level_json))
+    assert tok.encode("And God said") == hf_ids(hf, "And God said")
+
+    small = lckv.LCKVForCausalLM(tiny_config(vocab_size=2000, num_hidden_layers=2, layer_types="0_1"))
+    with pytest.raises(ValueError, match=r"tokenizer .*tokenizer.json has 3000 tokens but the model's vocab_size is 2000"):
+        lckv.load_tokenizer(ckpt, small)
+
+    exe = Path(os.environ.get("LCKV_BUILD_DIR", ROOT / "build")) / "lckv-generate"
+    if not exe.exists():
+        pytest.skip(f"{exe} is not built (set LCKV_BUILD_DIR)")
+    r = subprocess.run([str(exe), "--model", str(ckpt), "And God said", "--max-new-tokens", "4", "--temperature", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("And God said")
+    small.save_pretrained(tmp_path / "small")
+    lckv.data.copy_tokenizer(str(ckpt), str(tmp_path / "small"))
+    r = subprocess.run([str(exe), "--model", str(tmp_path / "small"), "x"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert f"{tmp_path / 'small' / 'tokenizer.json'} has 3000 tokens but the checkpoint's vocab_size is 2000" in r.stderr
+    (tmp_path / "small" / "tokenizer.json").unlink()
+    r = subprocess.run([str(exe), "--model", str(tmp_path / "small"), "x"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "holds no tokenizer" in r.stderr and str(tmp_path / "small") in r.stderr

@@ -216,6 +216,22 @@ def test_every_supported_step_matches_tokenizers(byte_level_json, llama2_dir, tm
         check_same(p, HARD)
     legacy = llama2_legacy(llama2_dir / "hf", tmp_path / "legacy")
     check_same(legacy, HARD)
+    # Added tokens that are not special: normalized ones are found in normalized text (as their normalized form).
+    extra = HARD + ["And God said unto the LORD, the LORD God", "the LORDthe LORD  God saidGod said"]
+    for path, base_json in [(byte_level_json, base), (legacy, json.loads(legacy.read_text(encoding="utf-8")))]:
+        j = json.loads(json.dumps(base_json))
+        n = max(t["id"] for t in j["added_tokens"]) + max(j["model"]["vocab"].values()) + 1
+        j["added_tokens"] += [
+            {"id": n, "content": "God said", "single_word": False, "lstrip": False, "rstrip": False, "normalized": True,
+             "special": False},
+            {"id": n + 1, "content": "LORD", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+             "special": False}]
+        p = tmp_path / "added.json"
+        p.write_text(json.dumps(j, ensure_ascii=False), encoding="utf-8")
+        try:
+            check_same(p, extra)
+        except AssertionError as e:
+            raise AssertionError(f"added tokens on {path.name}: {e}") from e
 
 
 def test_bad_tokenizer_json_is_refused_naming_the_field(byte_level_json, tmp_path):

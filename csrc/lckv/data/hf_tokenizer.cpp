@@ -17,12 +17,11 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <queue>
 #include <stdexcept>
 #include <unordered_map>
-
-#include <nlohmann/json.hpp>
 
 #include "lckv/data/tokenizer.h"
 #include "lckv/json_fields.h"
@@ -108,10 +107,14 @@ std::size_t char_len(std::string_view s, std::size_t i) {
 uint32_t code_point(std::string_view s, std::size_t i) {
   const auto b = [&](std::size_t k) { return static_cast<uint32_t>(static_cast<unsigned char>(s[i + k])); };
   switch (char_len(s, i)) {
-    case 1: return b(0);
-    case 2: return (b(0) & 0x1f) << 6 | (b(1) & 0x3f);
-    case 3: return (b(0) & 0x0f) << 12 | (b(1) & 0x3f) << 6 | (b(2) & 0x3f);
-    default: return (b(0) & 0x07) << 18 | (b(1) & 0x3f) << 12 | (b(2) & 0x3f) << 6 | (b(3) & 0x3f);
+    case 1:
+      return b(0);
+    case 2:
+      return (b(0) & 0x1f) << 6 | (b(1) & 0x3f);
+    case 3:
+      return (b(0) & 0x0f) << 12 | (b(1) & 0x3f) << 6 | (b(2) & 0x3f);
+    default:
+      return (b(0) & 0x07) << 18 | (b(1) & 0x3f) << 12 | (b(2) & 0x3f) << 6 | (b(3) & 0x3f);
   }
 }
 
@@ -203,15 +206,15 @@ class Regex {
     std::size_t from = 0;
     std::optional<std::size_t> last_end;
     while (from <= s.size()) {
-      const int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), from, PCRE2_NO_UTF_CHECK,
-                                 md, nullptr);
+      const int rc =
+          pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), from, PCRE2_NO_UTF_CHECK, md, nullptr);
       if (rc == PCRE2_ERROR_NOMATCH) break;
       if (rc < 0) {
         pcre2_match_data_free(md);
         PCRE2_UCHAR message[256];
         pcre2_get_error_message(rc, message, sizeof message);
-        throw std::runtime_error("tokenizer regex " + json_fields::describe(json(pattern_)) + " failed: " +
-                                 reinterpret_cast<const char*>(message));
+        throw std::runtime_error("tokenizer regex " + json_fields::describe(json(pattern_)) +
+                                 " failed: " + reinterpret_cast<const char*>(message));
       }
       const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
       const std::size_t start = ov[0], end = ov[1];
@@ -271,8 +274,8 @@ struct Fields {
             const std::string& why) const {
     const json* v = find(obj, key);
     if (v && *v != allowed) {
-      fail(path.empty() ? key : path + "." + key, "has value " + json_fields::describe(*v) + ", expected " + allowed.dump() + " (" + why +
-                                 ")");
+      fail(path.empty() ? key : path + "." + key,
+           "has value " + json_fields::describe(*v) + ", expected " + allowed.dump() + " (" + why + ")");
     }
   }
   std::string type(const json& obj, const std::string& path) const { return req<std::string>(obj, path, "type"); }
@@ -292,13 +295,15 @@ struct Fields {
   std::string pattern(const json& obj, const std::string& path, bool* is_regex) const {
     const json& p = at(obj, path, "pattern");
     const std::string field = path + ".pattern";
-    if (!p.is_object() || p.size() != 1) fail(field, "has value " + json_fields::describe(p) + R"(, expected {"String": ...} or {"Regex": ...})");
+    if (!p.is_object() || p.size() != 1)
+      fail(field, "has value " + json_fields::describe(p) + R"(, expected {"String": ...} or {"Regex": ...})");
     if (p.contains("String")) {
       if (is_regex) *is_regex = false;
       return get<std::string>(p["String"], field + ".String");
     }
     if (p.contains("Regex")) {
-      if (!is_regex) fail(field, "is a Regex, expected a String pattern (regex patterns are implemented in Split only)");
+      if (!is_regex)
+        fail(field, "is a Regex, expected a String pattern (regex patterns are implemented in Split only)");
       *is_regex = true;
       return get<std::string>(p["Regex"], field + ".Regex");
     }
@@ -432,7 +437,8 @@ void pre_tokenize(const PreTokenizer& p, std::vector<Piece>& pieces) {
   std::vector<Piece> out;
   out.reserve(pieces.size());
   auto emit_spans = [&](const Piece& piece, const std::vector<std::pair<std::size_t, std::size_t>>& spans) {
-    for (const auto& [start, end] : spans) out.push_back({piece.text.substr(start, end - start), piece.first && start == 0});
+    for (const auto& [start, end] : spans)
+      out.push_back({piece.text.substr(start, end - start), piece.first && start == 0});
   };
   for (Piece& piece : pieces) {
     switch (p.kind) {
@@ -453,7 +459,8 @@ void pre_tokenize(const PreTokenizer& p, std::vector<Piece>& pieces) {
         for (const auto& [start, end] : spans) {
           Piece q{std::string(), piece.first && start == 0};
           q.text.reserve(2 * (end - start));
-          for (std::size_t i = start; i < end; ++i) q.text += map.byte_to_char[static_cast<unsigned char>(piece.text[i])];
+          for (std::size_t i = start; i < end; ++i)
+            q.text += map.byte_to_char[static_cast<unsigned char>(piece.text[i])];
           out.push_back(std::move(q));
         }
         break;
@@ -466,8 +473,8 @@ void pre_tokenize(const PreTokenizer& p, std::vector<Piece>& pieces) {
         }
         Piece q{std::move(s), piece.first};
         if (p.split) {
-          emit_spans(q, split_spans(q.text, literal_matches(q.text, p.replacement), SplitBehavior::kMergedWithNext,
-                                    false));
+          emit_spans(
+              q, split_spans(q.text, literal_matches(q.text, p.replacement), SplitBehavior::kMergedWithNext, false));
         } else if (!q.text.empty()) {
           out.push_back(std::move(q));
         }
@@ -488,7 +495,12 @@ struct Decoder {
 // A token "<0xHH>" (byte fallback) as its byte.
 std::optional<unsigned char> fallback_byte(const std::string& t) {
   if (t.size() != 6 || t.compare(0, 3, "<0x") != 0 || t[5] != '>') return std::nullopt;
-  auto hex = [](char c) { return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1; };
+  auto hex = [](char c) {
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                  : -1;
+  };
   const int hi = hex(t[3]), lo = hex(t[4]);
   if (hi < 0 || lo < 0) return std::nullopt;
   return static_cast<unsigned char>(hi * 16 + lo);
@@ -582,6 +594,7 @@ struct AddedToken {
   std::string content;
   int32_t id;
   bool special, normalized;
+  std::string match;  // what is looked for: content, or for a normalized token, content normalized
 };
 
 // ---------------------------------------------------------------------------------------------- the tokenizer
@@ -638,6 +651,17 @@ TokenizerJson::TokenizerJson(const json& root, const std::string& source, const 
   if (const json* a = f.find(root, "added_tokens")) parse_added_tokens(f, *a);
   if (const json* n = f.find(root, "normalizer")) parse_normalizer(f, *n, "normalizer");
   if (const json* p = f.find(root, "pre_tokenizer")) parse_pre_tokenizer(f, *p, "pre_tokenizer");
+  // Normalized added tokens are found in normalized text, so they are looked for as normalized.
+  for (AddedToken& t : added_) {
+    t.match = t.content;
+    if (t.normalized) {
+      for (const Normalizer& n : normalizers_) n.apply(t.match);
+    }
+  }
+  // Longest first: at each position the longest added token that matches wins (leftmost-longest).
+  std::stable_sort(added_.begin(), added_.end(),
+                   [](const AddedToken& x, const AddedToken& y) { return x.match.size() > y.match.size(); });
+
   if (const json* d = f.find(root, "decoder")) {
     has_decoder_ = true;
     parse_decoder(f, *d, "decoder");
@@ -669,7 +693,7 @@ TokenizerJson::TokenizerJson(const json& root, const std::string& source, const 
     has_token_[id] = 1;
   }
   for (const AddedToken& t : added_) {
-    id_to_token_[t.id] = t.content;
+    id_to_token_[t.id] = t.match;  // as the Rust crate: a normalized token decodes as its normalized form
     has_token_[t.id] = 1;
     special_[t.id] = t.special;
   }
@@ -687,10 +711,12 @@ void TokenizerJson::parse_model(const Fields& f, const json& model) {
   ignore_merges_ = f.opt<bool>(model, "model", "ignore_merges", false);
 
   const json& vocab = f.at(model, "model", "vocab");
-  if (!vocab.is_object()) f.fail("model.vocab", "has value " + json_fields::describe(vocab) + ", expected an object token -> id");
+  if (!vocab.is_object())
+    f.fail("model.vocab", "has value " + json_fields::describe(vocab) + ", expected an object token -> id");
   vocab_.reserve(vocab.size());
   for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-    const std::string field = "model.vocab[" + json(it.key()).dump(-1, ' ', false, json::error_handler_t::replace) + "]";
+    const std::string field =
+        "model.vocab[" + json(it.key()).dump(-1, ' ', false, json::error_handler_t::replace) + "]";
     const int32_t id = f.get<int32_t>(it.value(), field);
     if (id < 0) f.fail(field, "has value " + std::to_string(id) + ", expected an id >= 0");
     if (!valid_utf8(it.key())) f.fail(field, "is not valid UTF-8");
@@ -699,7 +725,8 @@ void TokenizerJson::parse_model(const Fields& f, const json& model) {
   if (const json* unk = f.find(model, "unk_token")) {
     const std::string u = f.get<std::string>(*unk, "model.unk_token");
     const auto it = vocab_.find(u);
-    if (it == vocab_.end()) f.fail("model.unk_token", "has value " + json_fields::describe(*unk) + ", which is not in model.vocab");
+    if (it == vocab_.end())
+      f.fail("model.unk_token", "has value " + json_fields::describe(*unk) + ", which is not in model.vocab");
     unk_ = it->second;
   }
   all_bytes_ = true;
@@ -753,8 +780,7 @@ void TokenizerJson::parse_added_tokens(const Fields& f, const json& list) {
     const std::string path = "added_tokens[" + std::to_string(i) + "]";
     const json& t = list[i];
     AddedToken a;
-    a.id = f.req<int32_t>(t, path, "id");
-    if (a.id < 0) f.fail(path + ".id", "has value " + std::to_string(a.id) + ", expected an id >= 0");
+    (void)f.req<int32_t>(t, path, "id");  // checked, but see below
     a.content = f.req<std::string>(t, path, "content");
     if (a.content.empty() || !valid_utf8(a.content)) f.fail(path + ".content", "is empty or not UTF-8");
     a.special = f.opt<bool>(t, path, "special", false);
@@ -763,19 +789,37 @@ void TokenizerJson::parse_added_tokens(const Fields& f, const json& list) {
       f.only(t, path, flag, false, "Llama-family added tokens match exactly");
     }
     any_added_[a.normalized] = true;
+    // The id is the one the Rust crate gives when it loads the file (it re-adds each token and only warns about a
+    // different "id"): the token's id in model.vocab, the id of the same content added before, else the next one
+    // after model.vocab's size and the added ids.
+    const auto same =
+        std::find_if(added_.begin(), added_.end(), [&](const AddedToken& x) { return x.content == a.content; });
+    if (same != added_.end()) {
+      a.id = same->id;
+      *same = std::move(a);
+      continue;
+    }
+    const auto in_vocab = vocab_.find(a.content);
+    if (in_vocab != vocab_.end()) {
+      a.id = in_vocab->second;
+    } else {
+      const int32_t model_size = static_cast<int32_t>(vocab_.size());
+      int32_t max_added = -1;
+      for (const AddedToken& x : added_) max_added = std::max(max_added, x.id);
+      a.id = max_added < 0 ? model_size : max_added >= model_size || model_size == 0 ? max_added + 1 : model_size;
+    }
     added_.push_back(std::move(a));
   }
-  // Longest first: at each position the longest added token that matches wins (leftmost-longest).
-  std::stable_sort(added_.begin(), added_.end(),
-                   [](const AddedToken& x, const AddedToken& y) { return x.content.size() > y.content.size(); });
 }
 
 void TokenizerJson::parse_normalizer(const Fields& f, const json& n, const std::string& path) {
   const std::string type = f.type(n, path);
   if (type == "Sequence") {
     const json& list = f.at(n, path, "normalizers");
-    if (!list.is_array()) f.fail(path + ".normalizers", "has value " + json_fields::describe(list) + ", expected a list");
-    for (std::size_t i = 0; i < list.size(); ++i) parse_normalizer(f, list[i], path + ".normalizers[" + std::to_string(i) + "]");
+    if (!list.is_array())
+      f.fail(path + ".normalizers", "has value " + json_fields::describe(list) + ", expected a list");
+    for (std::size_t i = 0; i < list.size(); ++i)
+      parse_normalizer(f, list[i], path + ".normalizers[" + std::to_string(i) + "]");
   } else if (type == "Prepend") {
     normalizers_.push_back({Normalizer::kPrepend, f.req<std::string>(n, path, "prepend"), ""});
   } else if (type == "Replace") {
@@ -792,7 +836,8 @@ Prepend prepend_scheme(const Fields& f, const json& obj, const std::string& path
     if (v == "always") return Prepend::kAlways;
     if (v == "first") return Prepend::kFirst;
     if (v == "never") return Prepend::kNever;
-    f.fail(path + ".prepend_scheme", "has value " + json_fields::describe(*s) + R"(, expected "always", "first" or "never")");
+    f.fail(path + ".prepend_scheme",
+           "has value " + json_fields::describe(*s) + R"(, expected "always", "first" or "never")");
   }
   // Files before tokenizers 0.14 have add_prefix_space instead.
   return f.opt<bool>(obj, path, "add_prefix_space", true) ? Prepend::kAlways : Prepend::kNever;
@@ -802,7 +847,8 @@ void TokenizerJson::parse_pre_tokenizer(const Fields& f, const json& p, const st
   const std::string type = f.type(p, path);
   if (type == "Sequence") {
     const json& list = f.at(p, path, "pretokenizers");
-    if (!list.is_array()) f.fail(path + ".pretokenizers", "has value " + json_fields::describe(list) + ", expected a list");
+    if (!list.is_array())
+      f.fail(path + ".pretokenizers", "has value " + json_fields::describe(list) + ", expected a list");
     for (std::size_t i = 0; i < list.size(); ++i) {
       parse_pre_tokenizer(f, list[i], path + ".pretokenizers[" + std::to_string(i) + "]");
     }
@@ -830,8 +876,9 @@ void TokenizerJson::parse_pre_tokenizer(const Fields& f, const json& p, const st
     } else if (b == "Contiguous") {
       t.behavior = SplitBehavior::kContiguous;
     } else {
-      f.fail(path + ".behavior", "has value " + json_fields::describe(json(b)) +
-                                     R"(, expected "Removed", "Isolated", "MergedWithPrevious", "MergedWithNext" or "Contiguous")");
+      f.fail(path + ".behavior",
+             "has value " + json_fields::describe(json(b)) +
+                 R"(, expected "Removed", "Isolated", "MergedWithPrevious", "MergedWithNext" or "Contiguous")");
     }
     t.invert = f.opt<bool>(p, path, "invert", false);
   } else if (type == "ByteLevel") {
@@ -855,7 +902,8 @@ void TokenizerJson::parse_decoder(const Fields& f, const json& d, const std::str
   if (type == "Sequence") {
     const json& list = f.at(d, path, "decoders");
     if (!list.is_array()) f.fail(path + ".decoders", "has value " + json_fields::describe(list) + ", expected a list");
-    for (std::size_t i = 0; i < list.size(); ++i) parse_decoder(f, list[i], path + ".decoders[" + std::to_string(i) + "]");
+    for (std::size_t i = 0; i < list.size(); ++i)
+      parse_decoder(f, list[i], path + ".decoders[" + std::to_string(i) + "]");
     return;
   } else if (type == "ByteLevel") {
     t.kind = Decoder::kByteLevel;
@@ -877,7 +925,8 @@ void TokenizerJson::parse_decoder(const Fields& f, const json& d, const std::str
     t.start = f.req<uint32_t>(d, path, "start");
     t.stop = f.req<uint32_t>(d, path, "stop");
   } else {
-    f.unsupported(d, path, "\"Sequence\", \"ByteLevel\", \"Metaspace\", \"Replace\", \"ByteFallback\", \"Fuse\", \"Strip\"");
+    f.unsupported(d, path,
+                  "\"Sequence\", \"ByteLevel\", \"Metaspace\", \"Replace\", \"ByteFallback\", \"Fuse\", \"Strip\"");
   }
   decoders_.push_back(std::move(t));
 }
@@ -904,7 +953,8 @@ void TokenizerJson::find_bos_eos(const std::string& source, const std::string& c
       if (!v) return -1;
       const std::string token = v->is_object() ? f.req<std::string>(*v, key, "content") : f.get<std::string>(*v, key);
       const int32_t id = token_id(token);
-      if (id < 0) f.fail(key, "has value " + json_fields::describe(json(token)) + ", which " + source + " does not hold");
+      if (id < 0)
+        f.fail(key, "has value " + json_fields::describe(json(token)) + ", which " + source + " does not hold");
       return static_cast<int>(id);
     };
     bos_ = read("bos_token");
@@ -932,7 +982,7 @@ void TokenizerJson::split_added(const std::string& text, bool first, bool normal
   for (std::size_t i = 0; i < text.size();) {
     const AddedToken* hit = nullptr;
     for (const AddedToken& t : added_) {  // longest first
-      if (t.normalized == normalized && text.compare(i, t.content.size(), t.content) == 0) {
+      if (t.normalized == normalized && !t.match.empty() && text.compare(i, t.match.size(), t.match) == 0) {
         hit = &t;
         break;
       }
@@ -942,8 +992,8 @@ void TokenizerJson::split_added(const std::string& text, bool first, bool normal
       continue;
     }
     if (i > piece_start) out.push_back({{text.substr(piece_start, i - piece_start), first && piece_start == 0}, -1});
-    out.push_back({{hit->content, false}, hit->id});
-    i += hit->content.size();
+    out.push_back({{hit->match, false}, hit->id});
+    i += hit->match.size();
     piece_start = i;
   }
   if (piece_start < text.size()) out.push_back({{text.substr(piece_start), first && piece_start == 0}, -1});

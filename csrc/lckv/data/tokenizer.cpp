@@ -50,16 +50,13 @@ class SentencePieceModel : public detail::TokenizerModel {
   std::string path_;
 };
 
-// A tokenizer.json is a JSON object; a SentencePiece model is a protobuf, whose first byte is a field tag
-// (never '{' nor whitespace).
+// A tokenizer.json is named so, or at least starts with '{'; a SentencePiece model is a protobuf, whose first byte
+// is the tag of field 1 (0x0A, a newline: so leading whitespace cannot be skipped).
 bool looks_like_json(const std::string& path) {
   if (fs::path(path).extension() == ".json") return true;
   std::ifstream in(path, std::ios::binary);
   char c = 0;
-  while (in.get(c)) {
-    if (c != ' ' && c != '\t' && c != '\n' && c != '\r') return c == '{';
-  }
-  return false;
+  return in.get(c) && c == '{';
 }
 
 }  // namespace

@@ -570,7 +570,7 @@ TEST_CASE("a prompt needs the data's tokenizer, checked before training", "[trai
   CHECK_FALSE(fs::exists(root / "out"));
 }
 
-TEST_CASE("checkpoints carry the data's tokenizer; one larger than the model's vocabulary is refused", "[train]") {
+TEST_CASE("checkpoints carry the data's tokenizer, and one larger than the model's vocabulary is refused", "[train]") {
   const TempDir tmp;
   const fs::path root = tmp.path;
   std::vector<std::string> lines;

@@ -249,7 +249,7 @@ std::string tiny_tokenizer_json(const std::string& model_type = "BPE") {
       .dump();
 }
 
-TEST_CASE("tokenizer.json: BPE merges by rank, leftmost first; special tokens in text; directories", "[data]") {
+TEST_CASE("tokenizer.json: BPE merges by rank (leftmost first), special tokens in text, directories", "[data]") {
   TempDir dir;
   write_bytes(dir / "tokenizer.json", tiny_tokenizer_json());
   const Tokenizer tok = Tokenizer::load(dir / "tokenizer.json");

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=third_party/debs
-PACKAGES=(catch2 libcli11-dev nlohmann-json3-dev)
+PACKAGES=(catch2 libcli11-dev nlohmann-json3-dev libpcre2-dev libpcre2-8-0)
 mkdir -p "$DEST"
 cd "$DEST"
 rm -f ./*.deb

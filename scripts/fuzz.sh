@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzzes the readers of untrusted files with libFuzzer and clang's AddressSanitizer and UBSan:
-# tests/fuzz/fuzz_{safetensors,config,shards}.cpp, each for N minutes (default 1), one after the
+# tests/fuzz/fuzz_{safetensors,config,shards,tokenizer_json}.cpp, each for N minutes (default 1), one after the
 # other (libFuzzer's fork mode: a crash is saved and fuzzing goes on). Each starts from its checked-in corpus (tests/fuzz/corpus/<target>/, which ctest replays
 # without clang); new inputs go to build-fuzz/corpus/<target>/, crashes to build-fuzz/findings/<target>/.
 #   scripts/fuzz.sh [minutes] [target...]
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 MINUTES=${1:-1}
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(config shards safetensors)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(config shards safetensors tokenizer_json)
 CXX=${CLANGXX:-clang++}
 if ! command -v "$CXX" >/dev/null || ! ls /usr/lib/llvm-14/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1; then
   echo "== installing clang and its libFuzzer runtime (apt)"
@@ -36,6 +36,8 @@ for target in "${TARGETS[@]}"; do
   case $target in
     config) build config csrc/lckv/config.cpp csrc/lckv/json_fields.cpp csrc/lckv/files.cpp ;;
     shards) build shards csrc/lckv/data/shards.cpp csrc/lckv/files.cpp ;;
+    tokenizer_json) build tokenizer_json csrc/lckv/data/hf_tokenizer.cpp csrc/lckv/json_fields.cpp csrc/lckv/files.cpp \
+      -lpcre2-8 ;;
     safetensors)
       torch_dir=$("$PY" -c "import os, torch; print(os.path.dirname(torch.__file__))")
       # libstdc++ first in DT_NEEDED, as CMakeLists.txt does for the library (libtorch's own
@@ -43,7 +45,7 @@ for target in "${TARGETS[@]}"; do
       build safetensors csrc/lckv/io/safetensors.cpp csrc/lckv/files.cpp -isystem "$torch_dir/include" \
         -isystem "$torch_dir/include/torch/csrc/api/include" -L"$torch_dir/lib" -Wl,-rpath,"$torch_dir/lib" \
         -Wl,--push-state,--no-as-needed,-lstdc++,--pop-state -ltorch_cpu -lc10 ;;
-    *) echo "unknown target '$target' (expected config, shards or safetensors)" >&2; exit 2 ;;
+    *) echo "unknown target '$target' (expected config, shards, safetensors or tokenizer_json)" >&2; exit 2 ;;
   esac
   dict=()
   [ -f "tests/fuzz/$target.dict" ] && dict=(-dict="tests/fuzz/$target.dict")

@@ -10,6 +10,7 @@
 # lckv-prepare is taken from $LCKV_BUILD_DIR (default build/); build it first with
 #   cmake --build build --target lckv-prepare
 # Steps whose outputs already exist are skipped; delete them to redo a step.
+# LCKV_CORPUS_TEXT_ONLY=1 stops after kjv.txt (the tokenizer tests need the text only).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,6 +47,8 @@ else
   mv "$out/kjv.txt.tmp" "$out/kjv.txt"
   echo "get_corpus: $(grep -c . "$out/kjv.txt") verses, $(wc -c <"$out/kjv.txt") bytes"
 fi
+
+[[ "${LCKV_CORPUS_TEXT_ONLY:-0}" == 1 ]] && exit 0
 
 # meta.json is written last by lckv-prepare, so it marks a complete run; redo when the
 # vocabulary size asked for differs from the one prepared.

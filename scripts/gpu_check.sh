@@ -41,7 +41,7 @@ logged python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch
 say "build dependencies"
 extra_cmake=()
 missing=0
-for h in catch2/catch.hpp nlohmann/json.hpp CLI/CLI.hpp; do
+for h in catch2/catch.hpp nlohmann/json.hpp CLI/CLI.hpp pcre2.h; do
   [ -e "/usr/include/$h" ] || missing=1
 done
 [ -s third_party/sdist/sentencepiece-0.2.1.tar.gz ] || fail "third_party/sdist/sentencepiece-0.2.1.tar.gz is missing (scripts/setup.sh fetches it; carry third_party/sdist)"

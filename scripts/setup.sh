@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0   # the GPU machine has torch 2.11 + CUDA 13; this wheel is cu130 too
 # (scripts/fuzz.sh installs clang and its libFuzzer runtime itself: only fuzzing needs them.)
-APT_PACKAGES=(cmake ninja-build ccache g++ catch2 nlohmann-json3-dev libcli11-dev python3-venv python3-dev bible-kjv)
+APT_PACKAGES=(cmake ninja-build ccache g++ catch2 nlohmann-json3-dev libcli11-dev python3-venv python3-dev bible-kjv libpcre2-dev)
 CONSTRAINTS=scripts/constraints.txt   # every Python package pinned (transformers included)
 SPM_VERSION=0.2.1                      # SentencePiece's source (PyPI sdist), built by CMakeLists.txt
 

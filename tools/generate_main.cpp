@@ -66,10 +66,10 @@ int main(int argc, char** argv) {
   std::vector<int64_t> stop_tokens;
   lckv::GenerationConfig gen;
   double temperature = 0;
-  app.add_option("--model", model_dir, "checkpoint directory (config.json, model.safetensors, tokenizer.model)")
+  app.add_option("--model", model_dir, "checkpoint directory (config.json, model.safetensors, tokenizer.model or tokenizer.json)")
       ->required()
       ->check(CLI::ExistingDirectory);
-  app.add_option("--tokenizer", tokenizer_path, "SentencePiece model (default: <model>/tokenizer.model)");
+  app.add_option("--tokenizer", tokenizer_path, "tokenizer.model or tokenizer.json (default: the one in --model)");
   app.add_option("prompts", prompts, "prompts (default: --prompt-file, else stdin, one per line)");
   app.add_option("--prompt-file", prompt_file, "file with one prompt per line")->check(CLI::ExistingFile);
   app.add_option("--max-new-tokens", gen.max_new_tokens, "tokens to generate per prompt");
@@ -107,7 +107,7 @@ int main(int argc, char** argv) {
     if (threads < 1) throw std::invalid_argument("--threads " + std::to_string(threads) + ": expected >= 1");
     if (batch_size < 0) throw std::invalid_argument("--batch-size " + std::to_string(batch_size) + ": expected >= 0");
     torch::set_num_threads(threads);
-    if (tokenizer_path.empty()) tokenizer_path = model_dir + "/tokenizer.model";
+    if (tokenizer_path.empty()) tokenizer_path = lckv::data::find_tokenizer(model_dir);
     const auto scalar = lckv::parse_float_dtype(dtype, "--dtype");
     lckv::LCKVForCausalLM model = lckv::io::load_pretrained(model_dir, scalar);
     const lckv::data::Tokenizer tokenizer = lckv::data::Tokenizer::load(tokenizer_path);

@@ -1,4 +1,4 @@
-// lckv-prepare: turns text into a SentencePiece tokenizer and token shards for training.
+// lckv-prepare: turns text into token shards for training, with a trained SentencePiece tokenizer or a given one.
 // All the work is in lckv::data::prepare_corpus (csrc/lckv/data/prepare.h); this file
 // only parses flags.
 #include <CLI/CLI.hpp>
@@ -17,7 +17,8 @@ int main(int argc, char** argv) {
   o.log = &std::cerr;
 
   CLI::App app{
-      "Prepare a training corpus: read text, train or load a SentencePiece tokenizer, and write\n"
+      "Prepare a training corpus: read text, train a SentencePiece tokenizer or load one (tokenizer.model or\n"
+      "tokenizer.json, copied into --out), and write\n"
       "token shards plus meta.json to --out.\n"
       "Documents: a blank-line-separated paragraph of a .txt file, or one record of a .jsonl file.\n"
       "Each document is followed by EOS. The last --val-fraction of the documents is the\n"
@@ -29,11 +30,12 @@ int main(int argc, char** argv) {
       ->required();
   app.add_option("-o,--out", o.out_dir,
                  "Output directory (created if missing) for train_NNNNNN.bin, val_NNNNNN.bin, meta.json "
-                 "and, with --train-tokenizer, tokenizer.model")
+                 "and the tokenizer (tokenizer.model, or a copy of --tokenizer)")
       ->required();
   auto* tokenizer =
-      app.add_option("--tokenizer", o.tokenizer, "Existing SentencePiece tokenizer.model to encode with (e.g. Llama's)")
-          ->check(CLI::ExistingFile);
+      app.add_option("--tokenizer", o.tokenizer, "Existing tokenizer to encode with: a SentencePiece tokenizer.model (Llama 1/2) or a "
+                     "Hugging Face tokenizer.json (Llama 3), or a directory holding one")
+          ->check(CLI::ExistingPath);
   auto* train = app.add_flag("--train-tokenizer", o.train_tokenizer,
                              "Train a new tokenizer on the training split and write it to <out>/tokenizer.model");
   tokenizer->excludes(train);
@@ -59,7 +61,7 @@ int main(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
   if (o.tokenizer.empty() && !o.train_tokenizer) {
-    std::cerr << "lckv-prepare: error: give --tokenizer <tokenizer.model> or --train-tokenizer\n"
+    std::cerr << "lckv-prepare: error: give --tokenizer <tokenizer.model|tokenizer.json> or --train-tokenizer\n"
               << "Run with --help for more information.\n";
     return 2;
   }

@@ -441,7 +441,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("decode", &data::Tokenizer::decode, py::arg("ids"))
       .def_property_readonly("vocab_size", &data::Tokenizer::vocab_size)
       .def_property_readonly("bos_id", &data::Tokenizer::bos_id)
-      .def_property_readonly("eos_id", &data::Tokenizer::eos_id);
+      .def_property_readonly("eos_id", &data::Tokenizer::eos_id)
+      .def_property_readonly("path", &data::Tokenizer::path)
+      .def_property_readonly("kind", &data::Tokenizer::kind);
+  m.def("find_tokenizer", &data::find_tokenizer, py::arg("dir"),
+        "The tokenizer file in a checkpoint or data directory: tokenizer.model, else tokenizer.json.");
+  m.def("copy_tokenizer", &data::copy_tokenizer, py::arg("from_dir_or_file"), py::arg("to_dir"),
+        "Copies a tokenizer into to_dir as tokenizer.model or tokenizer.json (atomically); returns the copy's path.");
 
   m.def(
       "read_prepared",

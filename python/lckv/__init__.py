@@ -35,6 +35,7 @@ _check_torch_version(_C.__torch_version__, torch.__version__)
 
 from . import data, ops  # noqa: E402
 from .config import LCKVConfig  # noqa: E402
+from .data import load_tokenizer  # noqa: E402
 from .model import CausalLMOutput, GenerationOutput, LCKVForCausalLM  # noqa: E402
 
 ConfigError = _C.ConfigError
@@ -104,3 +105,4 @@ _register_with_transformers()
 
 __all__ = ["LCKVConfig", "LCKVForCausalLM", "CausalLMOutput", "GenerationOutput", "ConfigError", "CheckpointError", "TrainError",
            "FileError", "GenerationConfig", "SamplingConfig", "StreamingOptions", "data", "ops"]
+__all__ += ["load_tokenizer"]

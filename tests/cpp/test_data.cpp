@@ -230,6 +230,99 @@ TEST_CASE("tokenizer errors name the file or option", "[data]") {
   CHECK_THROWS_WITH(train_tokenizer({dir / "nope.txt"}, dir / "t", {}), Contains("nope.txt"));
 }
 
+// A tokenizer.json of a tiny BPE: characters a b c, merges "a b" then "ab c", special <s> and </s>. Hand-sized so
+// the expected ids follow from the BPE rules (tests/python/test_tokenizer_json.py checks real ones against the
+// `tokenizers` package).
+std::string tiny_tokenizer_json(const std::string& model_type = "BPE") {
+  return nlohmann::json{
+      {"version", "1.0"},
+      {"added_tokens",
+       {{{"id", 5}, {"content", "<s>"}, {"special", true}, {"normalized", false}},
+        {{"id", 6}, {"content", "</s>"}, {"special", true}, {"normalized", false}}}},
+      {"normalizer", nullptr},
+      {"pre_tokenizer", nullptr},
+      {"decoder", nullptr},
+      {"model",
+       {{"type", model_type},
+        {"vocab", {{"a", 0}, {"b", 1}, {"c", 2}, {"ab", 3}, {"abc", 4}}},
+        {"merges", {"a b", {"ab", "c"}}}}}}
+      .dump();
+}
+
+TEST_CASE("tokenizer.json: BPE merges by rank (leftmost first), special tokens in text, directories", "[data]") {
+  TempDir dir;
+  write_bytes(dir / "tokenizer.json", tiny_tokenizer_json());
+  const Tokenizer tok = Tokenizer::load(dir / "tokenizer.json");
+  CHECK(tok.kind() == "tokenizer.json");
+  CHECK(tok.vocab_size() == 7);
+  CHECK(tok.bos_id() == 5);  // no tokenizer_config.json: the usual names
+  CHECK(tok.eos_id() == 6);
+  // "abcab": a b -> ab (rank 0) twice, then ab c -> abc (rank 1).
+  CHECK(tok.encode("abcab") == std::vector<int32_t>{4, 3});
+  CHECK(tok.encode("ab<s>c</s>") == std::vector<int32_t>{3, 5, 2, 6});
+  CHECK(tok.encode("bac") == std::vector<int32_t>{1, 0, 2});  // no merge "b a" or "a c"
+  // No decoder: tokens joined with spaces; special tokens skipped.
+  CHECK(tok.decode({4, 5, 3}) == "abc ab");
+  CHECK_THROWS_WITH(tok.decode({7}), Contains("id 7") && Contains("vocab_size 7"));
+
+  // tokenizer_config.json beside it names BOS/EOS, as transformers writes it.
+  write_bytes(dir / "tokenizer_config.json", R"({"bos_token": {"content": "</s>"}, "eos_token": "<s>"})");
+  const Tokenizer configured = Tokenizer::load(dir.path.string());  // a directory: finds tokenizer.json
+  CHECK(configured.path() == dir / "tokenizer.json");
+  CHECK(configured.bos_id() == 6);
+  CHECK(configured.eos_id() == 5);
+
+  // copy_tokenizer takes the side files with it; a SentencePiece model is copied as tokenizer.model.
+  fs::create_directories(dir / "ckpt");
+  CHECK(copy_tokenizer(dir.path.string(), dir / "ckpt") == dir / "ckpt/tokenizer.json");
+  CHECK(read_bytes(dir / "ckpt/tokenizer_config.json") == read_bytes(dir / "tokenizer_config.json"));
+  CHECK(Tokenizer::load(dir / "ckpt").bos_id() == 6);
+  const std::string spm = small_tokenizer(dir);  // tok.model, not tokenizer.model
+  fs::create_directories(dir / "ckpt2");
+  CHECK(copy_tokenizer(spm, dir / "ckpt2") == dir / "ckpt2/tokenizer.model");
+  CHECK(read_bytes(dir / "ckpt2/tokenizer.model") == read_bytes(spm));
+  CHECK(find_tokenizer(dir / "ckpt2") == dir / "ckpt2/tokenizer.model");
+  CHECK(Tokenizer::load(dir / "ckpt2").kind() == "sentencepiece");
+  // Copying onto itself leaves it as it is.
+  CHECK(copy_tokenizer(dir / "ckpt2", dir / "ckpt2") == dir / "ckpt2/tokenizer.model");
+  CHECK(read_bytes(dir / "ckpt2/tokenizer.model") == read_bytes(spm));
+}
+
+TEST_CASE("tokenizer.json and tokenizer lookup errors name the file, directory and field", "[data]") {
+  TempDir dir;
+  fs::create_directories(dir / "empty");
+  CHECK_THROWS_WITH(find_tokenizer(dir / "empty"),
+                    Contains(dir / "empty") && Contains("holds no tokenizer") &&
+                        Contains("tokenizer.model") && Contains("tokenizer.json"));
+  CHECK_THROWS_WITH(Tokenizer::load(dir / "empty"), Contains("holds no tokenizer"));
+  CHECK_THROWS_WITH(copy_tokenizer(dir / "empty", dir.path.string()), Contains("holds no tokenizer"));
+  CHECK_THROWS_WITH(find_tokenizer(dir / "nope"), Contains("nope") && Contains("no such directory"));
+
+  const std::string good = tiny_tokenizer_json();
+  write_bytes(dir / "t.json", good.substr(0, good.size() / 2));
+  CHECK_THROWS_WITH(Tokenizer::load(dir / "t.json"), Contains("t.json"));
+  write_bytes(dir / "t.json", tiny_tokenizer_json("WordPiece"));
+  CHECK_THROWS_WITH(Tokenizer::load(dir / "t.json"),
+                    Contains("t.json") && Contains("field 'model.type'") && Contains("\"WordPiece\"") && Contains("BPE"));
+  nlohmann::json j = nlohmann::json::parse(good);
+  j["model"]["merges"].push_back("ab x");
+  write_bytes(dir / "t.json", j.dump());
+  CHECK_THROWS_WITH(Tokenizer::load(dir / "t.json"),
+                    Contains("field 'model.merges[2]'") && Contains("second token \"x\" is not in model.vocab"));
+  j = nlohmann::json::parse(good);
+  j["model"]["merges"].push_back("b c");
+  write_bytes(dir / "t.json", j.dump());
+  CHECK_THROWS_WITH(Tokenizer::load(dir / "t.json"), Contains("merged token \"bc\" is not in model.vocab"));
+  j = nlohmann::json::parse(good);
+  j["pre_tokenizer"] = {{"type", "Whitespace"}};
+  write_bytes(dir / "t.json", j.dump());
+  CHECK_THROWS_WITH(Tokenizer::load(dir / "t.json"), Contains("field 'pre_tokenizer.type'") && Contains("Whitespace"));
+  j = nlohmann::json::parse(good);
+  j["model"]["vocab"]["d"] = 4;
+  write_bytes(dir / "t.json", j.dump());
+  CHECK_THROWS_WITH(Tokenizer::load(dir / "t.json"), Contains("gives id 4 to both"));
+}
+
 // ---------------------------------------------------------------------------- loaders
 
 TEST_CASE("token stream reads across shard boundaries", "[data]") {
@@ -419,7 +512,9 @@ TEST_CASE("prepare_corpus writes tokenizer, shards and meta.json", "[data]") {
   CHECK(meta["vocab_size"] == 300);
 
   const PreparedData data = read_prepared(o.out_dir);
-  CHECK(data.tokenizer == fs::absolute(o.tokenizer).string());
+  // The data directory holds a copy of the tokenizer it was encoded with.
+  CHECK(data.tokenizer == dir / "out/tokenizer.model");
+  CHECK(read_bytes(data.tokenizer) == read_bytes(o.tokenizer));
   CHECK(data.eos_id == 2);
   REQUIRE(data.train_shards.size() > 1);
   CHECK(data.train_shards[0] == dir / "out/train_000000.bin");

@@ -562,8 +562,41 @@ TEST_CASE("a prompt needs the data's tokenizer, checked before training", "[trai
   o.prompt = "In the beginning";
   CHECK_THROWS_WITH(train::Trainer(o), Contains("option prompt") && Contains("tokenizer.model"));
   CHECK_FALSE(fs::exists(root / "out"));
+  // A tokenizer the data names is read at start, prompt or not (checkpoints carry it).
   write_bytes(data / "tokenizer.model", "not a sentencepiece model");
-  CHECK_THROWS_WITH(train::Trainer(o), Contains("option prompt") && Contains("tokenizer.model"));
+  o.prompt.clear();
+  CHECK_THROWS_WITH(train::Trainer(o), Contains("the data's tokenizer") && Contains("tokenizer.model") &&
+                                           Contains("not a valid SentencePiece model"));
+  CHECK_FALSE(fs::exists(root / "out"));
+}
+
+TEST_CASE("checkpoints carry the data's tokenizer, and one larger than the model's vocabulary is refused", "[train]") {
+  const TempDir tmp;
+  const fs::path root = tmp.path;
+  std::vector<std::string> lines;
+  for (int i = 0; i < 200; ++i) lines.push_back("in the beginning was the word and the word was " + std::to_string(i));
+  std::vector<std::string_view> views(lines.begin(), lines.end());
+  data::TokenizerTrainOptions to;
+  to.vocab_size = 300;
+  // The data's meta.json says 64 (the shards fit), but its tokenizer has 300 pieces.
+  const fs::path data = make_data(root / "data", random_tokens(2000, 64, 23), random_tokens(200, 64, 24), 64, 64);
+  data::train_tokenizer_from_lines(views, (data / "tokenizer").string(), to);
+  TrainOptions o = tiny_options(root, data, "out");
+  o.max_steps = 2;
+  CHECK_THROWS_WITH(train::Trainer(o), Contains((data / "tokenizer.model").string() + " has 300 tokens") &&
+                                           Contains("vocab_size is 64"));
+  CHECK_FALSE(fs::exists(root / "out"));
+
+  const fs::path data2 = make_data(root / "data2", random_tokens(2000, 300, 25), random_tokens(200, 300, 26), 300, 300);
+  fs::copy_file(data / "tokenizer.model", data2 / "tokenizer.model");
+  o.data = data2.string();
+  const train::RunResult r = train::Trainer(o).run();
+  const fs::path copy = fs::path(r.last_checkpoint) / "tokenizer.model";
+  REQUIRE(fs::exists(copy));
+  CHECK(read_bytes(copy) == read_bytes(data2 / "tokenizer.model"));
+  CHECK(data::find_tokenizer(r.last_checkpoint) == copy.string());
+  CHECK(data::Tokenizer::load(r.last_checkpoint).encode("in the beginning") ==
+        data::Tokenizer::load((data2 / "tokenizer.model").string()).encode("in the beginning"));
 }
 
 TEST_CASE("the sample after training: the prompt's continuation, cut short by a stop signal", "[train]") {

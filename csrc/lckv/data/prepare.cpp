@@ -375,6 +375,11 @@ json prepare_corpus(const PrepareOptions& o) {
   }
   const std::vector<fs::path> files = expand_inputs(o.inputs);
   prepare_out_dir(o);
+  // The data directory holds its tokenizer (tokenizer.model or tokenizer.json), which the trainer copies into
+  // every checkpoint.
+  const std::string tokenizer_file =
+      o.train_tokenizer ? std::string("tokenizer.model")
+                        : fs::path(copy_tokenizer(o.tokenizer, o.out_dir)).filename().string();
 
   const std::vector<std::string> docs = read_documents(files, o);
   if (docs.empty()) {
@@ -412,8 +417,7 @@ json prepare_corpus(const PrepareOptions& o) {
   json meta = {
       {"format", "lckv-token-shards"},
       // Relative paths here are relative to the directory holding meta.json.
-      {"tokenizer",
-       o.train_tokenizer ? std::string("tokenizer.model") : fs::absolute(o.tokenizer).lexically_normal().string()},
+      {"tokenizer", tokenizer_file},
       {"vocab_size", tok->vocab_size()},
       {"bos_id", tok->bos_id()},
       {"eos_id", tok->eos_id()},

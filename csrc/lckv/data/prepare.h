@@ -17,6 +17,7 @@
 //
 // Output directory:
 //   tokenizer.model, tokenizer.vocab   when training a tokenizer
+//   tokenizer.model or tokenizer.json  a copy of the given tokenizer otherwise (copy_tokenizer)
 //   train_000000.bin ...               training shards (see shards.h)
 //   val_000000.bin ...                 validation shards (none when val_fraction is 0)
 //   meta.json                          written last: its presence means the rest is complete
@@ -34,7 +35,7 @@ namespace lckv::data {
 struct PrepareOptions {
   std::vector<std::string> inputs;  // files or directories, see above
   std::string out_dir;
-  std::string tokenizer;         // an existing tokenizer.model, or empty with train_tokenizer
+  std::string tokenizer;         // an existing tokenizer.model or tokenizer.json, or empty with train_tokenizer
   bool train_tokenizer = false;  // train <out_dir>/tokenizer.model instead
   int vocab_size = 4096;         // when training
   std::string model_type = "bpe";
@@ -52,7 +53,7 @@ nlohmann::json prepare_corpus(const PrepareOptions& options);
 // What a trainer needs from a prepared directory, read from its meta.json with paths
 // resolved against the directory.
 struct PreparedData {
-  std::string tokenizer;  // path of tokenizer.model
+  std::string tokenizer;  // path of tokenizer.model or tokenizer.json
   int64_t vocab_size = 0;
   int eos_id = -1;
   std::vector<std::string> train_shards;

@@ -3,7 +3,10 @@
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
 
+#include "lckv/files.h"
+
 #include <filesystem>
+#include <fstream>
 #include <stdexcept>
 #include <type_traits>
 #include <unordered_map>
@@ -15,19 +18,66 @@ static_assert(std::is_same_v<int, int32_t>, "token ids are int32_t and SentenceP
 
 namespace fs = std::filesystem;
 
-Tokenizer Tokenizer::load(const std::string& path) {
+namespace {
+
+class SentencePieceModel : public detail::TokenizerModel {
+ public:
+  explicit SentencePieceModel(const std::string& path) : path_(path) {
+    const auto status = sp_.Load(path);
+    if (!status.ok()) {
+      throw std::runtime_error("tokenizer '" + path + "': not a valid SentencePiece model (" + status.message() +
+                               ") nor a tokenizer.json");
+    }
+  }
+  std::vector<int32_t> encode(std::string_view text) const override {
+    std::vector<int32_t> ids;
+    const auto status = sp_.Encode(text, &ids);
+    if (!status.ok()) throw std::runtime_error("tokenizer '" + path_ + "': encode failed: " + status.message());
+    return ids;
+  }
+  std::string decode(const std::vector<int32_t>& ids) const override {
+    std::string text;
+    const auto status = sp_.Decode(ids, &text);
+    if (!status.ok()) throw std::runtime_error("tokenizer '" + path_ + "': decode failed: " + status.message());
+    return text;
+  }
+  int vocab_size() const override { return sp_.GetPieceSize(); }
+  int bos_id() const override { return sp_.bos_id(); }
+  int eos_id() const override { return sp_.eos_id(); }
+
+ private:
+  sentencepiece::SentencePieceProcessor sp_;
+  std::string path_;
+};
+
+// A tokenizer.json is named so, or at least starts with '{'; a SentencePiece model is a protobuf, whose first byte
+// is the tag of field 1 (0x0A, a newline: so leading whitespace cannot be skipped).
+bool looks_like_json(const std::string& path) {
+  if (fs::path(path).extension() == ".json") return true;
+  std::ifstream in(path, std::ios::binary);
+  char c = 0;
+  return in.get(c) && c == '{';
+}
+
+}  // namespace
+
+Tokenizer Tokenizer::load(const std::string& path_or_dir) {
   std::error_code ec;
+  const std::string path = fs::is_directory(path_or_dir, ec) ? find_tokenizer(path_or_dir) : path_or_dir;
   if (!fs::is_regular_file(path, ec)) {
     throw std::runtime_error("tokenizer '" + path +
                              "': " + (fs::exists(path, ec) ? "not a regular file" : "file not found") +
-                             ", expected a SentencePiece tokenizer.model");
+                             ", expected a SentencePiece tokenizer.model or a tokenizer.json");
   }
   Tokenizer tok;
-  tok.sp_ = std::make_unique<sentencepiece::SentencePieceProcessor>();
   tok.path_ = path;
-  const auto status = tok.sp_->Load(path);
-  if (!status.ok()) {
-    throw std::runtime_error("tokenizer '" + path + "': not a valid SentencePiece model (" + status.message() + ")");
+  if (looks_like_json(path)) {
+    tok.kind_ = "tokenizer.json";
+    tok.model_ = detail::load_tokenizer_json(read_file(path), "tokenizer '" + path + "'",
+                                             fs::path(path).parent_path().string());
+  } else {
+    tok.kind_ = "sentencepiece";
+    tok.model_ = std::make_unique<SentencePieceModel>(path);
   }
   return tok;
 }
@@ -36,12 +86,7 @@ Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
-std::vector<int32_t> Tokenizer::encode(std::string_view text) const {
-  std::vector<int32_t> ids;
-  const auto status = sp_->Encode(text, &ids);
-  if (!status.ok()) throw std::runtime_error("tokenizer '" + path_ + "': encode failed: " + status.message());
-  return ids;
-}
+std::vector<int32_t> Tokenizer::encode(std::string_view text) const { return model_->encode(text); }
 
 std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
   const int n = vocab_size();
@@ -52,15 +97,54 @@ std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
                               std::to_string(n));
     }
   }
-  std::string text;
-  const auto status = sp_->Decode(ids, &text);
-  if (!status.ok()) throw std::runtime_error("tokenizer '" + path_ + "': decode failed: " + status.message());
-  return text;
+  return model_->decode(ids);
 }
 
-int Tokenizer::vocab_size() const { return sp_->GetPieceSize(); }
-int Tokenizer::bos_id() const { return sp_->bos_id(); }
-int Tokenizer::eos_id() const { return sp_->eos_id(); }
+int Tokenizer::vocab_size() const { return model_->vocab_size(); }
+int Tokenizer::bos_id() const { return model_->bos_id(); }
+int Tokenizer::eos_id() const { return model_->eos_id(); }
+
+std::string find_tokenizer(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    throw std::runtime_error("cannot look for a tokenizer in '" + dir + "': " +
+                             (fs::exists(dir, ec) ? "not a directory" : "no such directory"));
+  }
+  for (const char* name : {"tokenizer.model", "tokenizer.json"}) {
+    const fs::path p = fs::path(dir) / name;
+    if (fs::is_regular_file(p, ec)) return p.string();
+  }
+  throw std::runtime_error("directory '" + dir +
+                           "' holds no tokenizer: looked for tokenizer.model (SentencePiece) and tokenizer.json "
+                           "(Hugging Face); pass one with --tokenizer or copy it there");
+}
+
+std::string copy_tokenizer(const std::string& from_dir_or_file, const std::string& to_dir) {
+  std::error_code ec;
+  const std::string from =
+      fs::is_directory(from_dir_or_file, ec) ? find_tokenizer(from_dir_or_file) : from_dir_or_file;
+  // Loading checks that it is a tokenizer we can read, and its kind names the copy.
+  const Tokenizer tok = Tokenizer::load(from);
+  const bool json = tok.kind() == "tokenizer.json";
+  const fs::path target = fs::path(to_dir) / (json ? "tokenizer.json" : "tokenizer.model");
+  if (fs::exists(target, ec) && fs::equivalent(from, target, ec)) return target.string();
+  std::vector<std::pair<fs::path, fs::path>> files = {{from, target}};
+  if (json) {
+    for (const char* side : {"tokenizer_config.json", "special_tokens_map.json"}) {
+      const fs::path p = fs::path(from).parent_path() / side;
+      if (fs::is_regular_file(p, ec)) files.emplace_back(p, fs::path(to_dir) / side);
+    }
+  }
+  for (const auto& [src, dst] : files) {
+    try {
+      write_file_atomically(dst, read_file(src));
+    } catch (const std::exception& e) {
+      throw std::runtime_error("cannot copy tokenizer file '" + src.string() + "' to '" + dst.string() +
+                               "': " + e.what());
+    }
+  }
+  return target.string();
+}
 
 namespace {
 

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "lckv/data/tokenizer.h"
 #include "lckv/files.h"
 #include "lckv/io/checkpoint.h"
 #include "lckv/io/safetensors.h"
@@ -74,7 +75,7 @@ std::vector<fs::path> checkpoints_in(const fs::path& out) {
 }  // namespace
 
 std::string save_checkpoint(const std::string& out_dir, LCKVForCausalLM& model, Optimizer& optimizer,
-                            const TrainerState& state, int keep) {
+                            const TrainerState& state, int keep, const std::string& tokenizer) {
   const fs::path out(out_dir);
   const std::string name = checkpoint_name(state.step);
   const fs::path tmp = out / (".tmp_" + name);
@@ -95,6 +96,7 @@ std::string save_checkpoint(const std::string& out_dir, LCKVForCausalLM& model, 
                     {"optimizer", state.optimizer},
                     {"options", state.options}};
     write_file_atomically(tmp / "trainer_state.json", j.dump(2) + "\n");
+    if (!tokenizer.empty()) data::copy_tokenizer(tokenizer, tmp.string());
     sync_directory(tmp);
     // A checkpoint of the same step (a run resumed and stopped again at once) is replaced only
     // after the new one is complete.

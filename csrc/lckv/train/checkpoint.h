@@ -36,9 +36,11 @@ struct TrainerState {
 std::string checkpoint_name(int64_t step);  // "step_000123"
 
 // Writes <out>/step_NNNNNN, points <out>/latest at it and keeps the newest `keep` checkpoints;
-// returns the directory. Throws TrainError (previous checkpoint intact) when anything fails.
+// returns the directory. `tokenizer` (a tokenizer file or a directory holding one; empty: none) is
+// copied into it, so lckv-generate --model and from_pretrained find it there. Throws TrainError
+// (previous checkpoint intact) when anything fails.
 std::string save_checkpoint(const std::string& out, LCKVForCausalLM& model, Optimizer& optimizer,
-                            const TrainerState& state, int keep);
+                            const TrainerState& state, int keep, const std::string& tokenizer = "");
 
 // The checkpoint directory <out>/latest names, or nothing when `out` holds none.
 std::optional<std::string> latest_checkpoint(const std::string& out);

@@ -56,6 +56,13 @@ std::string format_duration(double seconds) {
   return out.str();
 }
 
+// The data's tokenizer, which every checkpoint carries; none when the data directory holds no tokenizer
+// file (Trainer::build said so).
+std::string checkpoint_tokenizer(const data::PreparedData& data) {
+  std::error_code ec;
+  return fs::is_regular_file(data.tokenizer, ec) ? data.tokenizer : std::string();
+}
+
 }  // namespace
 
 torch::Tensor Trainer::batch_loss(const data::Batch& batch) {
@@ -147,7 +154,8 @@ std::string Trainer::save_checkpoint() {
   s.optimizer = optimizer_->kind();
   s.options = options_.to_json();
   if (!comm_) {
-    last_checkpoint_ = train::save_checkpoint(options_.out, model_, *optimizer_, s, options_.keep_checkpoints);
+    last_checkpoint_ = train::save_checkpoint(options_.out, model_, *optimizer_, s, options_.keep_checkpoints,
+                                       checkpoint_tokenizer(data_));
     return last_checkpoint_;
   }
   // Data parallel: the ranks' weights are equal and the loader state is global, so rank 0 writes
@@ -157,7 +165,8 @@ std::string Trainer::save_checkpoint() {
   std::string error;
   if (rank() == 0) {
     try {
-      train::save_checkpoint(options_.out, model_, gathered ? *gathered : *optimizer_, s, options_.keep_checkpoints);
+      train::save_checkpoint(options_.out, model_, gathered ? *gathered : *optimizer_, s, options_.keep_checkpoints,
+                                       checkpoint_tokenizer(data_));
     } catch (const std::exception& e) {
       error = e.what();
     }

@@ -102,13 +102,21 @@ void Trainer::build(const OptimizerFactory& make_optimizer) {
   }
   total_steps_ = options_.max_tokens > 0 ? (options_.max_tokens + tokens_per_step() - 1) / tokens_per_step()
                                          : options_.max_steps;
-  if (!options_.prompt.empty() && options_.generate_tokens > 0) {
+  // The data's tokenizer must fit the model; it is copied into every checkpoint and samples the prompt.
+  std::error_code ec;
+  if (std::filesystem::exists(data_.tokenizer, ec)) {
     try {
       const data::Tokenizer tokenizer = data::Tokenizer::load(data_.tokenizer);
       check_tokenizer_vocab(config, tokenizer.vocab_size(), data_.tokenizer);
     } catch (const std::exception& e) {
-      throw TrainError(std::string("option prompt: the sample after training needs the data's tokenizer: ") + e.what());
+      throw TrainError(std::string("the data's tokenizer (") + options_.data + "/meta.json field 'tokenizer'): " +
+                       e.what());
     }
+  } else if (!options_.prompt.empty() && options_.generate_tokens > 0) {
+    throw TrainError("option prompt: the sample after training needs the data's tokenizer, but '" + data_.tokenizer +
+                     "' (" + options_.data + "/meta.json field 'tokenizer') does not exist");
+  } else if (log_) {
+    *log_ << "note: the data's tokenizer '" << data_.tokenizer << "' does not exist: checkpoints will carry none\n";
   }
 
   torch::manual_seed(options_.seed);

@@ -103,6 +103,12 @@ def main() -> int:
             return 1
         out_size = (work / "lckv" / "model.safetensors").stat().st_size
         peak = usage.ru_maxrss * 1024  # kilobytes on Linux
+        # The program's own footprint (LibTorch and its libraries loaded, no checkpoint read): a run that
+        # fails at once on a missing source.
+        probe = subprocess.Popen([cmd[0], str(work / "missing"), str(work / "none")], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, _, probe_usage = os.wait4(probe.pid, 0)
+        baseline = probe_usage.ru_maxrss * 1024
         result = {
             "benchmark": "lckv-convert of a synthetic TinyLlama-shape (1.1B) bf16 checkpoint to LCKV w=2, kv-init average",
             "command": " ".join(cmd[1:]).replace(str(work), "<work>"),
@@ -112,6 +118,8 @@ def main() -> int:
             "peak_rss_bytes": peak,
             "peak_rss_over_source": round(peak / size, 3),
             "target_peak_rss_over_source": 1.3,
+            "baseline_rss_bytes": baseline,
+            "peak_rss_above_baseline_over_source": round((peak - baseline) / size, 3),
             "seconds": round(seconds, 2),
             "user_s": round(usage.ru_utime, 2),
             "system_s": round(usage.ru_stime, 2),

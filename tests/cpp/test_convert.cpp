@@ -8,6 +8,7 @@
 #include "test_files.h"
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include "lckv/io/checkpoint.h"

@@ -1,5 +1,8 @@
 #include "lckv/io/convert.h"
 
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
 #include <filesystem>
 #include <regex>
 #include <set>
@@ -134,10 +137,10 @@ std::vector<TensorToWrite> convert_tensors(const LCKVConfig& src, const std::map
         // One generator per tensor, seeded by (seed, layer, part): the values do not depend on the order
         // tensors are produced in.
         const uint64_t tensor_seed = seed * 1000003 + static_cast<uint64_t>(j) * 4 + p;
-        const double std = dst.initializer_range;
-        out.push_back({name, dtype, shape, [name, shape, std, tensor_seed, dtype] {
+        const double init_std = dst.initializer_range;
+        out.push_back({name, dtype, shape, [name, shape, init_std, tensor_seed, dtype] {
                          torch::Tensor t = torch::empty(shape, torch::kFloat);
-                         init_parameter(name, t, std, at::make_generator<at::CPUGeneratorImpl>(tensor_seed));
+                         init_parameter(name, t, init_std, at::make_generator<at::CPUGeneratorImpl>(tensor_seed));
                          return t.to(dtype);
                        }});
         continue;

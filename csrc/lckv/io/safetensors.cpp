@@ -3,6 +3,8 @@
 #include "lckv/dtype.h"
 #include "lckv/files.h"
 
+#include <c10/util/accumulate.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdint>

@@ -104,11 +104,11 @@ def main() -> int:
         out_size = (work / "lckv" / "model.safetensors").stat().st_size
         peak = usage.ru_maxrss * 1024  # kilobytes on Linux
         # The program's own footprint (LibTorch and its libraries loaded, no checkpoint read): a run that
-        # fails at once on a missing source.
-        probe = subprocess.Popen([cmd[0], str(work / "missing"), str(work / "none")], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, _, probe_usage = os.wait4(probe.pid, 0)
-        baseline = probe_usage.ru_maxrss * 1024
+        # fails at once on a missing source, measured by /usr/bin/time (a child forked from this Python
+        # process would count this process's pages until its exec).
+        probe = subprocess.run(["/usr/bin/time", "-f", "%M", cmd[0], str(work / "missing"), str(work / "none")],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        baseline = int(probe.stderr.strip().splitlines()[-1]) * 1024
         result = {
             "benchmark": "lckv-convert of a synthetic TinyLlama-shape (1.1B) bf16 checkpoint to LCKV w=2, kv-init average",
             "command": " ".join(cmd[1:]).replace(str(work), "<work>"),

@@ -107,6 +107,7 @@ int main(int argc, char** argv) {
     if (threads < 1) throw std::invalid_argument("--threads " + std::to_string(threads) + ": expected >= 1");
     if (batch_size < 0) throw std::invalid_argument("--batch-size " + std::to_string(batch_size) + ": expected >= 0");
     torch::set_num_threads(threads);
+    model_dir = lckv::io::resolve_checkpoint_dir(model_dir);  // a run directory or its latest names one
     if (tokenizer_path.empty()) tokenizer_path = lckv::data::find_tokenizer(model_dir);
     const auto scalar = lckv::parse_float_dtype(dtype, "--dtype");
     lckv::LCKVForCausalLM model = lckv::io::load_pretrained(model_dir, scalar);

@@ -14,6 +14,7 @@
 #include "lckv/data/tokenizer.h"
 #include "lckv/generate/generate.h"
 #include "lckv/io/checkpoint.h"
+#include "lckv/io/convert.h"
 #include "lckv/io/safetensors.h"
 #include "lckv/model/lckv_model.h"
 #include "lckv/ops/condensed_attention.h"
@@ -93,6 +94,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::register_exception<ConfigError>(m, "ConfigError", PyExc_ValueError);
   py::register_exception<io::FormatError>(m, "CheckpointError", PyExc_ValueError);
+  py::class_<io::ConvertOptions>(m, "ConvertOptions", "Options of lckv-convert (lckv::io::ConvertOptions).")
+      .def(py::init([](std::optional<std::string> layer_types, std::optional<int> forward_passes,
+                       std::optional<int> backward_passes, std::optional<int64_t> sliding_window,
+                       const std::string& kv_init, uint64_t seed) {
+             io::ConvertOptions o;
+             o.layer_types = layer_types;
+             o.forward_passes = forward_passes;
+             o.backward_passes = backward_passes;
+             o.sliding_window = sliding_window;
+             o.kv_init = io::parse_kv_init(kv_init);
+             o.seed = seed;
+             return o;
+           }),
+           py::arg("layer_types") = py::none(), py::arg("forward_passes") = py::none(),
+           py::arg("backward_passes") = py::none(), py::arg("sliding_window") = py::none(),
+           py::arg("kv_init") = "average", py::arg("seed") = 0);
+  m.def(
+      "convert_checkpoint",
+      [](const std::string& source, const std::string& out, const io::ConvertOptions& options,
+         std::optional<torch::ScalarType> dtype, bool overwrite, bool to_hf) {
+        return io::convert_checkpoint(source, out, options, dtype, overwrite, to_hf);
+      },
+      py::arg("source"), py::arg("out"), py::arg("options"), py::arg("dtype") = py::none(),
+      py::arg("overwrite") = false, py::arg("to_hf") = false, py::call_guard<py::gil_scoped_release>(),
+      "lckv-convert: writes the converted checkpoint directory `out` atomically; returns its config.");
 
   // ---- config
   py::class_<LCKVConfig>(m, "LCKVConfig")
@@ -215,6 +241,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             io::save_pretrained(holder, dir, dtype);
           },
           py::arg("directory"), py::arg("dtype"), py::call_guard<py::gil_scoped_release>())
+      .def_static(
+          "_load_converted",
+          [](const std::string& dir, torch::ScalarType dtype, const io::ConvertOptions& options) {
+            return io::load_converted(dir, options, dtype).ptr();
+          },
+          py::arg("directory"), py::arg("dtype"), py::arg("options"), py::call_guard<py::gil_scoped_release>())
       .def_static(
           "_load_pretrained",
           [](const std::string& dir, torch::ScalarType dtype) { return io::load_pretrained(dir, dtype).ptr(); },

@@ -92,10 +92,24 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
 
     # ---- checkpoints (the files of the C++ programs: config.json + model.safetensors, HF names)
     @classmethod
-    def from_pretrained(cls, directory: PathLike, dtype: torch.dtype = torch.float32) -> "LCKVForCausalLM":
-        """Loads config.json and model.safetensors (or a sharded index) from `directory`.
-        Raises CheckpointError if it is not a checkpoint directory."""
-        return cls._wrap(_C.cpp._LCKVForCausalLM._load_pretrained(str(directory), dtype))
+    def from_pretrained(cls, directory: PathLike, dtype: torch.dtype = torch.float32, *,
+                        layer_types: Optional[str] = None, kv_init: Optional[str] = None,
+                        forward_passes: Optional[int] = None, backward_passes: Optional[int] = None,
+                        sliding_window: Optional[int] = None, seed: int = 0) -> "LCKVForCausalLM":
+        """Loads config.json and model.safetensors (or a sharded index) from `directory` (a checkpoint
+        directory, a run directory of lckv-train or its `latest`). Raises CheckpointError if it is not
+        a checkpoint directory.
+
+        With `layer_types` (and/or `forward_passes`, `backward_passes`, `sliding_window`, `kv_init`)
+        the checkpoint -- a Hugging Face Llama or any LCKV model -- is converted as lckv-convert does
+        (the same C++ conversion): the K/V projections of the new KV layers come from `kv_init`:
+        "average" (default, the reference's), "copy" or "random" (seeded by `seed`)."""
+        convert = {"layer_types": layer_types, "forward_passes": forward_passes, "backward_passes": backward_passes,
+                   "sliding_window": sliding_window}
+        if kv_init is None and all(v is None for v in convert.values()):
+            return cls._wrap(_C.cpp._LCKVForCausalLM._load_pretrained(str(directory), dtype))
+        options = _C.ConvertOptions(**convert, kv_init=kv_init or "average", seed=seed)
+        return cls._wrap(_C.cpp._LCKVForCausalLM._load_converted(str(directory), dtype, options))
 
     def save_pretrained(self, directory: PathLike, dtype: Optional[torch.dtype] = None) -> None:
         """Writes config.json and model.safetensors (atomically); weights in `dtype`

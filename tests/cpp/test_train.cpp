@@ -30,6 +30,7 @@
 #include "lckv/data/shards.h"
 #include "lckv/data/tokenizer.h"
 #include "lckv/io/checkpoint.h"
+#include "lckv/io/convert.h"
 #include "lckv/io/safetensors.h"
 #include "lckv/generate/generate.h"
 #include "lckv/train/trainer.h"
@@ -999,4 +1000,66 @@ TEST_CASE("data parallel: bad launches are refused by name, without hanging", "[
     CHECK(r[1].status == 1);  // it reached our socket, which never answers: the timeout ends it
     CHECK(r[1].seconds < 30);
   }
+}
+
+TEST_CASE("init_from starts from a checkpoint's weights at step 0 with a fresh optimizer; such a run resumes exactly",
+          "[train][init_from]") {
+  const TempDir tmp;
+  const fs::path root = tmp.path;
+  const fs::path data = make_data(root / "data", random_tokens(3000, 64, 1), random_tokens(300, 64, 2), 64, 64);
+  TrainOptions pre = tiny_options(root, data, "pre");
+  pre.max_steps = 4;
+  train::Trainer(pre).run();
+  // A plain-Llama conversion of the pretrained LCKV run (its run directory names the checkpoint).
+  io::ConvertOptions convert;
+  convert.layer_types = "0_1_2_3";
+  convert.kv_init = io::KVInit::kCopy;
+  io::convert_checkpoint((root / "pre").string(), (root / "llama").string(), convert);
+
+  TrainOptions o = tiny_options(root, data, "whole");
+  o.model_config.clear();
+  o.init_from = (root / "llama").string();
+  std::vector<double> whole;
+  {
+    train::Trainer t(o);
+    CHECK(t.step() == 0);
+    LCKVForCausalLM start = io::load_pretrained((root / "llama").string());
+    CHECK(format_layer_types(t.model()->config.layer_types) == "0_1_2_3");
+    for (const auto& item : start->named_parameters()) {
+      INFO(item.key());
+      CHECK(torch::equal(item.value(), t.model()->named_parameters()[item.key()]));
+    }
+    t.run([&](const train::StepStats& s) { whole.push_back(s.loss); });
+  }
+  REQUIRE(whole.size() == 8);
+
+  o.out = (root / "split").string();
+  std::vector<double> split;
+  {
+    train::install_stop_handlers();
+    train::clear_stop_request();
+    train::Trainer first(o);
+    first.run([&](const train::StepStats& s) {
+      split.push_back(s.loss);
+      if (s.step == 3) std::raise(SIGTERM);
+    });
+    train::clear_stop_request();
+  }
+  o.resume = true;
+  train::Trainer resumed(o);
+  CHECK(resumed.step() == 3);
+  resumed.run([&](const train::StepStats& s) { split.push_back(s.loss); });
+  REQUIRE(split.size() == whole.size());
+  for (std::size_t i = 0; i < whole.size(); ++i) CHECK(split[i] == whole[i]);
+
+  // A model_config given too must equal the checkpoint's.
+  TrainOptions both = tiny_options(root, data, "both");
+  both.init_from = (root / "llama").string();
+  CHECK_THROWS_WITH(train::Trainer(both), Contains("differs from the init_from checkpoint's") &&
+                                              Contains("layer_types \"0_2_2_3\" vs \"0_1_2_3\""));
+  both.init_from = (root / "pre").string();  // the run directory: the same model as model.json
+  CHECK(train::Trainer(both).step() == 0);
+  both.out = (root / "none").string();
+  both.init_from = (root / "nowhere").string();
+  CHECK_THROWS_WITH(train::Trainer(both), Contains("option init_from") && Contains("nowhere"));
 }

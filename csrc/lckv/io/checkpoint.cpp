@@ -194,7 +194,50 @@ std::map<std::string, torch::Tensor> load_directory_tensors(const std::string& d
   return load_sharded(fs::path(dir), index);
 }
 
-LCKVForCausalLM load_pretrained(const std::string& dir, torch::ScalarType dtype) {
+std::optional<std::string> latest_in_run(const std::string& run_dir) {
+  const fs::path latest = fs::path(run_dir) / "latest";
+  std::error_code ec;
+  if (!fs::exists(fs::symlink_status(latest, ec))) return std::nullopt;
+  if (fs::is_directory(latest, ec)) return latest.string();  // a symlink to the checkpoint
+  std::ifstream in(latest);
+  std::string name;
+  if (!in || !std::getline(in, name)) throw FormatError("cannot read '" + latest.string() + "'");
+  while (!name.empty() && (name.back() == '\r' || name.back() == ' ')) name.pop_back();
+  const fs::path rel(name);
+  const bool escapes = std::any_of(rel.begin(), rel.end(), [](const fs::path& part) { return part == ".."; });
+  if (name.empty() || rel.has_root_path() || escapes) {
+    throw FormatError("'" + latest.string() + "' names '" + name +
+                      "', expected the name of a checkpoint directory inside '" + run_dir + "'");
+  }
+  return (fs::path(run_dir) / rel).string();
+}
+
+std::string resolve_checkpoint_dir(const std::string& path) {
+  const fs::path p(path);
+  std::error_code ec;
+  if (fs::is_directory(p, ec)) {
+    if (fs::exists(p / "config.json", ec)) return path;
+    if (const std::optional<std::string> latest = latest_in_run(path)) {
+      if (!fs::exists(fs::path(*latest) / "config.json", ec)) {
+        throw FormatError("'" + (p / "latest").string() + "' names '" + *latest +
+                          "', which is not a checkpoint directory (no config.json)");
+      }
+      return *latest;
+    }
+    throw FormatError("'" + path + "' has no config.json: not a checkpoint directory, nor a run directory of "
+                      "lckv-train (looked for '" + (p / "config.json").string() + "' and '" + (p / "latest").string() +
+                      "')");
+  }
+  if (fs::is_regular_file(p, ec) && p.filename() == "latest") {
+    const std::string run_dir = p.has_parent_path() ? p.parent_path().string() : std::string(".");
+    return resolve_checkpoint_dir(*latest_in_run(run_dir));
+  }
+  if (!fs::exists(p, ec)) throw FormatError("'" + path + "' does not exist: not a checkpoint directory");
+  throw FormatError("'" + path + "' is not a checkpoint directory, a run directory or its 'latest' file");
+}
+
+LCKVForCausalLM load_pretrained(const std::string& path, torch::ScalarType dtype) {
+  const std::string dir = resolve_checkpoint_dir(path);
   const fs::path config_path = fs::path(dir) / "config.json";
   if (!fs::exists(config_path)) throw FormatError("'" + dir + "' has no config.json: not a checkpoint directory");
   LCKVForCausalLM model(LCKVConfig::from_file(config_path.string()));

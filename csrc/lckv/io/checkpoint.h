@@ -2,6 +2,7 @@
 // (or a sharded model.safetensors.index.json) with HF Llama tensor names.
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include "lckv/model/lckv_model.h"
@@ -21,7 +22,18 @@ void load_state(LCKVForCausalLM& model, const std::map<std::string, torch::Tenso
 // a shard must hold exactly the tensors assigned to it; shard paths must stay inside `dir`.
 std::map<std::string, torch::Tensor> load_directory_tensors(const std::string& dir);
 
-// Builds the model from dir/config.json and loads its weights, in `dtype`.
+// The checkpoint directory `path` names: `path` itself when it holds config.json; else, for a run
+// directory, the checkpoint its `latest` names; or, for a `latest` file itself, the checkpoint it
+// names. `latest` is what lckv-train writes (a file holding the checkpoint's directory name, relative
+// to the run directory) or a symlink to the checkpoint. FormatError naming what was looked for otherwise.
+std::string resolve_checkpoint_dir(const std::string& path);
+
+// The checkpoint `run_dir/latest` names (a path under run_dir), or nothing when run_dir has no
+// `latest`; FormatError when it names an absolute path, one with '..', or nothing readable.
+std::optional<std::string> latest_in_run(const std::string& run_dir);
+
+// Builds the model from dir/config.json and loads its weights, in `dtype`. `dir` may also be a run
+// directory or its `latest` (resolve_checkpoint_dir).
 LCKVForCausalLM load_pretrained(const std::string& dir, torch::ScalarType dtype = torch::kFloat);
 
 // The file an LCKV model's config.json names in its auto_map (LCKVConfig::to_json), and its text: transformers'

@@ -3,12 +3,21 @@
 #include "lckv/dtype.h"
 #include "lckv/files.h"
 
+#include <c10/util/accumulate.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
@@ -57,23 +66,62 @@ std::string safetensors_dtype_name(at::ScalarType t) {
   return name ? name : c10::toString(t);
 }
 
+namespace {
+
+// A read-only file mapped copy-on-write (MAP_PRIVATE, PROT_WRITE): tensors made from it read the
+// page cache without a copy, and an in-place edit of one changes only this process's pages, never
+// the file. Unmapped when the last tensor that points into it is freed.
+struct FileMapping {
+  void* addr = MAP_FAILED;
+  std::size_t size = 0;
+  ~FileMapping() {
+    if (addr != MAP_FAILED) munmap(addr, size);
+  }
+};
+
+// Closes a file descriptor on every path out of load_safetensors.
+struct Fd {
+  int fd;
+  ~Fd() {
+    if (fd >= 0) close(fd);
+  }
+};
+
+}  // namespace
+
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
   std::error_code ec;
   if (std::filesystem::exists(path, ec) && !std::filesystem::is_regular_file(path, ec)) {
     throw FormatError("cannot read safetensors file '" + path + "': not a regular file");
   }
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) throw FormatError("cannot open safetensors file '" + path + "'");
-  const std::streamoff file_size = in.tellg();
-  if (file_size < 0) throw FormatError("cannot read safetensors file '" + path + "'");
-  in.seekg(0);
-  std::string bytes(static_cast<std::size_t>(file_size), '\0');
-  in.read(bytes.data(), file_size);
-  if (in.gcount() != file_size) throw FormatError(path + ": could not read its " + std::to_string(file_size) + " bytes");
-  return parse_safetensors(path, bytes);
+  const Fd file{open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  if (file.fd < 0) throw FormatError("cannot open safetensors file '" + path + "': " + std::strerror(errno));
+  struct stat st {};
+  if (fstat(file.fd, &st) != 0 || st.st_size < 0) throw FormatError("cannot read safetensors file '" + path + "'");
+  const auto file_size = static_cast<std::size_t>(st.st_size);
+  if (file_size < 8) {  // too short to map usefully; parse_safetensors names the problem
+    std::string bytes(file_size, '\0');
+    if (file_size > 0 && read(file.fd, bytes.data(), file_size) != static_cast<ssize_t>(file_size)) {
+      throw FormatError(path + ": could not read its " + std::to_string(file_size) + " bytes");
+    }
+    return parse_safetensors(path, bytes);
+  }
+  auto mapping = std::make_shared<FileMapping>();
+  mapping->addr = mmap(nullptr, file_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, file.fd, 0);
+  if (mapping->addr == MAP_FAILED) {
+    throw FormatError("cannot map safetensors file '" + path + "' (" + std::to_string(file_size) +
+                      " bytes): " + std::strerror(errno));
+  }
+  mapping->size = file_size;
+  return parse_safetensors(path, std::string_view(static_cast<const char*>(mapping->addr), file_size), mapping);
 }
 
 std::map<std::string, at::Tensor> parse_safetensors(const std::string& path, std::string_view bytes) {
+  return parse_safetensors(path, bytes, nullptr);
+}
+
+std::map<std::string, at::Tensor> parse_safetensors(const std::string& path, std::string_view bytes,
+                                                    std::shared_ptr<const void> owner) {
   const uint64_t file_size = bytes.size();
   if (file_size < 8) throw FormatError(path + ": file is " + std::to_string(file_size) + " bytes, too short for a safetensors header");
   uint64_t header_len = 0;
@@ -199,8 +247,16 @@ std::map<std::string, at::Tensor> parse_safetensors(const std::string& path, std
 
   std::map<std::string, at::Tensor> tensors;
   for (const auto& e : entries) {
+    const char* begin = data + e.begin;
+    const bool aligned = reinterpret_cast<uintptr_t>(begin) % c10::elementSize(e.type) == 0;
+    if (owner && aligned && e.end > e.begin) {
+      // A view of the bytes that keeps their owner (the file mapping) alive.
+      tensors.emplace(e.name, at::from_blob(const_cast<char*>(begin), e.shape, [owner](void*) {},
+                                            at::TensorOptions().dtype(e.type)));
+      continue;
+    }
     at::Tensor t = at::empty(e.shape, at::TensorOptions().dtype(e.type));
-    if (e.end > e.begin) std::memcpy(t.data_ptr(), data + e.begin, e.end - e.begin);
+    if (e.end > e.begin) std::memcpy(t.data_ptr(), begin, e.end - e.begin);
     tensors.emplace(e.name, t);
   }
   return tensors;
@@ -208,16 +264,25 @@ std::map<std::string, at::Tensor> parse_safetensors(const std::string& path, std
 
 void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata) {
-  nlohmann::json header = nlohmann::json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
-  std::vector<at::Tensor> contiguous;
-  uint64_t offset = 0;
+  std::vector<TensorToWrite> specs;
   for (const auto& [name, t] : tensors) {
     at::Tensor c = t.detach().to(at::kCPU).contiguous();
-    const uint64_t nbytes = c.numel() * c.element_size();
-    header[name] = {{"dtype", dtype_name(c.scalar_type())}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
+    specs.push_back({name, c.scalar_type(), c.sizes().vec(), [c] { return c; }});
+  }
+  save_safetensors(path, specs, metadata);
+}
+
+void save_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  nlohmann::json header = nlohmann::json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t offset = 0;
+  std::vector<uint64_t> sizes;
+  for (const TensorToWrite& t : tensors) {
+    const uint64_t nbytes = c10::multiply_integers(t.shape) * c10::elementSize(t.dtype);
+    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + nbytes}}};
     offset += nbytes;
-    contiguous.push_back(c);
+    sizes.push_back(nbytes);
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // keep the data section 8-byte aligned, as the spec recommends
@@ -228,7 +293,16 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
     for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<uint8_t>(n >> (8 * i));
     out.write(len_bytes, 8);
     out.write(h);
-    for (const auto& c : contiguous) out.write(c.data_ptr(), c.numel() * c.element_size());
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      const TensorToWrite& spec = tensors[i];
+      const at::Tensor c = spec.produce().detach().to(at::kCPU).contiguous();
+      if (c.scalar_type() != spec.dtype || c.sizes() != at::IntArrayRef(spec.shape)) {
+        throw FormatError(path + ": tensor '" + spec.name + "' was declared " + dtype_name(spec.dtype) + " " +
+                          c10::str(at::IntArrayRef(spec.shape)) + " but produced " +
+                          safetensors_dtype_name(c.scalar_type()) + " " + c10::str(c.sizes()));
+      }
+      out.write(c.data_ptr(), sizes[i]);
+    }
     out.commit();
   } catch (const FileError& e) {
     throw FormatError(e.what());

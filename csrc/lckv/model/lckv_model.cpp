@@ -199,16 +199,17 @@ CausalLMOutput LCKVForCausalLMImpl::forward_sequential(const torch::Tensor& inpu
 void init_weights(LCKVForCausalLM& m) {
   torch::NoGradGuard no_grad;
   const double std = m->config.initializer_range;
-  for (auto& item : m->named_parameters()) {
-    const std::string& name = item.key();
-    torch::Tensor& p = item.value();
-    if (name.size() >= 4 && name.compare(name.size() - 4, 4, "bias") == 0) {
-      p.zero_();
-    } else if (name.find("norm") != std::string::npos) {
-      p.fill_(1.0);
-    } else {
-      p.normal_(0.0, std);
-    }
+  for (auto& item : m->named_parameters()) init_parameter(item.key(), item.value(), std);
+}
+
+void init_parameter(const std::string& name, torch::Tensor& p, double std, std::optional<at::Generator> generator) {
+  torch::NoGradGuard no_grad;
+  if (name.size() >= 4 && name.compare(name.size() - 4, 4, "bias") == 0) {
+    p.zero_();
+  } else if (name.find("norm") != std::string::npos) {
+    p.fill_(1.0);
+  } else {
+    p.normal_(0.0, std, generator);
   }
 }
 

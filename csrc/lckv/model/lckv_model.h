@@ -106,6 +106,10 @@ torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& targets)
 
 // Llama initialisation: normal(0, initializer_range) weights, zero biases, unit norm weights.
 void init_weights(LCKVForCausalLM& model);
+// The rule init_weights applies to one parameter, by its name (conversion draws fresh K/V projections
+// with it); `generator` defaults to torch's default CPU generator.
+void init_parameter(const std::string& name, torch::Tensor& p, double std,
+                    std::optional<at::Generator> generator = std::nullopt);
 
 // The model of the config file at config_path with init_weights' random weights (tools and
 // benchmarks); vocab_size > 0 replaces the file's vocab_size.

@@ -18,6 +18,10 @@ const std::vector<OptionField>& option_fields() {
       {"model_config", &O::model_config,
        "Model config.json (e.g. configs/quickstart-lckv-w2.json); its vocab_size must equal the data's or be replaced "
        "by it (a note says so)"},
+      {"init_from", &O::init_from,
+       "Start from this checkpoint's weights (a checkpoint directory, a run directory or its latest; e.g. one written "
+       "by lckv-convert) with a fresh optimizer and schedule at step 0: fine-tuning. The model config is the "
+       "checkpoint's; a model_config given too must equal it", true},
       {"data", &O::data, "Directory written by lckv-prepare (meta.json, shards, tokenizer.model)", true},
       {"out", &O::out, "Output directory for checkpoints, metrics.jsonl and train.json (locked while the run lives)"},
       {"seq_len", &O::seq_len, "Tokens per training sequence (T)", true},
@@ -153,7 +157,9 @@ void TrainOptions::validate() const {
   auto need = [](bool ok, const std::string& what) {
     if (!ok) throw TrainError("option " + what);
   };
-  need(!model_config.empty(), "model_config (--model-config) is required: a model config.json such as configs/tiny-lckv-w2.json");
+  need(!model_config.empty() || !init_from.empty(),
+       "model_config (--model-config) is required: a model config.json such as configs/tiny-lckv-w2.json (or "
+       "init_from, a checkpoint to start from)");
   need(!data.empty(), "data (--data) is required: a directory written by lckv-prepare");
   need(!out.empty(), "out (--out) is required: the run's output directory");
   need(seq_len > 0, "seq_len must be positive, got " + std::to_string(seq_len));

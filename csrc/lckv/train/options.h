@@ -25,6 +25,7 @@ struct TrainError : std::runtime_error {
 // text in option_fields() (options.cpp).
 struct TrainOptions {
   std::string model_config;
+  std::string init_from;
   std::string data;
   std::string out;
 

@@ -8,6 +8,7 @@
 
 #include "lckv/data/tokenizer.h"
 #include "lckv/generate/generate.h"
+#include "lckv/io/checkpoint.h"
 
 namespace lckv::train {
 
@@ -66,17 +67,56 @@ void Trainer::build(const OptimizerFactory& make_optimizer) {
   // they pass (but the lock, taken before the checkpoint is read).
   data_ = data::read_prepared(options_.data);
   if (data_.train_shards.empty()) throw TrainError("'" + options_.data + "/meta.json' lists no training shards");
-  LCKVConfig config = LCKVConfig::from_file(options_.model_config);
-  if (config.vocab_size != data_.vocab_size) {
-    if (log_) {
-      *log_ << "note: vocab_size " << config.vocab_size << " of " << options_.model_config << " replaced by the data's "
-            << data_.vocab_size << " (" << options_.data << "/meta.json)\n";
+  // The model config: the model_config file's (vocab_size from the data), or the init_from checkpoint's.
+  auto config_from_file = [&] {
+    LCKVConfig c = LCKVConfig::from_file(options_.model_config);
+    if (c.vocab_size != data_.vocab_size) {
+      if (log_) {
+        *log_ << "note: vocab_size " << c.vocab_size << " of " << options_.model_config << " replaced by the data's "
+              << data_.vocab_size << " (" << options_.data << "/meta.json)\n";
+      }
+      c.vocab_size = data_.vocab_size;
     }
-    config.vocab_size = data_.vocab_size;
+    return c;
+  };
+  std::string init_dir, config_source = options_.model_config;
+  LCKVConfig config;
+  if (options_.init_from.empty()) {
+    config = config_from_file();
+  } else {
+    try {
+      init_dir = io::resolve_checkpoint_dir(options_.init_from);
+      config = LCKVConfig::from_file((fs::path(init_dir) / "config.json").string());
+    } catch (const std::exception& e) {
+      throw TrainError(std::string("option init_from: ") + e.what());
+    }
+    config_source = (fs::path(init_dir) / "config.json").string();
+    if (config.vocab_size < data_.vocab_size) {
+      throw TrainError("option init_from: the checkpoint's vocab_size " + std::to_string(config.vocab_size) + " (" +
+                       config_source + ") is smaller than the data's " + std::to_string(data_.vocab_size) + " (" +
+                       options_.data + "/meta.json): the data was written with another tokenizer");
+    }
+    if (!options_.model_config.empty()) {
+      json given = config_from_file().to_json(), saved = config.to_json();
+      given.erase("torch_dtype");
+      saved.erase("torch_dtype");
+      std::string list;
+      json keys = given;
+      keys.update(saved);
+      for (auto it = keys.begin(); it != keys.end(); ++it) {
+        const json a = given.value(it.key(), json()), b = saved.value(it.key(), json());
+        if (a != b) list += (list.empty() ? "" : ", ") + it.key() + " " + a.dump() + " vs " + b.dump();
+      }
+      if (!list.empty()) {
+        throw TrainError("option model_config '" + options_.model_config + "' differs from the init_from checkpoint's " +
+                         config_source + ": " + list +
+                         " (model_config vs checkpoint); leave out --model-config to train the checkpoint's model");
+      }
+    }
   }
   if (options_.seq_len > config.max_position_embeddings) {
     throw TrainError("option seq_len " + std::to_string(options_.seq_len) + " exceeds max_position_embeddings " +
-                     std::to_string(config.max_position_embeddings) + " of " + options_.model_config);
+                     std::to_string(config.max_position_embeddings) + " of " + config_source);
   }
   config.validate();
 
@@ -122,6 +162,14 @@ void Trainer::build(const OptimizerFactory& make_optimizer) {
   torch::manual_seed(options_.seed);
   model_ = LCKVForCausalLM(config);
   init_weights(model_);
+  if (!init_dir.empty()) {
+    try {
+      io::load_state(model_, io::load_directory_tensors(init_dir), init_dir);
+    } catch (const std::exception& e) {
+      throw TrainError(std::string("option init_from: ") + e.what());
+    }
+    if (log_) *log_ << "initialised from " << init_dir << " (fresh optimizer and schedule, step 0)\n";
+  }
   model_->to(device_);
   if (comm_) {
     sync_ = std::make_unique<GradientSync>(*comm_, model_, static_cast<int64_t>(options_.bucket_mb * (1 << 20)),

@@ -9,6 +9,7 @@
 
 #include <unistd.h>
 
+#include "lckv/data/tokenizer.h"
 #include "lckv/dtype.h"
 #include "lckv/files.h"
 #include "lckv/io/checkpoint.h"
@@ -189,15 +190,13 @@ Source read_source(const std::string& path) {
   return s;
 }
 
-// TODO(H3): replace with lckv::data::copy_tokenizer(from, to_dir) once it lands (one home for which
-// files make a tokenizer).
-void copy_tokenizer_files(const fs::path& from, const fs::path& to) {
-  for (const char* file : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}) {
-    std::error_code ec;
-    if (!fs::exists(from / file, ec)) continue;
-    fs::copy_file(from / file, to / file, fs::copy_options::overwrite_existing, ec);
-    if (ec) throw FormatError("cannot copy '" + (from / file).string() + "' to '" + to.string() + "': " + ec.message());
-  }
+// The source's tokenizer, if it has one, under its standard name (data::copy_tokenizer checks that it loads), plus
+// the tokenizer_config.json transformers needs for a SentencePiece model.
+void copy_tokenizer_if_any(const fs::path& from, const fs::path& to) {
+  std::error_code ec;
+  if (!fs::exists(from / "tokenizer.model", ec) && !fs::exists(from / "tokenizer.json", ec)) return;
+  data::copy_tokenizer(data::find_tokenizer(from.string()), to.string());
+  write_hf_tokenizer_config(to.string());
 }
 
 }  // namespace
@@ -237,7 +236,7 @@ LCKVConfig convert_checkpoint(const std::string& source, const std::string& out,
       written.torch_dtype = float_dtype(out_dtype).hf;
       written.save((tmp / "config.json").string());
     }
-    copy_tokenizer_files(s.dir, tmp);
+    copy_tokenizer_if_any(s.dir, tmp);
     sync_directory(tmp);
     if (overwrite) remove_all_atomically(target);
     fs::rename(tmp, target);

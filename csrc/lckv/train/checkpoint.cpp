@@ -96,7 +96,10 @@ std::string save_checkpoint(const std::string& out_dir, LCKVForCausalLM& model, 
                     {"optimizer", state.optimizer},
                     {"options", state.options}};
     write_file_atomically(tmp / "trainer_state.json", j.dump(2) + "\n");
-    if (!tokenizer.empty()) data::copy_tokenizer(tokenizer, tmp.string());
+    if (!tokenizer.empty()) {
+      data::copy_tokenizer(tokenizer, tmp.string());
+      io::write_hf_tokenizer_config(tmp.string());  // so transformers' AutoTokenizer / pipeline load it too
+    }
     sync_directory(tmp);
     // A checkpoint of the same step (a run resumed and stopped again at once) is replaced only
     // after the new one is complete.

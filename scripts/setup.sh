@@ -39,7 +39,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] ||
    ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   say "installing Python packages into .venv (pinned by $CONSTRAINTS; pip caches downloads in ~/.cache/pip)"
   .venv/bin/pip install --progress-bar off -c "$CONSTRAINTS" "torch==$TORCH_VERSION" numpy pytest pybind11 \
-    safetensors sentencepiece protobuf transformers tokenizers lm-eval matplotlib wheel
+    safetensors sentencepiece protobuf transformers tokenizers lm-eval accelerate matplotlib wheel
   echo "$want" > "$stamp"
 else
   say "Python packages present (torch $TORCH_VERSION, $CONSTRAINTS)"

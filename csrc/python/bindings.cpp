@@ -163,25 +163,37 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "_forward",
           [](LCKVForCausalLMImpl& self, const torch::Tensor& input_ids, const std::optional<torch::Tensor>& labels,
              std::optional<int> forward_passes, std::optional<int> backward_passes, bool sequential,
-             const IterationObserver& observer, double tolerance) {
+             const IterationObserver& observer, double tolerance, bool output_hidden_states) {
             const torch::Tensor lab = labels.value_or(torch::Tensor());
+            // output_hidden_states: transformers' tuple (embeddings, layer outputs, final normed), one
+            // list per index of the chunks it was reported for (the sequential forward: one per token).
+            std::vector<std::vector<torch::Tensor>> chunks(output_hidden_states ? self.config.num_hidden_layers + 1 : 0);
+            HiddenStateObserver record;
+            if (output_hidden_states) record = [&chunks](int i, const torch::Tensor& h) { chunks[i].push_back(h); };
             CausalLMOutput out;
             if (sequential) {
-              out = self.forward_sequential(input_ids, lab);
+              out = self.forward_sequential(input_ids, lab, record);
             } else {
               IterationOptions counts = self.default_iterations();
               counts.forward_passes = forward_passes.value_or(counts.forward_passes);
               counts.backward_passes = backward_passes.value_or(counts.backward_passes);
               counts.observer = observer;
               counts.tolerance = tolerance;
+              counts.hidden_states = record;
               out = self.forward(input_ids, lab, counts);
             }
-            return std::make_pair(out.logits,
-                                  out.loss.defined() ? std::optional<torch::Tensor>(out.loss) : std::nullopt);
+            std::optional<std::vector<torch::Tensor>> hidden;
+            if (output_hidden_states) {
+              hidden.emplace();
+              for (auto& c : chunks) hidden->push_back(c.size() == 1 ? c.front() : torch::cat(c, 1));
+            }
+            return std::make_tuple(out.logits,
+                                   out.loss.defined() ? std::optional<torch::Tensor>(out.loss) : std::nullopt,
+                                   std::move(hidden));
           },
           py::arg("input_ids"), py::arg("labels"), py::arg("forward_passes"), py::arg("backward_passes"),
           py::arg("sequential"), py::arg("observer"), py::arg("tolerance") = 0.0,
-          py::call_guard<py::gil_scoped_release>())
+          py::arg("output_hidden_states") = false, py::call_guard<py::gil_scoped_release>())
       .def("_init_weights",
            [](const ModelPtr& self) {
              LCKVForCausalLM holder(self);
@@ -212,12 +224,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("directory"), py::arg("dtype"), py::call_guard<py::gil_scoped_release>())
       .def(
           "_generate",
-          [](const ModelPtr& self, const std::vector<std::vector<int64_t>>& prompts, const GenerationConfig& config) {
+          [](const ModelPtr& self, const std::vector<std::vector<int64_t>>& prompts, const GenerationConfig& config,
+             const std::optional<py::function>& on_tokens) {
             LCKVForCausalLM holder(self);
+            // on_tokens(tokens: list[int], active: list[bool]) -> bool, after every step (a TokenCallback):
+            // how Python stops generation on stop strings. Called with the GIL taken.
+            TokenCallback callback;
+            if (on_tokens) {
+              callback = [&on_tokens](const torch::Tensor& tokens, const std::vector<bool>& active) {
+                py::gil_scoped_acquire gil;
+                std::vector<int64_t> ids(tokens.data_ptr<int64_t>(), tokens.data_ptr<int64_t>() + tokens.numel());
+                return (*on_tokens)(ids, active).cast<bool>();
+              };
+            }
             py::gil_scoped_release no_gil;
-            return generate(holder, prompts, config);
+            return generate(holder, prompts, config, callback);
           },
-          py::arg("prompts"), py::arg("config"))
+          py::arg("prompts"), py::arg("config"), py::arg("on_tokens") = std::nullopt)
       .def("_weight_decay_groups", [](const ModelPtr& self) {
         LCKVForCausalLM holder(self);
         train::ParamGroups g = train::weight_decay_groups(holder);

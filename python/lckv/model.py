@@ -31,13 +31,16 @@ class CausalLMOutput:
 
     loss: Optional[torch.Tensor]  # mean next-token cross-entropy, when labels are given
     logits: torch.Tensor  # [batch, tokens, vocab]
+    # output_hidden_states=True: num_hidden_layers + 1 tensors [batch, tokens, hidden], transformers'
+    # convention: the embedding output, each layer's output, the last one after the final norm.
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
 
-    def to_tuple(self) -> Tuple[torch.Tensor, ...]:
-        return tuple(v for v in (self.loss, self.logits) if v is not None)
+    def to_tuple(self) -> Tuple:
+        return tuple(v for v in (self.loss, self.logits, self.hidden_states) if v is not None)
 
     def __getitem__(self, key):
         if isinstance(key, str):
-            value = getattr(self, key, None) if key in ("loss", "logits") else None
+            value = getattr(self, key, None) if key in ("loss", "logits", "hidden_states") else None
             if value is None:
                 raise KeyError(key)
             return value
@@ -172,6 +175,7 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         convergence_tolerance: float = 0.0,
         return_dict: Optional[bool] = None,
         use_cache: Optional[bool] = None,
+        output_hidden_states: bool = False,
     ) -> Union[CausalLMOutput, Tuple[torch.Tensor, ...]]:
         """Logits [B, T, V] and, with labels, the mean next-token loss (labels aligned with
         input_ids, shifted inside; -100 ignored), as in Hugging Face.
@@ -185,6 +189,10 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         scale (lckv::IterationOptions::tolerance; exact prefill uses lckv._C.convergence_tolerance).
         Hugging Face's return_dict=False gives a tuple ((loss,) logits); use_cache is accepted and
         ignored (a forward over whole sequences keeps no cache: generate() uses the condensed one).
+        output_hidden_states=True adds out.hidden_states as transformers' LlamaModel reports them
+        (num_hidden_layers + 1 tensors: embeddings, layer outputs, the last after the final norm),
+        recorded in C++ from the final iteration of each cyclic segment (the supported way to see
+        inside the model: hooks on submodules cannot fire, their forward runs in C++).
         """
         if _is_compiling():
             _warn_once("torch.compile: LCKVForCausalLM's forward is C++ and is not traced; it runs eagerly")
@@ -196,10 +204,11 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
             raise ValueError(f"input_ids has no tokens (shape {tuple(input_ids.shape)}): expected [batch, tokens >= 1]")
         if attention_mask is not None:
             labels = _mask_padding(input_ids, labels, attention_mask)
-        logits, loss = self.cpp_module._forward(
-            input_ids, labels, forward_passes, backward_passes, sequential, kv_observer, convergence_tolerance
+        logits, loss, hidden = self.cpp_module._forward(
+            input_ids, labels, forward_passes, backward_passes, sequential, kv_observer, convergence_tolerance,
+            bool(output_hidden_states)
         )
-        out = CausalLMOutput(loss=loss, logits=logits)
+        out = CausalLMOutput(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden is not None else None)
         return out.to_tuple() if return_dict is False else out
 
     # ---- generation with the condensed KV cache (lckv::generate)

@@ -21,6 +21,7 @@
 #include "lckv/ops/sdpa_attention.h"
 #include "lckv/files.h"
 #include "lckv/json_fields.h"
+#include "lckv/train/evaluate.h"
 #include "lckv/train/trainer.h"
 
 namespace py = pybind11;
@@ -439,6 +440,48 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("model"), py::arg("shards"), py::arg("seq_len"), py::arg("batch_size"), py::arg("max_batches"),
       py::arg("bf16"), py::arg("exact"),
       "lckv-eval's computation: the next-token loss over the windows of token shards, as validation computes it.");
+  m.def("sliding_windows",
+        [](int64_t tokens, int64_t context, int64_t stride) {
+          std::vector<std::tuple<int64_t, int64_t, int64_t>> out;
+          for (const auto& w : train::sliding_windows(0, tokens, context, stride)) out.emplace_back(w.begin, w.end, w.scored);
+          return out;
+        },
+        py::arg("tokens"), py::arg("context"), py::arg("stride"),
+        "lckv-eval's windows of a document of `tokens` ids: (begin, end, scored) (csrc/lckv/train/evaluate.h).");
+  m.def("checkpoint_tokenizer", &train::checkpoint_tokenizer, py::arg("checkpoint_dir"));
+  m.def("eval_stats", &train::eval_stats, py::arg("loss_sum"), py::arg("tokens"));
+  m.def("tokenize_documents",
+        [](const std::vector<std::string>& files, bool jsonl, const std::string& text_field, const std::string& tokenizer,
+           const ModelPtr& model) { return train::tokenize_documents(files, jsonl, text_field, tokenizer, model->config); },
+        py::arg("files"), py::arg("jsonl"), py::arg("text_field"), py::arg("tokenizer"), py::arg("model"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "text_loss_sum",
+      [](const ModelPtr& model, const std::vector<std::vector<int64_t>>& documents, int64_t context, int64_t stride,
+         int64_t batch_size, bool bf16, bool exact, std::optional<int64_t> sink_tokens,
+         const std::optional<py::function>& progress) {
+        LCKVForCausalLM holder(model);
+        train::TextEval t;
+        t.context = context;
+        t.stride = stride;
+        t.batch_size = batch_size;
+        t.bf16 = bf16;
+        const torch::Tensor weight = holder->parameters().front();
+        if (exact) t.iterations = train::exact_iterations(context, bf16, weight.scalar_type());
+        if (sink_tokens) t.streaming = StreamingOptions{*sink_tokens, 1};
+        if (progress) {
+          t.progress = [&progress](int64_t done, int64_t total) {
+            py::gil_scoped_acquire gil;
+            (*progress)(done, total);
+          };
+        }
+        py::gil_scoped_release no_gil;
+        const train::TextLossSum r = train::text_loss_sum(holder, documents, t, weight.device());
+        return std::make_tuple(r.sum, r.tokens, r.windows);
+      },
+      py::arg("model"), py::arg("documents"), py::arg("context"), py::arg("stride"), py::arg("batch_size"),
+      py::arg("bf16"), py::arg("exact"), py::arg("sink_tokens") = std::nullopt, py::arg("progress") = std::nullopt,
+      "lckv-eval's text scoring: (loss sum, predictions scored, windows) over documents of token ids.");
   m.def("convergence_tolerance", &convergence_tolerance, py::arg("dtype"),
         "The KV convergence tolerance exact prefill uses for a compute dtype.");
   m.def("install_stop_handlers", &train::install_stop_handlers,

@@ -68,8 +68,11 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
     # accept fewer signatures than torch.nn.Module's (e.g. .to("cpu"), named_parameters(prefix=))
     # and train()/eval() return None, so the instance uses nn.Module's (through
     # ModuleWrapper._apply) and the methods below.
+    # The submodule walks (named_modules, children, ...) are nn.Module's too, over _CppSubmodule views
+    # of the C++ children (the C++ versions return objects that are not nn.Modules).
     _NN_MODULE_METHODS = (
-        "to", "cuda", "cpu", "float", "double", "half", "parameters", "named_parameters", "train", "eval", "zero_grad"
+        "to", "cuda", "cpu", "float", "double", "half", "parameters", "named_parameters", "train", "eval", "zero_grad",
+        "modules", "named_modules", "children", "named_children", "buffers", "named_buffers",
     )
 
     def __init__(self, config: Union[LCKVConfig, dict], *, init_weights: bool = True):
@@ -85,6 +88,7 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
     def _use_nn_module_methods(self) -> None:
         for name in self._NN_MODULE_METHODS:
             self.__dict__.pop(name, None)
+        self.__dict__["_modules"] = _wrap_children(self.cpp_module, "")
 
     @classmethod
     def _wrap(cls, cpp_module) -> "LCKVForCausalLM":
@@ -306,6 +310,63 @@ def _mask_padding(input_ids: torch.Tensor, labels: Optional[torch.Tensor], atten
     if labels is None:
         return None
     return labels.masked_fill(mask.to(labels.device) == 0, -100)
+
+
+class _CppSubmodule(torch.nn.cpp.ModuleWrapper):
+    """A submodule of LCKVForCausalLM as named_modules() / get_submodule() return it: an nn.Module
+    over the C++ submodule's parameters (so apply(), parameter walks and the like work) whose
+    forward runs only inside the C++ model. Hooks registered on it could never fire, so registering
+    one warns and says what to use instead; calling it raises."""
+
+    _HOOK_ADVICE = (
+        "for layer outputs use model(..., output_hidden_states=True), for the KVs of the parallel iterations "
+        "kv_observer=, or hook the top-level LCKVForCausalLM (its forward is Python)"
+    )
+
+    def __init__(self, cpp_module, name: str):
+        super().__init__(cpp_module)
+        for method in LCKVForCausalLM._NN_MODULE_METHODS:
+            self.__dict__.pop(method, None)
+        self.__dict__["_modules"] = _wrap_children(cpp_module, name)
+        self.__dict__["_lckv_name"] = name
+
+    def _warn_hook(self, kind: str) -> None:
+        warnings.warn(
+            f"{kind} on submodule '{self._lckv_name}' of LCKVForCausalLM will never fire: the model's forward runs "
+            f"in C++ and does not call submodules through Python; {self._HOOK_ADVICE}",
+            UserWarning, stacklevel=3)
+
+    def register_forward_hook(self, hook, **kwargs):
+        self._warn_hook("register_forward_hook")
+        return super().register_forward_hook(hook, **kwargs)
+
+    def register_forward_pre_hook(self, hook, **kwargs):
+        self._warn_hook("register_forward_pre_hook")
+        return super().register_forward_pre_hook(hook, **kwargs)
+
+    def register_full_backward_hook(self, hook, prepend: bool = False):
+        self._warn_hook("register_full_backward_hook")
+        return super().register_full_backward_hook(hook, prepend=prepend)
+
+    def register_full_backward_pre_hook(self, hook, prepend: bool = False):
+        self._warn_hook("register_full_backward_pre_hook")
+        return super().register_full_backward_pre_hook(hook, prepend=prepend)
+
+    def register_backward_hook(self, hook):
+        self._warn_hook("register_backward_hook")
+        return super().register_backward_hook(hook)
+
+    def forward(self, *args, **kwargs):
+        raise TypeError(f"submodule '{self._lckv_name}' of LCKVForCausalLM runs only inside the C++ model: call the "
+                        "top-level model (output_hidden_states=True returns each layer's output)")
+
+    def __repr__(self) -> str:
+        return f"_CppSubmodule({self._lckv_name!r})"
+
+
+def _wrap_children(cpp_module, prefix: str) -> "OrderedDict[str, _CppSubmodule]":
+    return OrderedDict((name, _CppSubmodule(child, f"{prefix}.{name}" if prefix else name))
+                       for name, child in cpp_module._modules.items())
 
 
 class FrozenConfig(LCKVConfig):

@@ -9,7 +9,6 @@ that, right after lm_eval.api.registry has run, registers `lckv` lazily as
 """
 
 import importlib.abc
-import importlib.machinery
 import sys
 
 _REGISTRY = "lm_eval.api.registry"
@@ -26,7 +25,12 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name != _REGISTRY:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        spec = None
+        for finder in sys.meta_path:  # whoever would have found it without us
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         run = spec.loader.exec_module

@@ -57,12 +57,14 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   auto* seq_len_opt = app.add_option("--seq-len", seq_len, "Tokens per window (T) (--data)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 24))->capture_default_str();
-  auto* max_batches_opt = app.add_option("--max-batches", max_batches, "Batches to evaluate (0: the whole split) (--data)")
+  auto* max_batches_opt =
+      app.add_option("--max-batches", max_batches, "Batches to evaluate (0: the whole split) (--data)")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
   app.add_option("--batch-size", batch_size, "Windows per batch")->check(CLI::Range(int64_t{1}, int64_t{1} << 24))
       ->capture_default_str();
   auto* field_opt = app.add_option("--text-field", text_field, "The JSONL records' text field")->capture_default_str();
-  auto* tok_opt = app.add_option("--tokenizer", tokenizer_path, "SentencePiece model (default: <model>/tokenizer.model)");
+  auto* tok_opt =
+      app.add_option("--tokenizer", tokenizer_path, "SentencePiece model (default: <model>/tokenizer.model)");
   auto* context_opt = app.add_option("--context", context, "Ids per window (default: the config's "
                                      "max_position_embeddings; at most that)")->check(CLI::PositiveNumber);
   auto* stride_opt = app.add_option("--stride", stride, "Predictions a window moves on by (default: --context): each "
@@ -125,11 +127,14 @@ int main(int argc, char** argv) {
       t.progress = progress_printer(streaming ? "documents" : "windows");
       const lckv::train::TextLossSum r = lckv::train::text_loss_sum(model, documents, t, torch::kCPU);
       const lckv::train::EvalStats e = lckv::train::eval_stats(r.sum, r.tokens);
-      nlohmann::json result = {{"model", model_dir},       {"inputs", files},          {"format", jsonl ? "jsonl" : "text"},
-                               {"tokenizer", tokenizer_path}, {"documents", documents.size()}, {"context", t.context},
-                               {"batch_size", batch_size}, {"dtype", dtype},           {"prefill", prefill},
-                               {"threads", threads},       {"windows", r.windows},     {"tokens", e.tokens},
-                               {"loss", e.loss},           {"ppl", e.ppl},             {"bits_per_token", e.loss / std::log(2.0)}};
+      nlohmann::json result = {{"model", model_dir},         {"inputs", files},
+                               {"format", jsonl ? "jsonl" : "text"}, {"tokenizer", tokenizer_path},
+                               {"documents", documents.size()}, {"context", t.context},
+                               {"batch_size", batch_size},   {"dtype", dtype},
+                               {"prefill", prefill},         {"threads", threads},
+                               {"windows", r.windows},       {"tokens", e.tokens},
+                               {"loss", e.loss},             {"ppl", e.ppl},
+                               {"bits_per_token", e.loss / std::log(2.0)}};
       if (jsonl) result["text_field"] = text_field;
       if (streaming) {
         result["streaming"] = {{"sink_tokens", sink_tokens}};
@@ -159,6 +164,7 @@ int main(int argc, char** argv) {
     w.seq_len = seq_len;
     w.max_batches = max_batches;
     w.bf16 = dtype == "bf16";
+    w.progress = progress_printer("windows");
     if (prefill == "exact") w.iterations = lckv::train::exact_iterations(seq_len, w.bf16, torch::kFloat);
     const auto [sum, tokens] = lckv::train::loss_sum(model, loader, w, torch::kCPU);
     const lckv::train::EvalStats e = lckv::train::eval_stats(sum, tokens);

@@ -168,7 +168,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             const torch::Tensor lab = labels.value_or(torch::Tensor());
             // output_hidden_states: transformers' tuple (embeddings, layer outputs, final normed), one
             // list per index of the chunks it was reported for (the sequential forward: one per token).
-            std::vector<std::vector<torch::Tensor>> chunks(output_hidden_states ? self.config.num_hidden_layers + 1 : 0);
+            const size_t entries = output_hidden_states ? self.config.num_hidden_layers + 1 : 0;
+            std::vector<std::vector<torch::Tensor>> chunks(entries);
             HiddenStateObserver record;
             if (output_hidden_states) record = [&chunks](int i, const torch::Tensor& h) { chunks[i].push_back(h); };
             CausalLMOutput out;
@@ -443,7 +444,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sliding_windows",
         [](int64_t tokens, int64_t context, int64_t stride) {
           std::vector<std::tuple<int64_t, int64_t, int64_t>> out;
-          for (const auto& w : train::sliding_windows(0, tokens, context, stride)) out.emplace_back(w.begin, w.end, w.scored);
+          for (const auto& w : train::sliding_windows(0, tokens, context, stride)) {
+            out.emplace_back(w.begin, w.end, w.scored);
+          }
           return out;
         },
         py::arg("tokens"), py::arg("context"), py::arg("stride"),
@@ -451,8 +454,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("checkpoint_tokenizer", &train::checkpoint_tokenizer, py::arg("checkpoint_dir"));
   m.def("eval_stats", &train::eval_stats, py::arg("loss_sum"), py::arg("tokens"));
   m.def("tokenize_documents",
-        [](const std::vector<std::string>& files, bool jsonl, const std::string& text_field, const std::string& tokenizer,
-           const ModelPtr& model) { return train::tokenize_documents(files, jsonl, text_field, tokenizer, model->config); },
+        [](const std::vector<std::string>& files, bool jsonl, const std::string& text_field,
+           const std::string& tokenizer, const ModelPtr& model) {
+          return train::tokenize_documents(files, jsonl, text_field, tokenizer, model->config);
+        },
         py::arg("files"), py::arg("jsonl"), py::arg("text_field"), py::arg("tokenizer"), py::arg("model"),
         py::call_guard<py::gil_scoped_release>());
   m.def(

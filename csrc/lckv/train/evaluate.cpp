@@ -29,6 +29,7 @@ std::pair<double, int64_t> loss_sum(LCKVForCausalLM& model, data::SequentialLoad
   loader.reset();
   double sum = 0;
   int64_t tokens = 0, batches = 0;
+  int64_t windows = 0, total = loader.num_windows();
   while (auto batch = loader.next()) {
     if (o.max_batches > 0 && batches == o.max_batches) break;
     const torch::Tensor loss = window_loss(model, *batch, o, device);
@@ -36,6 +37,9 @@ std::pair<double, int64_t> loss_sum(LCKVForCausalLM& model, data::SequentialLoad
     sum += loss.item<double>() * static_cast<double>(n);
     tokens += n;
     ++batches;
+    windows += batch->rows;
+    if (o.max_batches > 0 && batches == 1) total = std::min(total, o.max_batches * batch->rows);
+    if (o.progress) o.progress(windows, total);
   }
   return {sum, tokens};
 }
@@ -158,7 +162,8 @@ std::vector<std::string> read_documents(const std::vector<std::string>& files, b
         throw std::runtime_error(where + ": the record has no field '" + text_field + "' (--text-field)");
       }
       if (!field->is_string()) {
-        throw std::runtime_error(where + ": field '" + text_field + "' is " + field->type_name() + ", expected a string");
+        throw std::runtime_error(where + ": field '" + text_field + "' is " + field->type_name() +
+                                 ", expected a string");
       }
       documents.push_back(field->get<std::string>());
       ++records;

@@ -28,6 +28,7 @@ struct WindowEval {
   int64_t max_batches = 0;  // 0: the whole split
   bool bf16 = false;        // bf16 autocast (fp32 weights), as the trainer's dtype "bf16"
   std::optional<IterationOptions> iterations;  // default: the config's m and b
+  std::function<void(int64_t done, int64_t total)> progress;  // optional: windows done / to do, per batch
 };
 
 // The mean next-token loss of one loader batch of windows [rows, T + 1] (autograd as the caller's

@@ -87,13 +87,13 @@ def test_hooks_on_submodules_warn_at_registration_and_top_level_hooks_fire():
     layer = model.get_submodule("model.layers.3")
     assert isinstance(layer, torch.nn.Module) and layer is model.get_submodule("model.layers.3")
     assert dict(layer.named_parameters()).keys() >= {"self_attn.q_proj.weight", "mlp.up_proj.weight"}
+    with pytest.raises(TypeError, match="runs only inside the C.. model"):
+        layer(torch.zeros(1, 2, 32))
     fired = []
     for register in ("register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook"):
         with pytest.warns(UserWarning, match=r"submodule 'model\.layers\.3' of LCKVForCausalLM will never fire.*"
                                              r"output_hidden_states=True.*kv_observer"):
             getattr(layer, register)(lambda *a: fired.append(register))
-    with pytest.raises(TypeError, match="runs only inside the C.. model"):
-        layer(torch.zeros(1, 2, 32))
     # nn.Module's walks work over the submodules.
     visited = []
     model.apply(lambda m: visited.append(m))
@@ -102,14 +102,16 @@ def test_hooks_on_submodules_warn_at_registration_and_top_level_hooks_fire():
     seen = {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        h1 = model.register_forward_pre_hook(lambda m, args: seen.setdefault("pre", args[0].shape))
-        h2 = model.register_forward_hook(lambda m, args, out: seen.setdefault("out", out.logits.shape))
-        h3 = model.register_full_backward_hook(lambda m, gin, gout: seen.setdefault("grad", gout[0].shape))
+        # (hooks return None: a returned value would replace the inputs / outputs)
+        h1 = model.register_forward_pre_hook(lambda m, args: seen.update(pre=args[0].shape))
+        h2 = model.register_forward_hook(lambda m, args, out: seen.update(out=tuple(out[-1].shape)))
+        h3 = model.register_full_backward_hook(lambda m, gin, gout: seen.update(grad=gout[0].shape))
     ids = random_ids(1, 5)
     model(ids)
+    assert seen == {"pre": (1, 5), "out": (1, 5, 61)}
     loss, logits = model(ids, labels=ids, return_dict=False)
     loss.backward()
-    assert seen["pre"] == (1, 5) and seen["out"] == (1, 5, 61) and seen["grad"] == ()
+    assert seen["grad"] == ()
     assert fired == []  # the submodule hooks did not fire, as their warning said
     for h in (h1, h2, h3):
         h.remove()

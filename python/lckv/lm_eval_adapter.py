@@ -37,7 +37,8 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import configure_pad_token, get_dtype
+from lm_eval.models.utils import configure_pad_token
+from lm_eval.models.utils_hf import get_dtype
 
 from . import _C
 from .model import LCKVForCausalLM
@@ -83,6 +84,11 @@ def load_hf_tokenizer(source: str):
                 if (path / "tokenizer.model").is_file() else " Pass tokenizer=NAME_OR_DIR in --model_args.")
         raise ValueError(f"lckv: no Hugging Face tokenizer in '{path}' (looked for {', '.join(HF_TOKENIZER_FILES)})."
                          + hint)
+    if path.is_dir():
+        # The tokenizer's own files say what it is: AutoTokenizer would also parse the directory's
+        # config.json, which for an LCKV checkpoint is not a transformers Llama config (layer_types).
+        config = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+        return transformers.AutoTokenizer.from_pretrained(str(source), use_fast=True, config=config())
     return transformers.AutoTokenizer.from_pretrained(str(source), use_fast=True)
 
 

@@ -53,6 +53,7 @@ def _tokenizer(directory: Path):
 
 
 def _tasks(directory: Path) -> Path:
+    directory.mkdir()
     rng = torch.Generator().manual_seed(2)
     mc = [{"question": _sentence(rng, 6) + " ?", "choices": [" " + _sentence(rng, k) for k in (1, 2, 3, 2)],
            "answer": int(torch.randint(0, 4, (1,), generator=rng))} for _ in range(6)]

@@ -18,7 +18,7 @@ model_args (all optional except pretrained):
   pretrained      checkpoint directory (config.json, model.safetensors: ours or a transformers Llama)
   tokenizer       a Hugging Face tokenizer name or directory (default: the checkpoint directory)
   dtype           float32 | bfloat16 | float16 | float64 (default float32; "auto": the checkpoint's)
-  device          cpu | cuda | cuda:N (default cpu)
+  device          cpu | cuda | cuda:N (default cpu; one that is not here: cuda if there is one, else cpu)
   batch_size      requests per forward / generation batch (lm-eval's --batch_size), max_batch_size
   max_length      context length (default: the config's max_position_embeddings)
   prefill         iterative (the config's m + b iterations, as in training) | exact (iterate the KVs to
@@ -70,6 +70,17 @@ def _checkpoint_dtype(directory: Path) -> torch.dtype:
         return torch.float32
     name = config.get("torch_dtype") or config.get("dtype") or "float32"
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}.get(name, torch.float32)
+
+
+def _device(name: Optional[str]) -> torch.device:
+    """HFLM's choice: a device that exists here as asked; otherwise (lm-eval's command line asks for
+    cuda:0 by default) CUDA when there is one, else the CPU."""
+    gpus = torch.cuda.device_count()
+    if name in {"cpu", "cuda", *(f"cuda:{i}" for i in range(gpus))}:
+        return torch.device(name)
+    chosen = torch.device("cuda" if gpus else "cpu")
+    eval_logger.info("lckv: device %r not available, using %s", name, chosen)
+    return chosen
 
 
 def load_hf_tokenizer(source: str):
@@ -126,7 +137,7 @@ class LCKVLM(HFLM):
         TemplateLM.__init__(self)  # not HFLM.__init__: it loads a transformers model
         directory = Path(pretrained)
         weights_dtype = _dtype(dtype) or _checkpoint_dtype(directory)
-        self._device = torch.device(device or "cpu")
+        self._device = _device(device)
         self._model = LCKVForCausalLM.from_pretrained(directory, dtype=weights_dtype).to(self._device).eval()
         self._config = self._model.config
         self.tokenizer = configure_pad_token(load_hf_tokenizer(str(tokenizer or directory)))

@@ -22,6 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 lm_eval = pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
+# lm-eval's `hf` model (whose request handling LCKVLM reuses) needs accelerate: lm_eval[hf].
+pytest.importorskip("accelerate")
 
 from conftest import ROOT  # noqa: E402
 
@@ -205,10 +207,14 @@ def test_lm_eval_command_knows_model_lckv_through_the_installed_pth(setup, tmp_p
     results = json.loads(Path(glob.glob(str(out / "**" / "results_*.json"), recursive=True)[0]).read_text())
     assert results["config"]["model"] == "lckv"
     assert 0.0 <= results["results"]["lckv_test_mc"]["acc,none"] <= 1.0
-    # Without the .pth the name is unknown (the test above is not vacuous), unless the installed
-    # package put one into this interpreter's site-packages.
-    if any((Path(p) / "lckv_lm_eval.pth").exists() for p in site.getsitepackages()):
-        return
-    r = subprocess.run([sys.executable, "-c", run.replace("site.addsitedir(sys.argv[1]); ", ""), "unused"] + cmd[4:],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode != 0 and "lckv" in (r.stderr + r.stdout)
+    # The hook, alone: importing lm-eval's registry registers `lckv` (lazily: nothing of ours is
+    # imported) with the .pth, and not without it (unless the installed package put one into this
+    # interpreter's site-packages), so the run above is not vacuous.
+    probe = ("import site, sys; [site.addsitedir(d) for d in sys.argv[1:]]; "
+             "from lm_eval.api.registry import model_registry; "
+             "print('lckv' in model_registry, 'lckv' in sys.modules, 'torch' in sys.modules)")
+    with_pth = subprocess.run([sys.executable, "-c", probe, str(site_dir)], capture_output=True, text=True, env=env)
+    assert with_pth.stdout.split() == ["True", "False", "False"], with_pth.stderr
+    if not any((Path(p) / "lckv_lm_eval.pth").exists() for p in site.getsitepackages()):
+        without = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+        assert without.stdout.split() == ["False", "False", "False"], without.stderr

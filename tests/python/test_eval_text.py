@@ -1,6 +1,8 @@
 """lckv-eval / python -m lckv.eval on text and JSONL files: the sliding-window policy, exactness
 against an independent per-window computation, StreamingLLM, and the bad-input errors."""
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -106,8 +108,18 @@ def checkpoint(tmp_path_factory):
 
 
 def run(args, python=False):
-    cmd = [sys.executable, "-m", "lckv.eval", *args] if python else [str(BUILD / "lckv-eval"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    """lckv-eval, or python -m lckv.eval's main() in this process (what the module runs; no start-up)."""
+    if not python:
+        return subprocess.run([str(BUILD / "lckv-eval"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = lckv.eval.main(args)
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+        finally:
+            torch.set_num_threads(threads)  # main() sets --threads
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_lckv_eval_text_and_jsonl_agree_with_python_and_each_other(checkpoint):

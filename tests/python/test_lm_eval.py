@@ -218,3 +218,16 @@ def test_lm_eval_command_knows_model_lckv_through_the_installed_pth(setup, tmp_p
     if not any((Path(p) / "lckv_lm_eval.pth").exists() for p in site.getsitepackages()):
         without = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
         assert without.stdout.split() == ["False", "False", "False"], without.stderr
+
+
+def test_python_m_lckv_lm_eval_front(setup, tmp_path, monkeypatch):
+    """python -m lckv.lm_eval: lm-eval's command line with `lckv` registered (run in process)."""
+    import lckv.lm_eval
+
+    model_dir, tasks = setup
+    monkeypatch.setattr(sys, "argv", ["python -m lckv.lm_eval", "run", "--model", "lckv", "--model_args",
+                                      f"pretrained={model_dir}", "--device", "cpu", "--tasks", "lckv_test_ppl",
+                                      "--include_path", str(tasks), "--output_path", str(tmp_path)])
+    lckv.lm_eval.main()
+    results = json.loads(Path(glob.glob(str(tmp_path / "**" / "results_*.json"), recursive=True)[0]).read_text())
+    assert results["config"]["model"] == "lckv" and results["results"]["lckv_test_ppl"]["word_perplexity,none"] > 1

@@ -19,6 +19,7 @@ from pathlib import Path
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
+from setuptools.command.develop import develop
 
 ROOT = Path(__file__).resolve().parent
 
@@ -70,6 +71,25 @@ class BuildPyWithPresets(build_py):
         target.mkdir(parents=True, exist_ok=True)
         for preset in (ROOT / "configs").glob("*.json"):
             shutil.copy2(preset, target / preset.name)
+        # lm-eval's `--model lckv` (python/_lckv_lm_eval_hook.py): the .pth lands in site-packages.
+        shutil.copy2(LM_EVAL_PTH, Path(self.build_lib) / LM_EVAL_PTH.name)
+
+
+# lckv_lm_eval.pth: one line run at interpreter start-up that registers the lm-eval model `lckv`
+# (python/_lckv_lm_eval_hook.py: an import hook, nothing imported until lm_eval's registry is).
+LM_EVAL_PTH = ROOT / "python" / "lckv_lm_eval.pth"
+
+
+class DevelopWithLmEvalHook(develop):
+    """pip install -e . (setup.py develop): also puts lckv_lm_eval.pth into site-packages."""
+
+    def run(self) -> None:
+        super().run()
+        installed = Path(self.install_dir) / LM_EVAL_PTH.name
+        if self.uninstall:
+            installed.unlink(missing_ok=True)
+        else:
+            shutil.copy2(LM_EVAL_PTH, installed)
 
 
 setup(
@@ -80,8 +100,9 @@ setup(
     install_requires=["torch"],
     package_dir={"": "python"},
     packages=["lckv"],
+    py_modules=["_lckv_lm_eval_hook"],
     ext_modules=[CMakeExtension("lckv._C", target="lckv_python")],
-    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithPresets},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithPresets, "develop": DevelopWithLmEvalHook},
     # setuptools' staging area, out of build/ (the C++ build directory of scripts/setup.sh).
     options={"build": {"build_base": str(ROOT / "build-py" / "setuptools")}},
     zip_safe=False,

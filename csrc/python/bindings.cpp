@@ -22,6 +22,7 @@
 #include "lckv/ops/sdpa_attention.h"
 #include "lckv/files.h"
 #include "lckv/json_fields.h"
+#include "lckv/train/evaluate.h"
 #include "lckv/train/trainer.h"
 
 namespace py = pybind11;
@@ -198,25 +199,38 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "_forward",
           [](LCKVForCausalLMImpl& self, const torch::Tensor& input_ids, const std::optional<torch::Tensor>& labels,
              std::optional<int> forward_passes, std::optional<int> backward_passes, bool sequential,
-             const IterationObserver& observer, double tolerance) {
+             const IterationObserver& observer, double tolerance, bool output_hidden_states) {
             const torch::Tensor lab = labels.value_or(torch::Tensor());
+            // output_hidden_states: transformers' tuple (embeddings, layer outputs, final normed), one
+            // list per index of the chunks it was reported for (the sequential forward: one per token).
+            const size_t entries = output_hidden_states ? self.config.num_hidden_layers + 1 : 0;
+            std::vector<std::vector<torch::Tensor>> chunks(entries);
+            HiddenStateObserver record;
+            if (output_hidden_states) record = [&chunks](int i, const torch::Tensor& h) { chunks[i].push_back(h); };
             CausalLMOutput out;
             if (sequential) {
-              out = self.forward_sequential(input_ids, lab);
+              out = self.forward_sequential(input_ids, lab, record);
             } else {
               IterationOptions counts = self.default_iterations();
               counts.forward_passes = forward_passes.value_or(counts.forward_passes);
               counts.backward_passes = backward_passes.value_or(counts.backward_passes);
               counts.observer = observer;
               counts.tolerance = tolerance;
+              counts.hidden_states = record;
               out = self.forward(input_ids, lab, counts);
             }
-            return std::make_pair(out.logits,
-                                  out.loss.defined() ? std::optional<torch::Tensor>(out.loss) : std::nullopt);
+            std::optional<std::vector<torch::Tensor>> hidden;
+            if (output_hidden_states) {
+              hidden.emplace();
+              for (auto& c : chunks) hidden->push_back(c.size() == 1 ? c.front() : torch::cat(c, 1));
+            }
+            return std::make_tuple(out.logits,
+                                   out.loss.defined() ? std::optional<torch::Tensor>(out.loss) : std::nullopt,
+                                   std::move(hidden));
           },
           py::arg("input_ids"), py::arg("labels"), py::arg("forward_passes"), py::arg("backward_passes"),
           py::arg("sequential"), py::arg("observer"), py::arg("tolerance") = 0.0,
-          py::call_guard<py::gil_scoped_release>())
+          py::arg("output_hidden_states") = false, py::call_guard<py::gil_scoped_release>())
       .def("_init_weights",
            [](const ModelPtr& self) {
              LCKVForCausalLM holder(self);
@@ -253,12 +267,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("directory"), py::arg("dtype"), py::call_guard<py::gil_scoped_release>())
       .def(
           "_generate",
-          [](const ModelPtr& self, const std::vector<std::vector<int64_t>>& prompts, const GenerationConfig& config) {
+          [](const ModelPtr& self, const std::vector<std::vector<int64_t>>& prompts, const GenerationConfig& config,
+             const std::optional<py::function>& on_tokens) {
             LCKVForCausalLM holder(self);
+            // on_tokens(tokens: list[int], active: list[bool]) -> bool, after every step (a TokenCallback):
+            // how Python stops generation on stop strings. Called with the GIL taken.
+            TokenCallback callback;
+            if (on_tokens) {
+              callback = [&on_tokens](const torch::Tensor& tokens, const std::vector<bool>& active) {
+                py::gil_scoped_acquire gil;
+                std::vector<int64_t> ids(tokens.data_ptr<int64_t>(), tokens.data_ptr<int64_t>() + tokens.numel());
+                return (*on_tokens)(ids, active).cast<bool>();
+              };
+            }
             py::gil_scoped_release no_gil;
-            return generate(holder, prompts, config);
+            return generate(holder, prompts, config, callback);
           },
-          py::arg("prompts"), py::arg("config"))
+          py::arg("prompts"), py::arg("config"), py::arg("on_tokens") = std::nullopt)
       .def("_weight_decay_groups", [](const ModelPtr& self) {
         LCKVForCausalLM holder(self);
         train::ParamGroups g = train::weight_decay_groups(holder);
@@ -457,6 +482,52 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("model"), py::arg("shards"), py::arg("seq_len"), py::arg("batch_size"), py::arg("max_batches"),
       py::arg("bf16"), py::arg("exact"),
       "lckv-eval's computation: the next-token loss over the windows of token shards, as validation computes it.");
+  m.def("sliding_windows",
+        [](int64_t tokens, int64_t context, int64_t stride) {
+          std::vector<std::tuple<int64_t, int64_t, int64_t>> out;
+          for (const auto& w : train::sliding_windows(0, tokens, context, stride)) {
+            out.emplace_back(w.begin, w.end, w.scored);
+          }
+          return out;
+        },
+        py::arg("tokens"), py::arg("context"), py::arg("stride"),
+        "lckv-eval's windows of a document of `tokens` ids: (begin, end, scored) (csrc/lckv/train/evaluate.h).");
+  m.def("checkpoint_tokenizer", &train::checkpoint_tokenizer, py::arg("checkpoint_dir"));
+  m.def("eval_stats", &train::eval_stats, py::arg("loss_sum"), py::arg("tokens"));
+  m.def("tokenize_documents",
+        [](const std::vector<std::string>& files, bool jsonl, const std::string& text_field,
+           const std::string& tokenizer, const ModelPtr& model) {
+          return train::tokenize_documents(files, jsonl, text_field, tokenizer, model->config);
+        },
+        py::arg("files"), py::arg("jsonl"), py::arg("text_field"), py::arg("tokenizer"), py::arg("model"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "text_loss_sum",
+      [](const ModelPtr& model, const std::vector<std::vector<int64_t>>& documents, int64_t context, int64_t stride,
+         int64_t batch_size, bool bf16, bool exact, std::optional<int64_t> sink_tokens,
+         const std::optional<py::function>& progress) {
+        LCKVForCausalLM holder(model);
+        train::TextEval t;
+        t.context = context;
+        t.stride = stride;
+        t.batch_size = batch_size;
+        t.bf16 = bf16;
+        const torch::Tensor weight = holder->parameters().front();
+        if (exact) t.iterations = train::exact_iterations(context, bf16, weight.scalar_type());
+        if (sink_tokens) t.streaming = StreamingOptions{*sink_tokens, 1};
+        if (progress) {
+          t.progress = [&progress](int64_t done, int64_t total) {
+            py::gil_scoped_acquire gil;
+            (*progress)(done, total);
+          };
+        }
+        py::gil_scoped_release no_gil;
+        const train::TextLossSum r = train::text_loss_sum(holder, documents, t, weight.device());
+        return std::make_tuple(r.sum, r.tokens, r.windows);
+      },
+      py::arg("model"), py::arg("documents"), py::arg("context"), py::arg("stride"), py::arg("batch_size"),
+      py::arg("bf16"), py::arg("exact"), py::arg("sink_tokens") = std::nullopt, py::arg("progress") = std::nullopt,
+      "lckv-eval's text scoring: (loss sum, predictions scored, windows) over documents of token ids.");
   m.def("convergence_tolerance", &convergence_tolerance, py::arg("dtype"),
         "The KV convergence tolerance exact prefill uses for a compute dtype.");
   m.def("install_stop_handlers", &train::install_stop_handlers,

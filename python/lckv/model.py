@@ -31,13 +31,16 @@ class CausalLMOutput:
 
     loss: Optional[torch.Tensor]  # mean next-token cross-entropy, when labels are given
     logits: torch.Tensor  # [batch, tokens, vocab]
+    # output_hidden_states=True: num_hidden_layers + 1 tensors [batch, tokens, hidden], transformers'
+    # convention: the embedding output, each layer's output, the last one after the final norm.
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
 
-    def to_tuple(self) -> Tuple[torch.Tensor, ...]:
-        return tuple(v for v in (self.loss, self.logits) if v is not None)
+    def to_tuple(self) -> Tuple:
+        return tuple(v for v in (self.loss, self.logits, self.hidden_states) if v is not None)
 
     def __getitem__(self, key):
         if isinstance(key, str):
-            value = getattr(self, key, None) if key in ("loss", "logits") else None
+            value = getattr(self, key, None) if key in ("loss", "logits", "hidden_states") else None
             if value is None:
                 raise KeyError(key)
             return value
@@ -65,8 +68,11 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
     # accept fewer signatures than torch.nn.Module's (e.g. .to("cpu"), named_parameters(prefix=))
     # and train()/eval() return None, so the instance uses nn.Module's (through
     # ModuleWrapper._apply) and the methods below.
+    # The submodule walks (named_modules, children, ...) are nn.Module's too, over _CppSubmodule views
+    # of the C++ children (the C++ versions return objects that are not nn.Modules).
     _NN_MODULE_METHODS = (
-        "to", "cuda", "cpu", "float", "double", "half", "parameters", "named_parameters", "train", "eval", "zero_grad"
+        "to", "cuda", "cpu", "float", "double", "half", "parameters", "named_parameters", "train", "eval", "zero_grad",
+        "modules", "named_modules", "children", "named_children", "buffers", "named_buffers",
     )
 
     def __init__(self, config: Union[LCKVConfig, dict], *, init_weights: bool = True):
@@ -82,6 +88,7 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
     def _use_nn_module_methods(self) -> None:
         for name in self._NN_MODULE_METHODS:
             self.__dict__.pop(name, None)
+        self.__dict__["_modules"] = _wrap_children(self.cpp_module, "")
 
     @classmethod
     def _wrap(cls, cpp_module) -> "LCKVForCausalLM":
@@ -186,6 +193,7 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         convergence_tolerance: float = 0.0,
         return_dict: Optional[bool] = None,
         use_cache: Optional[bool] = None,
+        output_hidden_states: bool = False,
     ) -> Union[CausalLMOutput, Tuple[torch.Tensor, ...]]:
         """Logits [B, T, V] and, with labels, the mean next-token loss (labels aligned with
         input_ids, shifted inside; -100 ignored), as in Hugging Face.
@@ -199,6 +207,10 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         scale (lckv::IterationOptions::tolerance; exact prefill uses lckv._C.convergence_tolerance).
         Hugging Face's return_dict=False gives a tuple ((loss,) logits); use_cache is accepted and
         ignored (a forward over whole sequences keeps no cache: generate() uses the condensed one).
+        output_hidden_states=True adds out.hidden_states as transformers' LlamaModel reports them
+        (num_hidden_layers + 1 tensors: embeddings, layer outputs, the last after the final norm),
+        recorded in C++ from the final iteration of each cyclic segment (the supported way to see
+        inside the model: hooks on submodules cannot fire, their forward runs in C++).
         """
         if _is_compiling():
             _warn_once("torch.compile: LCKVForCausalLM's forward is C++ and is not traced; it runs eagerly")
@@ -210,10 +222,11 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
             raise ValueError(f"input_ids has no tokens (shape {tuple(input_ids.shape)}): expected [batch, tokens >= 1]")
         if attention_mask is not None:
             labels = _mask_padding(input_ids, labels, attention_mask)
-        logits, loss = self.cpp_module._forward(
-            input_ids, labels, forward_passes, backward_passes, sequential, kv_observer, convergence_tolerance
+        logits, loss, hidden = self.cpp_module._forward(
+            input_ids, labels, forward_passes, backward_passes, sequential, kv_observer, convergence_tolerance,
+            bool(output_hidden_states)
         )
-        out = CausalLMOutput(loss=loss, logits=logits)
+        out = CausalLMOutput(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden is not None else None)
         return out.to_tuple() if return_dict is False else out
 
     # ---- generation with the condensed KV cache (lckv::generate)
@@ -311,6 +324,63 @@ def _mask_padding(input_ids: torch.Tensor, labels: Optional[torch.Tensor], atten
     if labels is None:
         return None
     return labels.masked_fill(mask.to(labels.device) == 0, -100)
+
+
+class _CppSubmodule(torch.nn.cpp.ModuleWrapper):
+    """A submodule of LCKVForCausalLM as named_modules() / get_submodule() return it: an nn.Module
+    over the C++ submodule's parameters (so apply(), parameter walks and the like work) whose
+    forward runs only inside the C++ model. Hooks registered on it could never fire, so registering
+    one warns and says what to use instead; calling it raises."""
+
+    _HOOK_ADVICE = (
+        "for layer outputs use model(..., output_hidden_states=True), for the KVs of the parallel iterations "
+        "kv_observer=, or hook the top-level LCKVForCausalLM (its forward is Python)"
+    )
+
+    def __init__(self, cpp_module, name: str):
+        super().__init__(cpp_module)
+        for method in LCKVForCausalLM._NN_MODULE_METHODS:
+            self.__dict__.pop(method, None)
+        self.__dict__["_modules"] = _wrap_children(cpp_module, name)
+        self.__dict__["_lckv_name"] = name
+
+    def _warn_hook(self, kind: str) -> None:
+        warnings.warn(
+            f"{kind} on submodule '{self._lckv_name}' of LCKVForCausalLM will never fire: the model's forward runs "
+            f"in C++ and does not call submodules through Python; {self._HOOK_ADVICE}",
+            UserWarning, stacklevel=3)
+
+    def register_forward_hook(self, hook, **kwargs):
+        self._warn_hook("register_forward_hook")
+        return super().register_forward_hook(hook, **kwargs)
+
+    def register_forward_pre_hook(self, hook, **kwargs):
+        self._warn_hook("register_forward_pre_hook")
+        return super().register_forward_pre_hook(hook, **kwargs)
+
+    def register_full_backward_hook(self, hook, prepend: bool = False):
+        self._warn_hook("register_full_backward_hook")
+        return super().register_full_backward_hook(hook, prepend=prepend)
+
+    def register_full_backward_pre_hook(self, hook, prepend: bool = False):
+        self._warn_hook("register_full_backward_pre_hook")
+        return super().register_full_backward_pre_hook(hook, prepend=prepend)
+
+    def register_backward_hook(self, hook):
+        self._warn_hook("register_backward_hook")
+        return super().register_backward_hook(hook)
+
+    def forward(self, *args, **kwargs):
+        raise TypeError(f"submodule '{self._lckv_name}' of LCKVForCausalLM runs only inside the C++ model: call the "
+                        "top-level model (output_hidden_states=True returns each layer's output)")
+
+    def __repr__(self) -> str:
+        return f"_CppSubmodule({self._lckv_name!r})"
+
+
+def _wrap_children(cpp_module, prefix: str) -> "OrderedDict[str, _CppSubmodule]":
+    return OrderedDict((name, _CppSubmodule(child, f"{prefix}.{name}" if prefix else name))
+                       for name, child in cpp_module._modules.items())
 
 
 class FrozenConfig(LCKVConfig):

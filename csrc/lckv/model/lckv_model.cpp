@@ -48,6 +48,8 @@ torch::Tensor LCKVModelImpl::run_cyclic_segment(int segment, const Segment& seg,
         layer_list[l]->write_kv(x, cos, sin, kv);
       } else {
         x = layer_list[l]->forward(x, cos, sin, kv);
+        // Only the last iteration's layer outputs are the model's (the earlier ones read unconverged KVs).
+        if (last && counts.hidden_states && l + 1 < config.num_hidden_layers) counts.hidden_states(l + 1, x);
       }
     }
     if (last) out = x;
@@ -114,15 +116,20 @@ torch::Tensor LCKVModelImpl::forward_chunk(const torch::Tensor& input_ids, KVSto
                           : torch::arange(kv.past_length(), kv.past_length() + T, input_ids.options().dtype(torch::kLong));
   // Tables in the rotation's compute precision; ops::apply_rotary keeps q/k in their own dtype.
   auto [cos, sin] = rotary.cos_sin(pos, ops::accumulate_dtype(h.scalar_type()));
+  const int L = config.num_hidden_layers;
+  if (counts.hidden_states) counts.hidden_states(0, h);
   for (size_t s = 0; s < plan.segments.size(); ++s) {
     const Segment& seg = plan.segments[s];
     if (seg.cyclic) {
       h = run_cyclic_segment(static_cast<int>(s), seg, h, cos, sin, kv, counts);
     } else {
       h = layer_list[seg.first]->forward(h, cos, sin, kv);
+      if (counts.hidden_states && seg.first + 1 < L) counts.hidden_states(seg.first + 1, h);
     }
   }
-  return norm(h);
+  torch::Tensor out = norm(h);
+  if (counts.hidden_states) counts.hidden_states(L, out);
+  return out;
 }
 
 torch::Tensor LCKVModelImpl::forward(const torch::Tensor& input_ids, const IterationOptions& counts) {
@@ -130,12 +137,14 @@ torch::Tensor LCKVModelImpl::forward(const torch::Tensor& input_ids, const Itera
   return forward_chunk(input_ids, kv, counts);
 }
 
-torch::Tensor LCKVModelImpl::forward_sequential(const torch::Tensor& input_ids) {
+torch::Tensor LCKVModelImpl::forward_sequential(const torch::Tensor& input_ids, const HiddenStateObserver& hidden_states) {
   SequenceKV kv(config.num_hidden_layers);
   std::vector<torch::Tensor> outs;
   // One token per chunk: one iteration is exact, since a strict query never sees its own slot.
+  IterationOptions one_iteration{0, 1};
+  one_iteration.hidden_states = hidden_states;
   for (int64_t p = 0; p < input_ids.size(1); ++p) {
-    outs.push_back(forward_chunk(input_ids.narrow(1, p, 1), kv, {0, 1}));
+    outs.push_back(forward_chunk(input_ids.narrow(1, p, 1), kv, one_iteration));
     kv.append_chunk(1);
   }
   return torch::cat(outs, 1);
@@ -192,8 +201,9 @@ torch::Tensor LCKVForCausalLMImpl::next_token_loss(const torch::Tensor& input_id
   return lm_loss(lm_logits(hidden_states(input_ids, std::move(iterations))), targets);
 }
 
-CausalLMOutput LCKVForCausalLMImpl::forward_sequential(const torch::Tensor& input_ids, const torch::Tensor& labels) {
-  return head_and_loss(*this, model->forward_sequential(input_ids), labels);
+CausalLMOutput LCKVForCausalLMImpl::forward_sequential(const torch::Tensor& input_ids, const torch::Tensor& labels,
+                                                      const HiddenStateObserver& hidden_states) {
+  return head_and_loss(*this, model->forward_sequential(input_ids, hidden_states), labels);
 }
 
 void init_weights(LCKVForCausalLM& m) {

@@ -20,6 +20,11 @@ namespace lckv {
 using IterationObserver = std::function<void(int segment, int iteration, int layer, const torch::Tensor& k,
                                              const torch::Tensor& v)>;
 
+// Called with the hidden states [B, T, H] of a chunk as transformers' output_hidden_states reports
+// them: index 0 the embedding output, index i in [1, L) the output of layer i - 1 (of the final
+// iteration of its segment), index L the last layer's output after the final norm.
+using HiddenStateObserver = std::function<void(int index, const torch::Tensor& hidden)>;
+
 // Options of the parallel iterative forward: how many times each cyclic segment runs
 // (`forward_passes` (m) iterations without autograd, then `backward_passes` (b) with autograd;
 // under no-grad every iteration is a no-grad one) and an optional observer of the KVs.
@@ -33,6 +38,7 @@ struct IterationOptions {
   // fixed point is the sequential result), so the segment goes on with its grad / final iteration.
   // 0: always run every iteration (training: the counts shape the computation).
   double tolerance = 0;
+  HiddenStateObserver hidden_states;  // optional
 };
 
 // The convergence tolerance of exact prefill: a small multiple of the dtype's rounding (the fp32
@@ -49,8 +55,9 @@ struct LCKVModelImpl : torch::nn::Module {
                               const torch::Tensor& positions = {});
   // The parallel iterative forward over a whole sequence (training).
   torch::Tensor forward(const torch::Tensor& input_ids, const IterationOptions& counts);
-  // The sequential definition: one token at a time through all layers.
-  torch::Tensor forward_sequential(const torch::Tensor& input_ids);
+  // The sequential definition: one token at a time through all layers (`hidden_states`, if set, is
+  // called for every token: one chunk of one token).
+  torch::Tensor forward_sequential(const torch::Tensor& input_ids, const HiddenStateObserver& hidden_states = {});
 
   LCKVConfig config;
   IterationPlan plan;
@@ -79,7 +86,8 @@ struct LCKVForCausalLMImpl : torch::nn::Module {
   // config.use_sequential selects the sequential definition.
   CausalLMOutput forward(const torch::Tensor& input_ids, const torch::Tensor& labels = {},
                          std::optional<IterationOptions> counts = std::nullopt);
-  CausalLMOutput forward_sequential(const torch::Tensor& input_ids, const torch::Tensor& labels = {});
+  CausalLMOutput forward_sequential(const torch::Tensor& input_ids, const torch::Tensor& labels = {},
+                                    const HiddenStateObserver& hidden_states = {});
   // The mean next-token loss of input_ids [B, T] against targets [B, T] that are already next-token
   // targets (targets[t] is predicted at t; -100 ignored): what training and validation minimise.
   // Same computation as forward (iterations default to the config's; use_sequential honoured).

@@ -168,7 +168,7 @@ def test_bad_inputs_are_clear_errors(checkpoint, tmp_path, python):
         (model + ["--jsonl", str(tmp_path / "nofield.jsonl")], r"nofield\.jsonl:2: the record has no field 'text'"),
         (model + ["--jsonl", str(tmp_path / "notjson.jsonl")], r"notjson\.jsonl:2: not JSON"),
         (["--model", str(tmp_path / "no_tok"), "--text", str(d / "doc0.txt")],
-         r"no_tok' has no tokenizer \(looked for .*tokenizer\.model\)"),
+         r"no_tok' holds no tokenizer: looked for tokenizer\.model .* and tokenizer\.json"),
         (model + ["--text", str(d / "doc0.txt"), "--context", "33"],
          r"context 33 must be in \[1, max_position_embeddings = 32\]"),
         (model + ["--text", str(d / "doc0.txt"), "--seq-len", "8"], r"--seq-len"),

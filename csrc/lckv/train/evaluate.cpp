@@ -174,13 +174,7 @@ std::vector<std::string> read_documents(const std::vector<std::string>& files, b
 }
 
 std::string checkpoint_tokenizer(const std::string& checkpoint_dir) {
-  // TODO(merge): data::find_tokenizer(checkpoint_dir) (H3) replaces this lookup.
-  const std::filesystem::path path = std::filesystem::path(checkpoint_dir) / "tokenizer.model";
-  if (!std::filesystem::is_regular_file(path)) {
-    throw std::runtime_error("checkpoint '" + checkpoint_dir + "' has no tokenizer (looked for " + path.string() +
-                             "): pass --tokenizer");
-  }
-  return path.string();
+  return data::find_tokenizer(checkpoint_dir);  // one home for which files make a checkpoint's tokenizer
 }
 
 std::vector<std::vector<int64_t>> tokenize_documents(const std::vector<std::string>& files, bool jsonl,

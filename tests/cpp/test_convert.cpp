@@ -184,7 +184,13 @@ TEST_CASE("the identity conversion reproduces the source bitwise", "[convert]") 
 TEST_CASE("a converted checkpoint is complete: config, dtype, m/b/window, tokenizer files", "[convert]") {
   const TempDir tmp;
   const fs::path src = write_model(tmp.path / "src", "0_1_2_3", torch::kFloat, 5);
-  write_bytes(src / "tokenizer.json", "{\"model\": {}}");
+  // A minimal byte-level BPE tokenizer.json (copy_tokenizer checks that the file loads).
+  const std::string tokenizer_json =
+      R"({"version": "1.0", "added_tokens": [], "normalizer": null, "post_processor": null,)"
+      R"( "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},)"
+      R"( "decoder": {"type": "ByteLevel"}, "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2},)"
+      R"( "merges": ["a b"]}})";
+  write_bytes(src / "tokenizer.json", tokenizer_json);
   io::ConvertOptions o;
   o.layer_types = "0_2_2s_3";
   o.forward_passes = 5;
@@ -198,7 +204,7 @@ TEST_CASE("a converted checkpoint is complete: config, dtype, m/b/window, tokeni
   CHECK(c.sliding_window == 6);
   CHECK(c.torch_dtype == "bfloat16");
   CHECK(tensors_of(tmp.path / "out").at("model.norm.weight").scalar_type() == torch::kBFloat16);
-  CHECK(read_bytes(tmp.path / "out" / "tokenizer.json") == "{\"model\": {}}");
+  CHECK(read_bytes(tmp.path / "out" / "tokenizer.json") == tokenizer_json);
   // No temporary is left next to the output.
   for (const auto& e : fs::directory_iterator(tmp.path)) CHECK(e.path().filename().string().rfind(".tmp", 0) != 0);
   // In memory (from_pretrained(layer_types=...)): the same tensors as the directory.

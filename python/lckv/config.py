@@ -56,17 +56,19 @@ class LCKVConfig(_C.LCKVConfig):
             names.update(p.stem for p in d.glob("*.json"))
         return sorted(names)
 
+    # In memory the LCKV format is used: it keeps every field (a plain Llama's file form drops the LCKV-only
+    # ones, docs/design.md §5.1.1); files get the format transformers reads.
     def to_dict(self) -> Dict[str, Any]:
-        return json.loads(self.to_json())
+        return json.loads(self.to_json("lckv"))
 
     def to_json_file(self, path: PathLike) -> None:
         self.save(str(path))
 
     def copy(self) -> "LCKVConfig":
-        return type(self)(self.to_json())
+        return type(self)(self.to_json("lckv"))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _C.LCKVConfig) and self.to_dict() == json.loads(other.to_json())
+        return isinstance(other, _C.LCKVConfig) and self.to_dict() == json.loads(other.to_json("lckv"))
 
     def __repr__(self) -> str:
-        return f"LCKVConfig({self.to_json()})"
+        return f"LCKVConfig({self.to_json('lckv')})"

@@ -128,12 +128,12 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
         """The model's configuration, read-only: the C++ model was built from it, so changing a field
         here could not change the model (setting one raises). Per call, forward takes forward_passes=,
         backward_passes= and sequential=; for another architecture build a new model."""
-        return FrozenConfig(self.cpp_module._config.to_json())
+        return FrozenConfig(self.cpp_module._config.to_json("lckv"))
 
     # ---- copy.deepcopy, pickle and torch.save(model): the config and the weights
     def __reduce__(self):
         state = {name: t.detach().clone() for name, t in self.state_dict().items()}
-        return (_rebuild, (self.cpp_module._config.to_json(), state, self.training))
+        return (_rebuild, (self.cpp_module._config.to_json("lckv"), state, self.training))
 
     def _param_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
@@ -394,7 +394,7 @@ class FrozenConfig(LCKVConfig):
         )
 
     def copy(self) -> LCKVConfig:
-        return LCKVConfig(self.to_json())
+        return LCKVConfig(self.to_json("lckv"))
 
 
 _warned = set()

@@ -231,3 +231,38 @@ def test_python_m_lckv_lm_eval_front(setup, tmp_path, monkeypatch):
     lckv.lm_eval.main()
     results = json.loads(Path(glob.glob(str(tmp_path / "**" / "results_*.json"), recursive=True)[0]).read_text())
     assert results["config"]["model"] == "lckv" and results["results"]["lckv_test_ppl"]["word_perplexity,none"] > 1
+
+
+def test_lckv_reads_our_own_checkpoints_sentencepiece_tokenizer(tmp_path):
+    """Our programs' checkpoints carry a SentencePiece tokenizer.model plus the tokenizer_config.json that
+    save_pretrained writes for transformers: the adapter tokenizes with it exactly as our tokenizer does."""
+    import lckv
+    from lm_eval.api.instance import Instance
+
+    from lckv.lm_eval_adapter import LCKVLM
+
+    words = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "ba", "gu", "fe"]
+    text = tmp_path / "t.txt"
+    text.write_text("".join(words[i % 12] + words[i * 7 % 11] + (" " if i % 9 else ".\n") for i in range(2000)))
+    lckv.data.prepare_corpus([str(text)], str(tmp_path / "data"), vocab_size=300, val_fraction=0)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(tmp_path / "data" / "tokenizer.model", ckpt / "tokenizer.model")
+    torch.manual_seed(5)
+    cfg = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, layer_types="0_3_3_3", forward_passes=3, backward_passes=1)
+    LCKVForCausalLM(cfg).save_pretrained(ckpt)
+    lm = LCKVLM(pretrained=str(ckpt), batch_size=2, prefill="exact", dtype="float64")
+    sp = lckv.data.Tokenizer.load(str(ckpt / "tokenizer.model"))
+    context, continuation = "kalo mine", " suta"
+    ctx = [sp.bos_id] + sp.encode(context)
+    full = [sp.bos_id] + sp.encode(context + continuation)
+    assert full[:len(ctx)] == ctx
+    cont = full[len(ctx):]
+    (ll, _), = lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=(context, continuation),
+                                          idx=0)], disable_tqdm=True)
+    model = LCKVForCausalLM.from_pretrained(ckpt, dtype=torch.float64)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([full]), sequential=True).logits[0], -1)
+    want = logp[len(ctx) - 1:-1].gather(1, torch.tensor(cont).view(-1, 1)).sum().item()
+    assert abs(ll - want) <= 1e-9

@@ -232,7 +232,10 @@ std::string resolve_checkpoint_dir(const std::string& path) {
     const std::string run_dir = p.has_parent_path() ? p.parent_path().string() : std::string(".");
     return resolve_checkpoint_dir(*latest_in_run(run_dir));
   }
-  if (!fs::exists(p, ec)) throw FormatError("'" + path + "' does not exist: not a checkpoint directory");
+  if (!fs::exists(p, ec)) {
+    throw FormatError("'" + path + "' does not exist: expected a checkpoint directory (with config.json), a run "
+                      "directory of lckv-train or its 'latest' file");
+  }
   throw FormatError("'" + path + "' is not a checkpoint directory, a run directory or its 'latest' file");
 }
 

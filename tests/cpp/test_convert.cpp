@@ -17,7 +17,9 @@
 
 using namespace lckv;
 namespace fs = std::filesystem;
+using lckv::testing::Run;
 using lckv::testing::TempDir;
+using lckv::testing::run;
 using lckv::testing::read_bytes;
 using lckv::testing::write_bytes;
 using Catch::Matchers::Contains;
@@ -55,22 +57,6 @@ std::string kv(int layer, const std::string& part) {
 }
 
 const std::vector<std::string> kParts = {"k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias"};
-
-struct Run {
-  int status = -1;
-  std::string output;
-};
-
-Run run(const std::string& command) {
-  Run r;
-  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  char buf[4096];
-  for (size_t n; (n = fread(buf, 1, sizeof buf, pipe)) > 0;) r.output.append(buf, n);
-  const int status = pclose(pipe);
-  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return r;
-}
 
 const std::string kConvert = std::string(LCKV_BINARY_DIR) + "/lckv-convert";
 

@@ -1,7 +1,9 @@
 // Temporary directories and whole-file reads and writes shared by the C++ tests.
 #pragma once
 
+#include <stdio.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -46,6 +48,24 @@ inline std::vector<std::string> entries(const std::filesystem::path& dir) {
 inline std::string read_bytes(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// A program's exit status (128 + signal when killed) and its stdout and stderr together.
+struct Run {
+  int status = -1;
+  std::string output;
+};
+
+// Runs a shell command line, capturing its output. Throws if the shell cannot be started.
+inline Run run(const std::string& command) {
+  Run r;
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  if (pipe == nullptr) throw std::runtime_error("popen failed for: " + command);
+  char buf[4096];
+  for (size_t n; (n = fread(buf, 1, sizeof buf, pipe)) > 0;) r.output.append(buf, n);
+  const int status = pclose(pipe);
+  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return r;
 }
 
 }  // namespace lckv::testing

@@ -4,9 +4,6 @@
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
-#include <stdio.h>
-#include <sys/wait.h>
-
 #include <cmath>
 #include <limits>
 #include <string>
@@ -16,6 +13,8 @@
 
 using namespace lckv;
 using Catch::Contains;
+using lckv::testing::Run;
+using lckv::testing::run;
 
 namespace {
 
@@ -25,23 +24,6 @@ LCKVConfig small_config(const std::string& layer_types, int layers, nlohmann::js
                       {"layer_types", layer_types}, {"forward_passes", 2},      {"backward_passes", 1}};
   j.merge_patch(extra);
   return LCKVConfig::from_json(j);
-}
-
-struct Run {
-  int status = -1;
-  std::string output;  // stdout and stderr
-};
-
-// Runs a shell command line, capturing its output.
-Run run(const std::string& command) {
-  Run r;
-  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  char buf[4096];
-  for (size_t n; (n = fread(buf, 1, sizeof buf, pipe)) > 0;) r.output.append(buf, n);
-  const int status = pclose(pipe);
-  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return r;
 }
 
 const std::string kGenerate = std::string(LCKV_BINARY_DIR) + "/lckv-generate";

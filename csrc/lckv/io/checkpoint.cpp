@@ -233,7 +233,7 @@ std::string resolve_checkpoint_dir(const std::string& path) {
     return resolve_checkpoint_dir(*latest_in_run(run_dir));
   }
   if (!fs::exists(p, ec)) {
-    throw FormatError("'" + path + "' does not exist: expected a checkpoint directory (with config.json), a run "
+    throw FormatError("'" + path + "' does not exist: not a checkpoint directory (with config.json), a run "
                       "directory of lckv-train or its 'latest' file");
   }
   throw FormatError("'" + path + "' is not a checkpoint directory, a run directory or its 'latest' file");

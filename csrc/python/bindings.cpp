@@ -368,6 +368,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("residual_add", &ops::residual_add, py::arg("h"), py::arg("branch"),
         py::call_guard<py::gil_scoped_release>());
   m.def("swiglu", &ops::swiglu, py::arg("gate"), py::arg("up"), py::call_guard<py::gil_scoped_release>());
+  m.def("linear", [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+          return ops::linear(x, w, b.value_or(at::Tensor()));
+        }, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
   m.def("cross_entropy", &ops::cross_entropy, py::arg("logits"), py::arg("targets"), py::arg("ignore_index"),
         py::call_guard<py::gil_scoped_release>());
   m.def("fused_cpu_capability", &ops::fused_cpu_capability);

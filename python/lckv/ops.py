@@ -60,6 +60,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _C.swiglu(gate, up)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ weight.T + bias, as torch.nn.functional.linear (with autograd). On CPU, without autograd or
+    autocast and for at most a few rows (decode), one streaming kernel instead of oneDNN's matmul,
+    whose fixed cost per call dominates a decode step."""
+    return _C.linear(x, weight, bias)
+
+
 def residual_add(h: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """h + branch in the promoted dtype, with autograd. For an fp32 residual stream and a bf16/fp16
     branch (the autocast case) one fused pass on CPU, without the fp32 copy of the branch a

@@ -2,10 +2,12 @@
 // this machine runs, forward and backward against naive fp64 formulas differentiated by autograd.
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
+#include <ATen/autocast_mode.h>
 
 #include <cmath>
 #include <string>
 
+#include "lckv/ops/cpu/fused_kernels.h"
 #include "lckv/ops/fused_ops.h"
 #include "test_reference.h"
 
@@ -207,6 +209,69 @@ TEST_CASE("cross_entropy matches log_softmax + nll in fp64, with ignored targets
       const torch::Tensor flat = full.narrow(1, 0, T).reshape({-1, V}).to(dt);
       CHECK(std::abs(ops::cross_entropy(flat, targets.reshape({-1})).item<double>() - loss.item<double>()) < 1e-6);
     }
+  }
+}
+
+TEST_CASE("linear of few rows (the decode kernel) matches the fp64 product, in every variant", "[ops][fused][linear]") {
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(11);
+  for (const std::string& variant : ops::runnable_fused_cpu_capabilities()) {
+    ops::ScopedFusedCpuCapability scoped(variant);
+    for (torch::ScalarType dt : {torch::kDouble, torch::kFloat, torch::kBFloat16, torch::kHalf}) {
+      for (int64_t K : {1, 33, 64, 519}) {
+        for (int64_t N : {1, 5, 64, 131}) {
+          for (bool with_bias : {false, true}) {
+            const torch::Tensor w = torch::randn({N, K}, torch::kDouble).to(dt);
+            const torch::Tensor b = with_bias ? torch::randn({N}, torch::kDouble).to(dt) : torch::Tensor();
+            const torch::Tensor x = torch::randn({2, 5, K}, torch::kDouble).to(dt);  // 10 rows: above the cut
+            for (int64_t M : {1, 2, 3, 4, 5, 8}) {
+              INFO(variant << " " << dt << " K " << K << " N " << N << " M " << M << " bias " << with_bias);
+              const torch::Tensor xm = x.view({-1, K}).narrow(0, 0, M);
+              const torch::Tensor got = ops::linear(xm, w, b);
+              REQUIRE(got.scalar_type() == dt);
+              REQUIRE(got.sizes() == torch::IntArrayRef({M, N}));
+              torch::Tensor want = xm.to(torch::kDouble).matmul(w.to(torch::kDouble).t());
+              if (with_bias) want = want + b.to(torch::kDouble);
+              // Error bound: one rounding of the result plus the accumulation's, relative to sum |x||w|.
+              const torch::Tensor magnitude = xm.to(torch::kDouble).abs().matmul(w.to(torch::kDouble).abs().t()) +
+                                              (with_bias ? b.to(torch::kDouble).abs() : torch::zeros({N}, torch::kDouble));
+              const double unit = dt == torch::kDouble ? 1e-15 : dt == torch::kFloat ? 1e-6 : dt == torch::kHalf ? 1e-3 : 8e-3;
+              const torch::Tensor err = (got.to(torch::kDouble) - want).abs() - unit * (magnitude + 1e-30) * 4;
+              CHECK(err.max().item<double>() <= 0);
+              // In the kernel each row's result is the same bits whatever the other rows: a row of M is the row
+              // alone. (Above kSmallLinearRows at::linear takes over.)
+              if (M <= lckv::ops::cpu::kSmallLinearRows) {
+                CHECK(torch::equal(ops::linear(xm.narrow(0, M - 1, 1), w, b), got.narrow(0, M - 1, 1)));
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("linear keeps at::linear's autograd, autocast, shapes and strides outside the decode kernel", "[ops][fused][linear]") {
+  torch::manual_seed(12);
+  const torch::Tensor w = torch::randn({6, 16}, torch::kDouble).requires_grad_(true);
+  const torch::Tensor x = torch::randn({3, 16}, torch::kDouble);
+  const torch::Tensor y = ops::linear(x, w);
+  REQUIRE(y.requires_grad());  // a grad path goes to at::linear
+  y.sum().backward();
+  CHECK(rel_err(w.grad(), x.sum(0).expand({6, 16})) < 1e-12);
+  {
+    torch::NoGradGuard no_grad;
+    // A batch [B, T, K] view with strides is read correctly; more rows than the cut take at::linear.
+    const torch::Tensor xt = torch::randn({16, 2, 3}, torch::kDouble).permute({1, 2, 0});
+    CHECK(rel_err(ops::linear(xt, w), at::linear(xt, w)) < 1e-12);
+    const torch::Tensor big = torch::randn({40, 16}, torch::kDouble);
+    CHECK(rel_err(ops::linear(big, w), at::linear(big, w)) < 1e-12);
+    // Under autocast the product is at::linear's (bf16 result from fp32 operands).
+    const torch::Tensor wf = w.detach().to(torch::kFloat), xf = x.to(torch::kFloat);
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+    const torch::Tensor ya = ops::linear(xf, wf);
+    at::autocast::set_autocast_enabled(at::kCPU, false);
+    CHECK(ya.scalar_type() == at::autocast::get_autocast_dtype(at::kCPU));
   }
 }
 

@@ -9,7 +9,7 @@
 namespace lckv {
 
 torch::Tensor linear(const torch::nn::Linear& layer, const torch::Tensor& x) {
-  return at::linear(x, layer->weight, layer->bias);
+  return ops::linear(x, layer->weight, layer->bias);
 }
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {

@@ -13,6 +13,7 @@ namespace lckv {
 // y = x W^T + b through at::linear. torch::nn::Linear::forward multiplies by weight.t(), a view,
 // and autocast never caches casts of views: every use re-cast the fp32 weight (9 uses per step in
 // an LCKV segment with m + b = 9). With at::linear autocast casts each weight once per step.
+// (ops::linear: at::linear, or its few-row kernel in decode.)
 torch::Tensor linear(const torch::nn::Linear& layer, const torch::Tensor& x);
 
 // Llama RMSNorm (ops::rms_norm). Statistics in fp32 for low-precision inputs (as HF), in fp64 for

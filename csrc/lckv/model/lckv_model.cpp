@@ -158,7 +158,7 @@ LCKVForCausalLMImpl::LCKVForCausalLMImpl(const LCKVConfig& c) : config(c) {
 }
 
 torch::Tensor LCKVForCausalLMImpl::lm_logits(const torch::Tensor& hidden) {
-  return lm_head ? linear(lm_head, hidden) : at::linear(hidden, model->embed_tokens->weight);
+  return lm_head ? linear(lm_head, hidden) : ops::linear(hidden, model->embed_tokens->weight);
 }
 
 torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& targets) {

@@ -4,6 +4,7 @@
 
 #include <ATen/Version.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 
@@ -230,6 +231,28 @@ at::Tensor residual_add(const at::Tensor& h, const at::Tensor& branch) {
     return ResidualAddFunction::apply(h, branch);
   }
   return h + branch;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  const auto dt = x.scalar_type();
+  const bool small = x.device().is_cpu() && x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1) &&
+                     x.numel() <= cpu::kSmallLinearRows * x.size(-1) && x.numel() > 0 && weight.scalar_type() == dt &&
+                     (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble) &&
+                     weight.device().is_cpu() && (!bias.defined() || (bias.scalar_type() == dt && bias.dim() == 1 &&
+                                                                     bias.size(0) == weight.size(0) &&
+                                                                     bias.device().is_cpu())) &&
+                     !at::autocast::is_autocast_enabled(at::kCPU);
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || weight.requires_grad() || (bias.defined() && bias.requires_grad()));
+  if (!small || grad) return at::linear(x, weight, bias);
+  RECORD_FUNCTION("lckv::linear", std::vector<c10::IValue>());  // profilers see the kernel
+  const int64_t K = x.size(-1), N = weight.size(0);
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = N;
+  at::Tensor out = at::empty(sizes, x.options().memory_format(at::MemoryFormat::Contiguous));
+  kernels().small_linear(x.reshape({-1, K}).contiguous(), weight.contiguous(),
+                         bias.defined() ? bias.contiguous() : bias, out.view({-1, N}));
+  return out;
 }
 
 at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {

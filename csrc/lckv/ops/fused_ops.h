@@ -27,6 +27,11 @@ at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
 // under autocast) in one pass, without the fp32 copy of the branch that a mixed-dtype add makes.
 at::Tensor residual_add(const at::Tensor& h, const at::Tensor& branch);
 
+// y = x W^T + b, as at::linear. On CPU, without autograd or autocast and with at most kSmallLinearRows rows
+// (decode), one streaming kernel instead of oneDNN's bf16 matmul (whose per-call cost dominates a decode step:
+// fused_kernels.h); the result equals at::linear's up to the order of the fp32 (fp64) summation.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {});
+
 // Mean cross-entropy of logits [B, T, V] (or [N, V]) against targets [B, T] (or [N]) over the
 // targets != ignore_index, with log-softmax statistics in fp32 (fp64 for fp64 logits), as
 // F.cross_entropy(logits.float(), targets) but without the fp32 copy of the logits.

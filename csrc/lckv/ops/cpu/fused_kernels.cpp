@@ -671,13 +671,100 @@ void block_softmax_backward(const at::Tensor& scores, const at::Tensor& dp, cons
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Linear layers of few rows (decode)
+
+// Rows [n, n + NR) of W against rows [m0, m0 + MB) of x (in the acc dtype): NR * MB dot products sharing
+// each load, two independent accumulators per product (the two halves of a load) to hide the FMA latency.
+constexpr int64_t kPrefetchRows = 16;
+
+template <typename T, int NR, int MB>
+void small_linear_tile(const T* w, const acc_t<T>* xa, int64_t K, int64_t N, const T* bias, T* out,
+                       int64_t row0, int64_t m0) {
+  using A = acc_t<T>;
+  using In = Lanes<T, A>;
+  using Acc = Lanes<A, A>;
+  using V = typename In::V;
+  V lo[NR][MB], hi[NR][MB];
+  for (int r = 0; r < NR; ++r) {
+    for (int m = 0; m < MB; ++m) lo[r][m] = hi[r][m] = V(A(0));
+  }
+  const bool prefetch = row0 + NR + kPrefetchRows <= N;
+  // Full steps without the tail's bounds (so the loop has no branch), then the tail.
+  auto step = [&](int64_t d, int64_t n) {
+    std::pair<V, V> wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = In::load(w + (row0 + r) * K + d, n);
+    // The rows a few tiles on: DRAM latency is what a decode step waits on.
+    if (prefetch) {
+      for (int r = 0; r < NR; ++r) __builtin_prefetch(w + (row0 + r + kPrefetchRows) * K + d);
+    }
+    for (int m = 0; m < MB; ++m) {
+      auto [xl, xh] = Acc::load(xa + (m0 + m) * K + d, n);
+      for (int r = 0; r < NR; ++r) {
+        lo[r][m] = at::vec::fmadd(wv[r].first, xl, lo[r][m]);
+        hi[r][m] = at::vec::fmadd(wv[r].second, xh, hi[r][m]);
+      }
+    }
+  };
+  const int64_t full = K / In::kStep * In::kStep;
+  for (int64_t d = 0; d < full; d += In::kStep) step(d, In::kStep);
+  if (full < K) step(full, K - full);
+  for (int r = 0; r < NR; ++r) {
+    const A b = bias ? static_cast<A>(bias[row0 + r]) : A(0);
+    for (int m = 0; m < MB; ++m) out[(m0 + m) * N + row0 + r] = static_cast<T>(sum_lanes(lo[r][m] + hi[r][m]) + b);
+  }
+}
+
+template <typename T, int NR>
+void small_linear_rows(const T* w, const acc_t<T>* xa, int64_t M, int64_t K, int64_t N, const T* bias,
+                       T* out, int64_t n) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) small_linear_tile<T, NR, 4>(w, xa, K, N, bias, out, n, m0);
+  switch (M - m0) {
+    case 3: small_linear_tile<T, NR, 3>(w, xa, K, N, bias, out, n, m0); break;
+    case 2: small_linear_tile<T, NR, 2>(w, xa, K, N, bias, out, n, m0); break;
+    case 1: small_linear_tile<T, NR, 1>(w, xa, K, N, bias, out, n, m0); break;
+    default: break;
+  }
+}
+
+template <typename T>
+void small_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& out) {
+  using A = acc_t<T>;
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const T* xp = x.const_data_ptr<T>();
+  std::vector<A> xa(M * K);
+  for (int64_t i = 0; i < M * K; ++i) xa[i] = static_cast<A>(xp[i]);
+  const T* wp = w.const_data_ptr<T>();
+  const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  T* op = out.mutable_data_ptr<T>();
+  // A task streams >= 256 KiB of W: smaller products run on the calling thread (waking a passive OpenMP
+  // pool costs more than they do); pairs of W rows, so the grain is even.
+  const int64_t grain = std::max<int64_t>(2, (int64_t(256) << 10) / std::max<int64_t>(1, K * int64_t(sizeof(T))));
+  at::parallel_for(0, (N + 1) / 2, grain / 2, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t n = 2 * pair;
+      if (n + 2 <= N) {
+        small_linear_rows<T, 2>(wp, xa.data(), M, K, N, bp, op, n);
+      } else {
+        small_linear_rows<T, 1>(wp, xa.data(), M, K, N, bp, op, n);
+      }
+    }
+  });
+}
+
+void small_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "small_linear",
+                                  [&] { small_linear_impl<scalar_t>(x, w, bias, out); });
+}
+
 }  // namespace
 
 const FusedKernels& fused_kernels() {
   static const FusedKernels table{rms_norm_forward,      rms_norm_backward,     rotary,
                                   swiglu_forward,        swiglu_backward,       residual_add,
                                   cross_entropy_forward, cross_entropy_backward, attention_rows,
-                                  block_softmax,         block_softmax_backward};
+                                  block_softmax,         block_softmax_backward, small_linear};
   return table;
 }
 

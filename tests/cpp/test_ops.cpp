@@ -233,6 +233,9 @@ const HiddenCase kHiddenCases[] = {
     {"key_start, strict, window, q_offset", 3, 8, 2, 3, 10, true, 4, 5, {2, 0, 6}},
     {"decode with left padding, slots after", 3, 8, 2, 1, 9, false, 0, 5, {1, 4, 0}},
     {"decode through a strict window, slots after", 1, 4, 2, 1, 12, true, 3, 7, {}},
+    // Blocks' key ranges widened to multiples of 16 take in keys no row of the block sees, at both ends.
+    {"strict over 40 keys: widened blocks", 1, 4, 2, 40, 40, true, 0, 0, {}},
+    {"window 9 over 37 keys, slots after: widened blocks", 1, 4, 2, 30, 37, false, 9, 0, {}},
 };
 
 }  // namespace

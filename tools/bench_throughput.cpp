@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <chrono>
 #include <fstream>
 #include <iostream>
 
@@ -168,7 +169,17 @@ int main(int argc, char** argv) {
               {"batch" + std::to_string(latency_batch) + "_top_k", latency_batch, top_k, {}}};
       }
       const Scenario sc{latency_prompt, latency_new};
+      // A decode step at batch 1 reads every weight once: its floor is the weights' bytes over the memory
+      // read rate, measured in each round by summing a buffer far larger than the caches.
+      const torch::Tensor stream = torch::ones({int64_t(64) << 20}, torch::kFloat);  // 256 MiB
+      std::vector<double> read_gb_per_s;
       for (int r = 0; r <= latency_rounds; ++r) {  // round 0 warms up
+        {
+          const auto t0 = std::chrono::steady_clock::now();
+          const double sum = stream.sum().item<double>();
+          const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          if (r > 0 && sum > 0) read_gb_per_s.push_back(double(stream.nbytes()) / s / 1e9);
+        }
         for (size_t i = 0; i < models.size(); ++i) {
           for (Mode& mode : modes[i]) {
             lckv::GenerationConfig g = base;
@@ -183,8 +194,17 @@ int main(int argc, char** argv) {
         return v[v.size() / 2];
       };
       nlohmann::json lat = nlohmann::json::array();
+      const double read_rate = median(read_gb_per_s);
       for (size_t i = 0; i < models.size(); ++i) {
         nlohmann::json j = {{"config", models[i].path}};
+        int64_t weight_bytes = 0;  // what a step reads: all but an untied embedding table (one row of it)
+        for (const auto& p : models[i].model->named_parameters()) {
+          if (!models[i].config.tie_word_embeddings && p.key() == "model.embed_tokens.weight") continue;
+          weight_bytes += p.value().nbytes();
+        }
+        j["weight_bytes"] = weight_bytes;
+        j["batch1_bandwidth_floor_ms"] = 1e3 * double(weight_bytes) / (read_rate * 1e9);
+        j["batch1_over_bandwidth_floor"] = median(modes[i][0].ms) / j["batch1_bandwidth_floor_ms"].get<double>();
         for (const Mode& mode : modes[i]) j[mode.name + "_ms_per_step"] = median(mode.ms), j[mode.name + "_rounds_ms"] = mode.ms;
         j["top_p_over_greedy"] = median(modes[i][2].ms) / median(modes[i][1].ms);
         j["top_k_over_greedy"] = median(modes[i][3].ms) / median(modes[i][1].ms);
@@ -193,6 +213,7 @@ int main(int argc, char** argv) {
         lat.push_back(j);
       }
       result["decode_latency"] = {{"rounds", latency_rounds}, {"prompt", latency_prompt}, {"new_tokens", latency_new},
+                                  {"memory_read_gb_per_s", read_rate}, {"memory_read_rounds_gb_per_s", read_gb_per_s},
                                   {"machine_shared", true}, {"runs", lat}};
     }
     if (latency_only) {

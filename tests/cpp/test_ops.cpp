@@ -260,37 +260,39 @@ TEST_CASE("keys and values that no query sees never reach an output or gradient,
       if (path == lckv::ops::CpuAttentionPath::kFlash && !c.key_start.empty()) continue;
       const torch::Tensor q = torch::randn({c.B, c.Hq, c.T, D}).to(dt), k = torch::randn({c.B, c.Hkv, c.S, D}).to(dt),
                           v = torch::randn({c.B, c.Hkv, c.S, D}).to(dt), g = torch::randn({c.B, c.Hq, c.T, D}).to(dt);
-      AttentionParams p{{c.strict, c.window, c.q_offset}, 0, 2, path};
-      if (!c.key_start.empty()) p.mask.key_start = torch::tensor(c.key_start, torch::kLong);
-      const torch::Tensor hidden =
-          lckv::testing::keys_no_query_sees(c.B, c.T, c.S, c.strict, c.window, c.q_offset, c.key_start);
-      INFO(c.what << ", dtype " << dt << ", path " << int(path));
-      REQUIRE(hidden.any().item<bool>());
-      // out, dq, dk, dv through the differentiable op, then through the blocked path directly.
-      auto run = [&](const torch::Tensor& kk, const torch::Tensor& vv) {
-        std::vector<torch::Tensor> leaves = {q.clone().requires_grad_(true), kk.clone().requires_grad_(true),
-                                             vv.clone().requires_grad_(true)};
-        const torch::Tensor out = condensed_attention(leaves[0], leaves[1], leaves[2], p);
-        std::vector<torch::Tensor> r = {out.detach()};
-        for (const torch::Tensor& grad : torch::autograd::grad({(out * g).sum()}, leaves)) r.push_back(grad);
-        auto [bout, blse] = lckv::ops::condensed_attention_forward(q, kk, vv, p);
-        auto [bdq, bdk, bdv] = lckv::ops::condensed_attention_backward(g, q, kk, vv, bout, blse, p);
-        for (const torch::Tensor& t : {bout, blse, bdq, bdk, bdv}) r.push_back(t);
-        return r;
-      };
-      const std::vector<torch::Tensor> clean = run(k, v);
-      const char* names[] = {"out", "dq", "dk", "dv", "blocked out", "blocked lse", "blocked dq", "blocked dk",
-                             "blocked dv"};
-      for (double poison : {double(NAN), double(INFINITY), -double(INFINITY)}) {
-        INFO("hidden keys and values hold " << poison);
-        const std::vector<torch::Tensor> got = run(k.masked_fill(hidden, poison), v.masked_fill(hidden, -poison));
-        for (size_t i = 0; i < got.size(); ++i) {
-          INFO(names[i]);
-          CHECK(torch::equal(got[i], clean[i]));
-        }
-        for (size_t i : {2, 3, 7, 8}) {
-          INFO(names[i]);
-          CHECK(got[i].masked_select(hidden.expand_as(got[i])).eq(0).all().item<bool>());
+      for (int64_t block : {2, 256}) {  // many blocks, and one (the backward's single-block path)
+        AttentionParams p{{c.strict, c.window, c.q_offset}, 0, block, path};
+        if (!c.key_start.empty()) p.mask.key_start = torch::tensor(c.key_start, torch::kLong);
+        const torch::Tensor hidden =
+            lckv::testing::keys_no_query_sees(c.B, c.T, c.S, c.strict, c.window, c.q_offset, c.key_start);
+        INFO(c.what << ", dtype " << dt << ", path " << int(path) << ", query block " << block);
+        REQUIRE(hidden.any().item<bool>());
+        // out, dq, dk, dv through the differentiable op, then through the blocked path directly.
+        auto run = [&](const torch::Tensor& kk, const torch::Tensor& vv) {
+          std::vector<torch::Tensor> leaves = {q.clone().requires_grad_(true), kk.clone().requires_grad_(true),
+                                               vv.clone().requires_grad_(true)};
+          const torch::Tensor out = condensed_attention(leaves[0], leaves[1], leaves[2], p);
+          std::vector<torch::Tensor> r = {out.detach()};
+          for (const torch::Tensor& grad : torch::autograd::grad({(out * g).sum()}, leaves)) r.push_back(grad);
+          auto [bout, blse] = lckv::ops::condensed_attention_forward(q, kk, vv, p);
+          auto [bdq, bdk, bdv] = lckv::ops::condensed_attention_backward(g, q, kk, vv, bout, blse, p);
+          for (const torch::Tensor& t : {bout, blse, bdq, bdk, bdv}) r.push_back(t);
+          return r;
+        };
+        const std::vector<torch::Tensor> clean = run(k, v);
+        const char* names[] = {"out", "dq", "dk", "dv", "blocked out", "blocked lse", "blocked dq", "blocked dk",
+                               "blocked dv"};
+        for (double poison : {double(NAN), double(INFINITY), -double(INFINITY)}) {
+          INFO("hidden keys and values hold " << poison);
+          const std::vector<torch::Tensor> got = run(k.masked_fill(hidden, poison), v.masked_fill(hidden, -poison));
+          for (size_t i = 0; i < got.size(); ++i) {
+            INFO(names[i]);
+            CHECK(torch::equal(got[i], clean[i]));
+          }
+          for (size_t i : {2, 3, 7, 8}) {
+            INFO(names[i]);
+            CHECK(got[i].masked_select(hidden.expand_as(got[i])).eq(0).all().item<bool>());
+          }
         }
       }
     }

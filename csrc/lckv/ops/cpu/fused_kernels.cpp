@@ -758,13 +758,49 @@ void small_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
                                   [&] { small_linear_impl<scalar_t>(x, w, bias, out); });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Row dot products (rowsum(dO * O) of the attention backward)
+
+template <typename T>
+void row_dot_impl(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
+  using A = acc_t<T>;
+  using In = Lanes<T, A>;
+  const int64_t H = a.size(1), T_ = a.size(2), D = a.size(3);
+  const int64_t rows = a.size(0) * H * T_;
+  const T* ap = a.const_data_ptr<T>();
+  const T* bp = b.const_data_ptr<T>();
+  A* op = out.mutable_data_ptr<A>();
+  auto offset = [&](const at::Tensor& t, int64_t r) {
+    return (r / (H * T_)) * t.stride(0) + (r / T_ % H) * t.stride(1) + (r % T_) * t.stride(2);
+  };
+  at::parallel_for(0, rows, row_grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* ar = ap + offset(a, r);
+      const T* br = bp + offset(b, r);
+      typename In::V acc(A(0));
+      for (int64_t d = 0; d < D; d += In::kStep) {
+        auto [a0, a1] = In::load(ar + d, D - d);
+        auto [b0, b1] = In::load(br + d, D - d);
+        acc = at::vec::fmadd(a0, b0, at::vec::fmadd(a1, b1, acc));
+      }
+      op[r] = sum_lanes(acc);
+    }
+  });
+}
+
+void row_dot(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "row_dot",
+                                  [&] { row_dot_impl<scalar_t>(a, b, out); });
+}
+
 }  // namespace
 
 const FusedKernels& fused_kernels() {
   static const FusedKernels table{rms_norm_forward,      rms_norm_backward,     rotary,
                                   swiglu_forward,        swiglu_backward,       residual_add,
                                   cross_entropy_forward, cross_entropy_backward, attention_rows,
-                                  block_softmax,         block_softmax_backward, small_linear};
+                                  block_softmax,         block_softmax_backward, small_linear,
+                                  row_dot};
   return table;
 }
 

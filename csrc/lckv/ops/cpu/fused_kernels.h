@@ -69,6 +69,9 @@ struct FusedKernels {
   // fp64); bias [N] of that dtype or undefined. Each output is one fp32 (fp64) dot product in a fixed order, the
   // same for any M, thread count or row split, rounded once. Streams W once; parallel over N only for large W.
   void (*small_linear)(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& out);
+  // out [B, H, T] contiguous (acc dtype) = sum_d a[b, h, t, d] * b[b, h, t, d] for a, b [B, H, T, D] of one dtype
+  // with unit stride in D (any other strides): the attention backward's rowsum(dO * O).
+  void (*row_dot)(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out);
 };
 
 // ops::linear hands products of at most this many rows to small_linear: up to here it beats oneDNN's bf16

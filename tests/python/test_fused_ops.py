@@ -94,3 +94,21 @@ def test_bad_input_names_the_problem():
 
 def test_a_fused_variant_is_reported():
     assert ops.fused_cpu_capability() in ("DEFAULT", "AVX2", "AVX512")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_linear_matches_the_fp64_product_with_and_without_bias(rows):
+    # rows <= 4 without grad: the decode kernel; more rows or grad: at::linear (the same result).
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 37, dtype=torch.float64)
+    w = torch.randn(11, 37, dtype=torch.float64)
+    b = torch.randn(11, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.linear(x, w), x @ w.T, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(ops.linear(x, w, b), x @ w.T + b, rtol=1e-13, atol=1e-13)
+        got = ops.linear(x.bfloat16(), w.bfloat16(), b.bfloat16())
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), x.bfloat16().double() @ w.bfloat16().double().T + b.bfloat16().double(),
+                                   rtol=1e-2, atol=3e-2)
+    xg = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: ops.linear(a, w, b), (xg,))

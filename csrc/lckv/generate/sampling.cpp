@@ -179,21 +179,26 @@ void keep_top_k(T* x, int64_t V, int64_t k, Scratch<T>& s) {
   }
 }
 
-// The rank of the first token that top-p drops among keys[0, n) (ranked, after tokens of mass `before`),
-// or -1: a token is dropped
-// when cumsum - p >= top_p at its rank, exactly as
+// Whether top-p drops a token of probability prob with running sum `running` (its own p included) at
+// its rank: cumsum - p >= top_p, exactly as
 //   probs = p[ranked]; drop = (probs.cumsum(-1) - probs) >= top_p
 // evaluates: the running sum accumulates in double and is rounded to T at each rank (ATen's CPU cumsum
 // accumulates float in double), the difference is taken in T, and top_p compared as a T (a float
 // tensor against a double scalar compares in float).
+template <typename T>
+inline bool dropped(double running, T prob, T threshold) {
+  return static_cast<T>(static_cast<T>(running) - prob) >= threshold;
+}
+
+// The rank of the first token that top-p drops among keys[0, n) (ranked, after tokens of mass `before`),
+// or -1.
 template <typename T, typename Key>
 int64_t first_dropped(const Key* keys, int64_t n, const T* p, T threshold, double before) {
   double running = before;
   for (int64_t i = 0; i < n; ++i) {
     const T prob = p[key_id(keys[i])];
     running += prob;
-    const T cum = static_cast<T>(running);
-    if (static_cast<T>(cum - prob) >= threshold) return i;
+    if (dropped(running, prob, threshold)) return i;
   }
   return -1;
 }
@@ -203,18 +208,19 @@ int64_t first_dropped(const Key* keys, int64_t n, const T* p, T threshold, doubl
 // a token is dropped every later one is too (cumsum - p does not decrease down the ranking, as p does
 // not increase), so only the ranks up to the cut need ranking, and of those only as much as the exact
 // running sum needs. Three ways to find the cut, the first two falling back to the third:
-// - peaked rows (the nucleus is a small part of the vocabulary): only candidates are ranked, the tokens
+// - fp32 (cut_in_logit_buckets): a partial sum in double of fp32 p's that are all >= 2^-29 is exact
+//   (multiples of 2^-52 below 2) whatever the order, so the running sum at a rank is just the mass of
+//   the tokens ranked up to it. A histogram of mass over V/4 equal-width logit buckets locates the
+//   bucket of the cut (the first whose last, least likely, token is dropped with the mass up to the
+//   bucket's end), and only that bucket's few tokens are ranked. Used while the buckets up to the cut
+//   hold no p below 2^-29 (with top_p <= 0.999 practically always), flat row or peaked;
+// - fp64 rows whose nucleus is small (cut_among_candidates): only candidates are ranked, the tokens
 //   in the buckets of a histogram of mass over p's float exponent (8 buckets an octave) from the top
 //   until their mass passes top_p, plus one more bucket; accepted when the cut is among them and every
 //   token left out has a lower logit;
-// - flat fp32 rows whose every probability is 0 or >= 2^-29: then every partial sum of the p's in
-//   double is exact (multiples of 2^-52 below 2), whatever the order, so the running sum at a rank
-//   is the mass of the tokens ranked up to it. A histogram of mass over V/4 equal-width logit
-//   buckets locates the bucket of the cut (the first whose last token, the least likely, is dropped
-//   with the mass up to the bucket's end), and only that bucket's few tokens are ranked;
 // - one radix sort of the whole row.
-// ATen's full stable sort cost ~4 ms a step at [32, 4096] (flat rows); the radix sort is ~3x the
-// flat buckets' cost there.
+// Measured at [32, 4096] fp32 on a flat row (the bench's random-weight models): ATen's full stable
+// sort ~4 ms a step; the radix sort of every row ~2x the whole fp32 path here.
 enum class Cut { kAt, kNone, kUnknown };
 
 template <typename T>
@@ -265,14 +271,10 @@ Cut cut_among_candidates(const T* x, const T* p, int64_t V, double top_p, T thre
   return Cut::kAt;
 }
 
-Cut cut_in_flat_buckets(const float* x, const float* p, int64_t V, float threshold, Scratch<float>& s,
+Cut cut_in_logit_buckets(const float* x, const float* p, int64_t V, float threshold, Scratch<float>& s,
                         int64_t& cut_id) {
   using Key = RankKey<float>::Key;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  // NaN logits make every p NaN: not exact.
-  int64_t inexact = 0;
-  for (int64_t j = 0; j < V; ++j) inexact += (p[j] > 0) & !(p[j] >= 0x1p-29f);
-  if (inexact > 0) return Cut::kUnknown;
   const float hi = max_over(V, kNegInf, [x](int64_t j) { return x[j]; });
   const float lo = -max_over(V, kNegInf, [x](int64_t j) { return x[j] == kNegInf ? kNegInf : -x[j]; });
   if (!(hi >= lo) || !std::isfinite(hi - lo)) return Cut::kUnknown;
@@ -293,8 +295,9 @@ Cut cut_in_flat_buckets(const float* x, const float* p, int64_t V, float thresho
   int64_t at = -1;
   for (int64_t b = 0; b < buckets; ++b) {
     if (s.least[b] == std::numeric_limits<float>::infinity()) continue;  // empty
+    if (!(s.least[b] >= 0x1p-29f)) return Cut::kUnknown;  // sums not exact (or NaN)
     const double end = before + s.mass[b];
-    if (static_cast<float>(static_cast<float>(end) - s.least[b]) >= threshold) {
+    if (dropped(end, s.least[b], threshold)) {
       at = b;
       break;
     }
@@ -318,14 +321,14 @@ template <typename T>
 void keep_nucleus(T* x, T* p, int64_t V, double top_p, Scratch<T>& s) {
   using Key = typename RankKey<T>::Key;
   const T threshold = static_cast<T>(top_p);
-  // The nucleus holds at least top_p / max(p) tokens: below half the vocabulary, try candidates.
-  const T top = max_over(V, T(0), [p](int64_t j) { return std::isnan(p[j]) ? T(0) : p[j]; });
   int64_t cut_id = -1;
   Cut cut = Cut::kUnknown;
-  if (V > 64 && top_p < 0.5 * V * double(top)) {
-    cut = cut_among_candidates(x, p, V, top_p, threshold, s, cut_id);
-  } else if constexpr (std::is_same_v<T, float>) {
-    if (V > 64) cut = cut_in_flat_buckets(x, p, V, threshold, s, cut_id);
+  if constexpr (std::is_same_v<T, float>) {
+    if (V > 64) cut = cut_in_logit_buckets(x, p, V, threshold, s, cut_id);
+  } else {
+    // The nucleus holds at least top_p / max(p) tokens: below half the vocabulary, try candidates.
+    const T top = max_over(V, T(0), [p](int64_t j) { return std::isnan(p[j]) ? T(0) : p[j]; });
+    if (V > 64 && top_p < 0.5 * V * double(top)) cut = cut_among_candidates(x, p, V, top_p, threshold, s, cut_id);
   }
   if (cut == Cut::kUnknown) {
     s.keys.resize(V);

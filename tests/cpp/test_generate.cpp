@@ -196,6 +196,8 @@ TEST_CASE("top-k and top-p by partial selection equal the full-sort definition b
   with_neg_inf[0][1234] = 0.5;  // one finite token
   torch::Tensor peaked = torch::randn({32, 4096});
   peaked.narrow(1, 100, 5) += 9;  // a nucleus of ~5 tokens
+  const torch::Tensor zeros = torch::zeros({B, 50});
+  const torch::Tensor signed_zeros = torch::cat({-zeros, zeros, torch::randn({B, 50})}, 1);
   torch::Tensor fine_ties = torch::randint(0, 40, {B, 3000}).to(torch::kFloat) * 0.01;  // tied candidates and cut
   std::vector<Rows> rows = {
       {"heavy-tailed, V = 32000, batch 32", torch::randn({32, 32000}) * 4},
@@ -210,7 +212,7 @@ TEST_CASE("top-k and top-p by partial selection equal the full-sort definition b
       {"all tied", torch::zeros({B, 300})},
       {"all tied, V = 4096 (p = 2^-12: cumsum - p lands on top_p = 0.5 exactly)", torch::zeros({2, 4096})},
       {"-inf entries", with_neg_inf},
-      {"signed zeros (-0 first)", torch::cat({-torch::zeros({B, 50}), torch::zeros({B, 50}), torch::randn({B, 50})}, 1)},
+      {"signed zeros (-0 first)", signed_zeros},
       {"V = 3", torch::randn({B, 3})},
       {"V = 1", torch::randn({B, 1})},
   };
@@ -230,7 +232,8 @@ TEST_CASE("top-k and top-p by partial selection equal the full-sort definition b
     for (torch::ScalarType dt : {torch::kFloat, torch::kDouble}) {
       const torch::Tensor logits = r.logits.to(dt);
       for (const SamplingConfig& c : configs) {
-        INFO(r.what << ", " << dt << ", top_p " << c.top_p << ", top_k " << c.top_k << ", temperature " << c.temperature);
+        INFO(r.what << ", " << dt << ", top_p " << c.top_p << ", top_k " << c.top_k << ", temperature "
+                    << c.temperature);
         const torch::Tensor want = full_sort_filters(logits, c);
         const torch::Tensor got = process_logits(logits, c, {});
         REQUIRE(torch::equal(got.isneginf(), want.isneginf()));

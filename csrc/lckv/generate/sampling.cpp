@@ -43,7 +43,7 @@ struct RankKey<double> {
 
 // An unsigned key that ascends as v descends. -0 is taken as +0 (they compare equal, so their order
 // is by id), and every NaN as one NaN above +inf (ATen's sort and topk rank NaN first). Branch-free:
-// a branch on the sign mispredicts half the time on a flat row (measured 3x slower).
+// a branch on the sign mispredicts half the time on a flat row (top-k 50 at [32, 4096]: 1.2 ms, 0.7 ms without).
 template <typename T>
 inline typename RankKey<T>::Bits descending_bits(T v) {
   using Bits = typename RankKey<T>::Bits;
@@ -81,8 +81,7 @@ inline int64_t key_id(Key k) {
 
 // Stable LSD radix sort of keys[0, n) on the value bits above the id (8 bits a pass, passes where
 // every key has the same digit skipped). The keys come in token order, so ties stay by id. A full
-// ranking of a flat row this way costs ~4 passes over V, against ~log2(V) compare passes for
-// std::sort (measured ~4x slower at V = 4096).
+// ranking this way costs ~4 passes over V, against ~log2(V) compare passes for std::sort.
 template <typename Key>
 void radix_sort_values(Key* keys, Key* scratch, int64_t n, int value_bytes) {
   constexpr int kMaxBytes = 8;
@@ -150,7 +149,7 @@ void sift_down(U* heap, int64_t n) {
 // Top-k in place on one row: every token below the k-th largest value goes to -inf (so all tokens tied
 // with the k-th stay). The k-th value is found on order keys: for small k by one pass with a bounded
 // heap of the k best (most tokens fail one compare against the heap's worst), otherwise nth_element.
-// ATen's topk took ~0.5 ms at [32, 4096] and nth_element ~35 us a row there; the heap pass ~5 us.
+// A whole top-k 50 draw at [32, 4096] fp32, 2 threads: 3.8 ms with ATen's topk and multinomial, 0.7 ms here.
 template <typename T>
 void keep_top_k(T* x, int64_t V, int64_t k, Scratch<T>& s) {
   using Bits = typename RankKey<T>::Bits;
@@ -219,8 +218,9 @@ int64_t first_dropped(const Key* keys, int64_t n, const T* p, T threshold, doubl
 //   until their mass passes top_p, plus one more bucket; accepted when the cut is among them and every
 //   token left out has a lower logit;
 // - one radix sort of the whole row.
-// Measured at [32, 4096] fp32 on a flat row (the bench's random-weight models): ATen's full stable
-// sort ~4 ms a step; the radix sort of every row ~2x the whole fp32 path here.
+// A whole top-p 0.9 draw at [32, 4096] fp32, 2 threads, on the logits of the bench's random-weight
+// models (nearly flat rows): 13 ms with ATen's sorts and multinomial, 2.4 ms with a radix sort of every
+// row, 1.0 ms with the logit buckets.
 enum class Cut { kAt, kNone, kUnknown };
 
 template <typename T>

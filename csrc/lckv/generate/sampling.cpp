@@ -468,7 +468,7 @@ torch::Tensor process(const torch::Tensor& logits, const SamplingConfig& c, cons
     TORCH_CHECK(seen.scalar_type() == torch::kBool, "sampling: seen must be bool, got ", seen.scalar_type());
     seen_rows = seen.to(torch::kCPU).contiguous();
   }
-  if (x.numel() == 0) return x;
+  if (x.numel() == 0 || (!c.do_sample && !seen_rows.defined())) return x;  // (greedy: nothing to do per row)
   if (dt == torch::kDouble) {
     process_rows<double>(x, c, seen_rows, uniforms, drawn);
   } else {

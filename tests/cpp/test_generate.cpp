@@ -14,6 +14,7 @@
 
 #include "lckv/cache/condensed_kv_cache.h"
 #include "lckv/generate/generate.h"
+#include "lckv/ops/accumulate.h"
 #include "test_models.h"
 #include "test_reference.h"
 
@@ -150,12 +151,17 @@ TEST_CASE("sampling: greedy, top-k, top-p, temperature, repetition penalty and s
 namespace {
 
 // The sampling filters by their definition, with a full sort of each row (what process_logits did
-// before it ranked only the top candidates): temperature, then top-k (every token tied with the k-th
-// stays), then top-p over the tokens ranked by logit, ties by token id (a stable sort), dropping a
-// token when the ones before it hold top_p of the mass (softmax in token order, summed in rank order).
-torch::Tensor full_sort_filters(const torch::Tensor& logits, const SamplingConfig& c) {
+// before it ranked only the top candidates): repetition penalty, temperature, then top-k (every token
+// tied with the k-th stays), then top-p over the tokens ranked by logit, ties by token id (a stable
+// sort), dropping a token when the ones before it hold top_p of the mass (softmax in token order,
+// summed in rank order), all as ATen ops.
+torch::Tensor full_sort_filters(const torch::Tensor& logits, const SamplingConfig& c, const torch::Tensor& seen = {}) {
   const double neg_inf = -std::numeric_limits<double>::infinity();
-  torch::Tensor x = logits.clone() / c.temperature;
+  torch::Tensor x = logits.clone();
+  if (seen.defined() && c.repetition_penalty != 1.0) {
+    x = torch::where(seen, torch::where(x < 0, x * c.repetition_penalty, x / c.repetition_penalty), x);
+  }
+  x = x / c.temperature;
   const int64_t V = x.size(1);
   if (c.top_k > 0 && c.top_k < V) {
     const torch::Tensor kth = std::get<0>(x.sort(-1, true)).narrow(1, c.top_k - 1, 1);
@@ -170,30 +176,50 @@ torch::Tensor full_sort_filters(const torch::Tensor& logits, const SamplingConfi
   return x;
 }
 
+at::Generator seeded(uint64_t seed) { return at::make_generator<at::CPUGeneratorImpl>(seed); }
+
 }  // namespace
 
-TEST_CASE("top-k and top-p by partial selection equal the full-sort definition, draw for draw", "[generate][sampling]") {
-  // Rows that settle on the first 64 candidates, rows whose nucleus needs more (a flat distribution:
-  // the candidates grow to a full sort), ties (logits on a coarse grid), tiny and large vocabularies,
-  // p = 1, k = 1, k beyond the vocabulary, temperatures; fp32 and fp64.
+TEST_CASE("top-k and top-p by partial selection equal the full-sort definition bitwise", "[generate][sampling]") {
+  // Rows whose nucleus is a few tokens (peaked), most of the vocabulary (flat: a full ranking),
+  // heavy-tailed ones in between, ties (logits on a coarse grid), -inf entries, tiny and large
+  // vocabularies, batch 1 and 32; p = 1, k = 1, k beyond the vocabulary, temperatures; fp32 and fp64.
   torch::manual_seed(11);
   struct Rows {
     const char* what;
     torch::Tensor logits;
   };
   const int64_t B = 16;
+  torch::Tensor with_neg_inf = torch::randn({B, 2000}) * 2;
+  with_neg_inf.masked_fill_(torch::rand({B, 2000}) < 0.3, -std::numeric_limits<double>::infinity());
+  with_neg_inf[0].fill_(-std::numeric_limits<double>::infinity());
+  with_neg_inf[0][1234] = 0.5;  // one finite token
+  torch::Tensor peaked = torch::randn({32, 4096});
+  peaked.narrow(1, 100, 5) += 9;  // a nucleus of ~5 tokens
+  const torch::Tensor zeros = torch::zeros({B, 50});
+  const torch::Tensor signed_zeros = torch::cat({-zeros, zeros, torch::randn({B, 50})}, 1);
+  torch::Tensor fine_ties = torch::randint(0, 40, {B, 3000}).to(torch::kFloat) * 0.01;  // tied candidates and cut
   std::vector<Rows> rows = {
-      {"peaked, V = 32000", torch::randn({B, 32000}) * 4},
+      {"heavy-tailed, V = 32000, batch 32", torch::randn({32, 32000}) * 4},
+      {"peaked, V = 4096, batch 32", peaked},
+      {"peaked, batch 1", peaked.narrow(0, 3, 1)},
       {"flat, V = 5000", torch::randn({B, 5000}) * 0.05},
+      {"flat, V = 32000, batch 32", torch::randn({32, 32000}) * 0.1},
+      {"flat, V = 4096, batch 1", torch::randn({1, 4096}) * 0.1},
       {"mixed peaked and flat rows", torch::cat({torch::randn({B / 2, 3000}) * 5, torch::randn({B / 2, 3000}) * 0.1})},
       {"ties on a coarse grid", torch::randint(0, 6, {B, 700}).to(torch::kFloat)},
+      {"ties on a fine grid", fine_ties},
       {"all tied", torch::zeros({B, 300})},
+      {"all tied, V = 4096 (p = 2^-12: cumsum - p lands on top_p = 0.5 exactly)", torch::zeros({2, 4096})},
+      {"-inf entries", with_neg_inf},
+      {"signed zeros (-0 first)", signed_zeros},
       {"V = 3", torch::randn({B, 3})},
+      {"V = 1", torch::randn({B, 1})},
   };
   const SamplingConfig base{true};
   std::vector<SamplingConfig> configs;
   for (double p : {1.0, 0.999, 0.9, 0.5, 0.05}) {
-    for (int64_t k : {int64_t(0), int64_t(1), int64_t(50), int64_t(100000)}) {
+    for (int64_t k : {int64_t(0), int64_t(1), int64_t(50), int64_t(1000), int64_t(100000)}) {
       for (double t : {1.0, 0.6}) {
         SamplingConfig c = base;
         c.top_p = p, c.top_k = k, c.temperature = t;
@@ -206,20 +232,136 @@ TEST_CASE("top-k and top-p by partial selection equal the full-sort definition, 
     for (torch::ScalarType dt : {torch::kFloat, torch::kDouble}) {
       const torch::Tensor logits = r.logits.to(dt);
       for (const SamplingConfig& c : configs) {
-        INFO(r.what << ", " << dt << ", top_p " << c.top_p << ", top_k " << c.top_k << ", temperature " << c.temperature);
+        INFO(r.what << ", " << dt << ", top_p " << c.top_p << ", top_k " << c.top_k << ", temperature "
+                    << c.temperature);
         const torch::Tensor want = full_sort_filters(logits, c);
         const torch::Tensor got = process_logits(logits, c, {});
         REQUIRE(torch::equal(got.isneginf(), want.isneginf()));
         CHECK(torch::equal(got, want));
-        at::Generator g1 = at::make_generator<at::CPUGeneratorImpl>(seed), g2 = at::make_generator<at::CPUGeneratorImpl>(seed);
+        // A drawn token is never a filtered one, and the same seed gives the same draws.
+        at::Generator g1 = seeded(seed), g2 = seeded(seed);
         ++seed;
         const torch::Tensor drawn = select_next_tokens(logits, c, {}, g1);
-        const torch::Tensor ref = torch::multinomial(want.softmax(-1), 1, /*replacement=*/false, g2).squeeze(-1);
-        CHECK(torch::equal(drawn, ref));
         CHECK(want.gather(1, drawn.unsqueeze(1)).isfinite().all().item<bool>());
+        CHECK(torch::equal(drawn, select_next_tokens(logits, c, {}, g2)));
       }
     }
   }
+}
+
+TEST_CASE("the repetition penalty and greedy argmax equal their ATen definitions bitwise", "[generate][sampling]") {
+  torch::manual_seed(5);
+  for (torch::ScalarType dt : {torch::kFloat, torch::kDouble, torch::kBFloat16}) {
+    const torch::Tensor logits = (torch::randn({8, 1000}) * 3).to(dt);
+    const torch::Tensor seen = torch::rand({8, 1000}) < 0.2;
+    const torch::Tensor x = logits.to(ops::accumulate_dtype(dt));
+    for (double penalty : {1.3, 0.7}) {
+      SamplingConfig greedy;
+      greedy.repetition_penalty = penalty;
+      INFO(dt << ", repetition_penalty " << penalty);
+      const torch::Tensor want = torch::where(seen, torch::where(x < 0, x * penalty, x / penalty), x);
+      CHECK(torch::equal(process_logits(logits, greedy, seen), want));
+      at::Generator g = seeded(1);
+      CHECK(torch::equal(select_next_tokens(logits, greedy, seen, g), want.argmax(-1)));
+      SamplingConfig sample = greedy;
+      sample.do_sample = true, sample.temperature = 0.7, sample.top_k = 40, sample.top_p = 0.8;
+      CHECK(torch::equal(process_logits(logits, sample, seen), full_sort_filters(x, sample, seen)));
+    }
+  }
+  // Ties: the first maximum, as torch::argmax.
+  at::Generator g = seeded(1);
+  CHECK(select_next_tokens(torch::tensor({{1.0, 3.0, 3.0, 2.0}}), SamplingConfig{}, {}, g).item<int64_t>() == 1);
+}
+
+TEST_CASE("sampled tokens follow the filtered distribution, row by row", "[generate][sampling]") {
+  // Seven tokens with known probabilities (not in rank order); the expected distribution after each
+  // filter is computed here by hand in fp64. 20000 draws with a fixed seed: every frequency within
+  // 4.5 standard errors of its probability, filtered tokens never drawn.
+  const std::vector<double> probs = {0.1, 0.3, 0.02, 0.25, 0.08, 0.2, 0.05};
+  torch::Tensor row_logits = torch::log(torch::tensor(probs, torch::kDouble)).view({1, 7});
+  struct Case {
+    const char* what;
+    SamplingConfig c;
+    std::vector<double> weight;  // unnormalised expected probabilities
+  };
+  auto cfg = [](double t, int64_t k, double p) {
+    SamplingConfig c{true};
+    c.temperature = t, c.top_k = k, c.top_p = p;
+    return c;
+  };
+  std::vector<double> tempered;
+  for (double q : probs) tempered.push_back(std::pow(q, 1 / 0.7));
+  const std::vector<Case> cases = {
+      {"plain", cfg(1, 0, 1), probs},
+      // ranks 0.3, 0.25, 0.2, 0.1 (mass before: 0, 0.3, 0.55, 0.75 < 0.8), then 0.08 (0.85 >= 0.8) dropped
+      {"top_p 0.8", cfg(1, 0, 0.8), {0.1, 0.3, 0, 0.25, 0, 0.2, 0}},
+      {"top_k 3", cfg(1, 3, 1), {0, 0.3, 0, 0.25, 0, 0.2, 0}},
+      {"temperature 0.7", cfg(0.7, 0, 1), tempered},
+      {"top_k 5 then top_p 0.6", cfg(1, 5, 0.6), {0, 0.3, 0, 0.25, 0, 0.2, 0}},  // masses 0.3/0.93, 0.55/0.93
+  };
+  const int64_t N = 20000;
+  for (const Case& k : cases) {
+    INFO(k.what);
+    at::Generator gen = seeded(2024);
+    const torch::Tensor drawn = select_next_tokens(row_logits.expand({N, 7}), k.c, {}, gen);
+    const torch::Tensor counts = torch::bincount(drawn, {}, 7).to(torch::kDouble);
+    double total = 0;
+    for (double w : k.weight) total += w;
+    for (int64_t v = 0; v < 7; ++v) {
+      const double q = k.weight[v] / total, freq = counts[v].item<double>() / N;
+      INFO("token " << v << ": expected " << q << ", drawn " << freq);
+      if (q == 0) {
+        CHECK(freq == 0);
+      } else {
+        CHECK(std::abs(freq - q) <= 4.5 * std::sqrt(q * (1 - q) / N));
+      }
+    }
+    // One uniform per row from the generator, in row order: drawing the rows one at a time from the
+    // same seed gives the same tokens.
+    at::Generator one_by_one = seeded(2024);
+    for (int64_t b = 0; b < 50; ++b) {
+      CHECK(select_next_tokens(row_logits, k.c, {}, one_by_one).item<int64_t>() == drawn[b].item<int64_t>());
+    }
+  }
+}
+
+TEST_CASE("a row's draw depends only on its own logits and its place in the batch", "[generate][sampling]") {
+  torch::manual_seed(3);
+  const torch::Tensor logits = torch::cat({torch::randn({6, 500}) * 3, torch::randn({6, 500}) * 0.1});
+  SamplingConfig c{true};
+  c.top_p = 0.9, c.top_k = 200;
+  at::Generator g = seeded(77);
+  const torch::Tensor batch = select_next_tokens(logits, c, {}, g);
+  torch::Tensor other = torch::randn({12, 500}) * 2;  // every other row replaced
+  for (int64_t b = 0; b < 12; ++b) {
+    INFO("row " << b);
+    // Alone, after the generator has given the rows before it their uniforms.
+    at::Generator alone = seeded(77);
+    if (b > 0) select_next_tokens(logits.narrow(0, 0, b), c, {}, alone);
+    CHECK(select_next_tokens(logits.narrow(0, b, 1), c, {}, alone).item<int64_t>() == batch[b].item<int64_t>());
+    other[b] = logits[b];
+    at::Generator mixed = seeded(77);
+    CHECK(select_next_tokens(other, c, {}, mixed)[b].item<int64_t>() == batch[b].item<int64_t>());
+    other[b] = torch::randn({500}) * 2;
+  }
+}
+
+TEST_CASE("sampling rejects rows with nothing to draw and malformed input", "[generate][sampling][errors]") {
+  SamplingConfig c{true};
+  at::Generator g = seeded(1);
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  CHECK_THROWS_WITH(select_next_tokens(torch::tensor({{0.0, 1.0}, {neg_inf, neg_inf}}), c, {}, g),
+                    Catch::Contains("row 1 has no token to draw"));
+  CHECK_THROWS_WITH(select_next_tokens(torch::tensor({{0.0, std::nan("")}}), c, {}, g),
+                    Catch::Contains("row 0 has no token to draw"));
+  CHECK_THROWS_WITH(select_next_tokens(torch::zeros({2, 0}), c, {}, g), Catch::Contains("vocab >= 1"));
+  CHECK_THROWS_WITH(process_logits(torch::zeros({4}), c, {}), Catch::Contains("must be [batch, vocab]"));
+  SamplingConfig rp;
+  rp.repetition_penalty = 1.5;
+  CHECK_THROWS_WITH(process_logits(torch::zeros({2, 3}), rp, torch::zeros({2, 3}, torch::kLong)),
+                    Catch::Contains("seen must be bool"));
+  CHECK_THROWS_WITH(process_logits(torch::zeros({2, 3}), rp, torch::zeros({2, 4}, torch::kBool)),
+                    Catch::Contains("seen must be [2, 3]"));
 }
 
 TEST_CASE("generation stops at stop tokens and streams every step to the callback", "[generate][sampling]") {

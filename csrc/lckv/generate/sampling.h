@@ -19,13 +19,19 @@ struct SamplingConfig {
   void validate() const;
 };
 
-// The processed logits [B, V] (fp32 or fp64, filtered tokens at -inf) that sampling draws from. Top-k
-// keeps every token tied with the k-th; top-p ranks tokens by logit, ties by token id, and ranks only
-// as many top candidates (a partial selection, topk) as each row's cut needs, not the vocabulary.
-// seen: [B, V] bool of tokens already in each sequence, or undefined (no repetition penalty).
+// The processed logits [B, V] (CPU; fp32, or fp64 for fp64 logits; filtered tokens at -inf) that
+// sampling draws from, bitwise what the ATen ops of the definition give: x * p / x / p for the penalty,
+// x / temperature, top-k keeps every token tied with the k-th (x < kth value dropped), top-p ranks
+// tokens by logit, ties by token id, and drops a token when (cumsum - p) >= top_p in rank order, with
+// p = softmax(x) and ATen's CPU cumsum. Computed per row (parallel over rows), ranking only as much of
+// each row as its cut needs, not sorting the vocabulary. seen: [B, V] bool of tokens already in each
+// sequence, or undefined (no repetition penalty).
 torch::Tensor process_logits(const torch::Tensor& logits, const SamplingConfig& c, const torch::Tensor& seen);
 
-// Next token ids [B] (int64) from logits [B, V]; `generator` seeds the draws (CPU).
+// Next token ids [B] (int64) from logits [B, V]: greedy is argmax (the first maximum); sampling draws
+// from softmax(process_logits(...)) by inverse CDF with one uniform per row, taken from `generator`
+// (CPU) in row order, so a row's token depends only on its logits and its place in the batch. Throws
+// when a row has no token to draw (all -inf or NaN).
 torch::Tensor select_next_tokens(const torch::Tensor& logits, const SamplingConfig& c, const torch::Tensor& seen,
                                  at::Generator& generator);
 

@@ -91,7 +91,6 @@ int64_t max_key_start(const AttentionMask& m) {
   return m.key_start.defined() && m.key_start.numel() > 0 ? m.key_start.max().item<int64_t>() : 0;
 }
 
-
 // x [B, Hkv, ns, D] of the block's key range, or, if a key in the padding's span is not finite, a
 // copy with the padded keys set to zero.
 at::Tensor without_padding(const at::Tensor& x, const BlockPadding& bp) {
@@ -119,11 +118,6 @@ std::tuple<at::Tensor, at::Tensor> pad_rows(const at::Tensor& out, const at::Ten
   at::Tensor full_lse = at::full({B, H, T}, -kInf, lse.options());
   full_lse.narrow(2, first, rows).copy_(lse);
   return std::make_tuple(padded.transpose(1, 2), full_lse);
-}
-
-std::tuple<at::Tensor, at::Tensor> pad_first_row(const at::Tensor& out, const at::Tensor& lse, int64_t B, int64_t T,
-                                                 int64_t H, int64_t D) {
-  return pad_rows(out, lse, B, T, H, D, 1);
 }
 
 }  // namespace
@@ -171,17 +165,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward_bloc
   const AttentionMask km = kernel_mask(p.mask);
   const FusedKernels& kernels = active_fused_kernels();
 
-  const at::Tensor q5 = q.reshape({B, Hkv, G, T, D});
-  const at::Tensor do5 = grad_out.to(dt).reshape({B, Hkv, G, T, D});
-  // rowsum(dO * O) of every row at once, in one fused pass (three ATen passes cost ~10% of the backward).
   const at::Tensor go = grad_out.to(dt), oo = out.to(dt);
+  const at::Tensor q5 = q.reshape({B, Hkv, G, T, D});
+  const at::Tensor do5 = go.reshape({B, Hkv, G, T, D});
+  // rowsum(dO * O) of every row at once, in one fused pass (three ATen passes cost ~10% of the backward).
   at::Tensor delta_all = at::empty({B, Hq, T}, q.options().dtype(acc));
   kernels.row_dot(go.stride(3) == 1 ? go : go.contiguous(), oo.stride(3) == 1 ? oo : oo.contiguous(), delta_all);
   const at::Tensor delta4 = delta_all.view({B, Hkv, G, T});
   const at::Tensor lse4 = lse.to(acc).reshape({B, Hkv, G, T});
+  // Blocks of the forward's query_block rows: 128-row blocks waste less on the diagonal tiles and were faster
+  // for the op alone, but slower inside a training step (0.44 vs 0.40 s for Llama at T = 512, one process).
   const int64_t qblock = p.query_block;
-  // (128-row blocks waste less on the diagonal tiles and were faster for the op alone, but slower inside a
-  // training step: 0.44 vs 0.40 s for Llama at T = 512, measured in one process.)
   // One block over all keys (T <= qblock, e.g. the T = 128 training chunk): the products are the gradients
   // themselves, written once in q's dtype, without fp32 accumulators, adds and casts.
   const Block only = make_block(p.mask, 0, T, S);
@@ -249,7 +243,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> condensed_attention_forward_fl
     }
     auto [rows_out, rows_lse] = at::_scaled_dot_product_flash_attention_for_cpu(q.narrow(2, 1, T - 1), kk, vv, 0.0,
                                                                                 /*is_causal=*/true, {}, scale);
-    return pad_first_row(rows_out, rows_lse, B, T, H, D);
+    return pad_rows(rows_out, rows_lse, B, T, H, D, /*first=*/1);
   }
   // The fused kernel gives NaN for a row that sees no key (a strict row at position 0, say). The
   // rows that see some key are one run, since both ends of a row's key range only move forward with

@@ -57,16 +57,20 @@ Block make_block(const AttentionMask& m, int64_t t0, int64_t tb, int64_t S) {
   return {t0, tb, wide_kb, wide_ke, kb, ke};
 }
 
-// x [B, Hkv, ke - kb, D] of a block's keys, or, if a widening key (one no row sees) is not finite, a copy
-// with the widening keys set to zero (finite ones give exactly the zeros that zeroed ones give).
-at::Tensor without_widening(const at::Tensor& x, const Block& b) {
-  const int64_t before = b.seen_kb - b.kb, after = b.ke - b.seen_ke;
-  if (before == 0 && after == 0) return x;
-  if (all_finite(x.narrow(2, 0, before)) && all_finite(x.narrow(2, x.size(2) - after, after))) return x;
+// x [B, Hkv, n, D], or, if one of its keys outside [lo, hi) (keys no query sees) is not finite, a copy with
+// those keys set to zero: finite ones give exactly the zeros that zeroed ones give.
+at::Tensor without_unseen_keys(const at::Tensor& x, int64_t lo, int64_t hi) {
+  const int64_t n = x.size(2);
+  if (all_finite(x.narrow(2, 0, lo)) && all_finite(x.narrow(2, hi, n - hi))) return x;
   at::Tensor y = x.clone();
-  y.narrow(2, 0, before).zero_();
-  y.narrow(2, y.size(2) - after, after).zero_();
+  y.narrow(2, 0, lo).zero_();
+  y.narrow(2, hi, n - hi).zero_();
   return y;
+}
+
+// x [B, Hkv, ke - kb, D] of a block's keys, with its widening keys (which no row sees) as without_unseen_keys.
+at::Tensor without_widening(const at::Tensor& x, const Block& b) {
+  return without_unseen_keys(x, b.seen_kb - b.kb, b.seen_ke - b.kb);
 }
 
 // The keys of a block that no row sees because of key_start: padded [B, 1, ns, 1] marks the keys
@@ -235,14 +239,10 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> condensed_attention_forward_fl
     // or read, masked tiles skipped (an additive mask made the kernel compute every tile), and S stays
     // a multiple of 16 (the kernel is ~2x slower otherwise). Row 0 sees no key: zeros, lse = -inf.
     if (T == 1) return std::nullopt;
-    // The last key is seen by no row but enters the kernel's products: zeroed (in a copy) if not finite.
-    at::Tensor kk = k, vv = v;
-    if (!all_finite(k.narrow(2, S - 1, 1)) || !all_finite(v.narrow(2, S - 1, 1))) {
-      kk = k.clone(), vv = v.clone();
-      kk.narrow(2, S - 1, 1).zero_(), vv.narrow(2, S - 1, 1).zero_();
-    }
-    auto [rows_out, rows_lse] = at::_scaled_dot_product_flash_attention_for_cpu(q.narrow(2, 1, T - 1), kk, vv, 0.0,
-                                                                                /*is_causal=*/true, {}, scale);
+    // The last key is seen by no row but enters the kernel's products.
+    auto [rows_out, rows_lse] = at::_scaled_dot_product_flash_attention_for_cpu(
+        q.narrow(2, 1, T - 1), without_unseen_keys(k, 0, S - 1), without_unseen_keys(v, 0, S - 1), 0.0,
+        /*is_causal=*/true, {}, scale);
     return pad_rows(rows_out, rows_lse, B, T, H, D, /*first=*/1);
   }
   // The fused kernel gives NaN for a row that sees no key (a strict row at position 0, say). The
@@ -259,15 +259,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> condensed_attention_forward_fl
   // finite. (Attending over [lo, hi) alone would leave them out too, but the fused kernel is ~2x
   // slower when the number of keys is not a multiple of 16, as for strict attention with S = T = 128.)
   const int64_t lo = m.key_begin(m.q_offset + first), hi = std::min(S, m.key_end(m.q_offset + first + rows - 1));
-  auto finite_outside = [&](const at::Tensor& x) {
-    return all_finite(x.narrow(2, 0, lo)) && all_finite(x.narrow(2, hi, S - hi));
-  };
-  at::Tensor kk = k, vv = v;
-  if (!finite_outside(k) || !finite_outside(v)) {
-    const at::Tensor key = at::arange(S, at::TensorOptions().dtype(at::kLong));
-    const at::Tensor unseen = key.lt(lo).logical_or(key.ge(hi)).view({1, 1, S, 1});
-    kk = k.masked_fill(unseen, 0), vv = v.masked_fill(unseen, 0);
-  }
+  const at::Tensor kk = without_unseen_keys(k, lo, hi), vv = without_unseen_keys(v, lo, hi);
   // The kernel takes an additive mask in q's dtype: 0 where visible, -inf where hidden.
   const at::Tensor additive =
       at::zeros({rows, S}, q.options()).masked_fill_(visible.narrow(0, first, rows).logical_not(), -kInf);

@@ -73,6 +73,11 @@ A max_lanes(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return at::vec::maximum(x, y); }, v);
 }
 
+// Offset of row r of a [B, H, T, D] tensor with any strides (rows in b, h, t order).
+int64_t row_offset(const at::Tensor& t, int64_t r, int64_t H, int64_t T) {
+  return (r / (H * T)) * t.stride(0) + (r / T % H) * t.stride(1) + (r % T) * t.stride(2);
+}
+
 // Rows per parallel task so that each task touches ~16k elements.
 int64_t row_grain(int64_t row_length) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_length, 1)); }
 
@@ -203,9 +208,7 @@ void rotary_impl(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
   const A* cp = cos.const_data_ptr<A>();
   const A* sp = sin.const_data_ptr<A>();
   T* op = out.mutable_data_ptr<T>();
-  auto offset = [&](const at::Tensor& t, int64_t r) {
-    return (r / (H * T_)) * t.stride(0) + (r / T_ % H) * t.stride(1) + (r % T_) * t.stride(2);
-  };
+  auto offset = [&](const at::Tensor& t, int64_t r) { return row_offset(t, r, H, T_); };
   at::parallel_for(0, rows, row_grain(2 * half), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = xp + offset(x, r);
@@ -775,9 +778,7 @@ void row_dot_impl(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ou
   const T* ap = a.const_data_ptr<T>();
   const T* bp = b.const_data_ptr<T>();
   A* op = out.mutable_data_ptr<A>();
-  auto offset = [&](const at::Tensor& t, int64_t r) {
-    return (r / (H * T_)) * t.stride(0) + (r / T_ % H) * t.stride(1) + (r % T_) * t.stride(2);
-  };
+  auto offset = [&](const at::Tensor& t, int64_t r) { return row_offset(t, r, H, T_); };
   at::parallel_for(0, rows, row_grain(D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* ar = ap + offset(a, r);

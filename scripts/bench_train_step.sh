@@ -12,7 +12,7 @@ for shape in "128 16" "512 4"; do
   read -r seq batch <<< "$shape"
   out=bench/results/train_step_cpu_T${seq}_$(date +%Y%m%d).json
   "$build"/lckv-bench-train-step --configs configs/quickstart-llama.json configs/quickstart-lckv-w2.json \
-    --seq-len "$seq" --batch "$batch" --threads 2 --dtype bf16 --steps 5 --warmup 1 --profiled-steps 2 --out "$out" "$@" \
+    --seq-len "$seq" --batch "$batch" --threads 2 --dtype auto --steps 5 --warmup 1 --profiled-steps 2 --out "$out" "$@" \
     > /dev/null
   echo "wrote $out"
 done

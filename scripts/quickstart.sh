@@ -10,5 +10,5 @@ bash scripts/get_corpus.sh data/kjv 4096
 rm -rf runs/quickstart
 ./build/lckv-train --model-config configs/quickstart-lckv-w2.json --data data/kjv --out runs/quickstart \
   --seq-len 128 --batch-size 8 --max-steps "${LCKV_QUICKSTART_STEPS:-300}" --lr 2e-3 --warmup-steps 30 \
-  --eval-every 100 --log-every 10 --threads 2 --dtype bf16 \
+  --eval-every 100 --log-every 10 --threads 2 --dtype auto \
   --prompt "And God said" --generate-tokens 48

@@ -1,11 +1,11 @@
 // lckv-bench-attention-cpu: the CPU paths of condensed attention side by side in one process, in
-// interleaved rounds (the machine may be shared: medians of several rounds), against the bf16
-// matmul rate measured in the same rounds. Writes JSON.
-//  * training shapes (bf16, the quickstart's heads: 4 query, 2 KV, D 64): causal and strict
+// interleaved rounds (the machine may be shared: medians of several rounds), against the matmul
+// rate measured in the same rounds, all in one dtype (--dtype; auto: bf16 where native, else fp32). Writes JSON.
+//  * training shapes (the quickstart's heads: 4 query, 2 KV, D 64): causal and strict
 //    attention, forward without grad and forward + backward, by flash (PyTorch's fused kernel,
 //    forward; our blocked backward from its lse: what auto runs), blocked (ours, forward and
 //    backward) and sdpa (PyTorch's SDPA with its own autograd: the previous auto);
-//  * decode (T = 1 over S cached keys, the tiny shape's heads: 8 query, 4 KV, D 64, bf16): the
+//  * decode (T = 1 over S cached keys, the tiny shape's heads: 8 query, 4 KV, D 64): the
 //    direct-loop kernel (rows) against the blocked path.
 #include <CLI/CLI.hpp>
 #include <torch/torch.h>
@@ -17,6 +17,7 @@
 #include <iostream>
 #include <map>
 
+#include "lckv/autocast.h"
 #include "lckv/files.h"
 #include "lckv/openmp_policy.h"
 #include "lckv/ops/condensed_attention.h"
@@ -58,11 +59,11 @@ struct Contender {
 
 int main(int argc, char** argv) {
   lckv::ensure_passive_openmp(argc, argv);
-  CLI::App app{"lckv-bench-attention-cpu: CPU condensed attention paths vs the in-run bf16 matmul rate"};
+  CLI::App app{"lckv-bench-attention-cpu: CPU condensed attention paths vs the in-run matmul rate"};
   int threads = 2, rounds = 5, reps = 5;
   std::vector<int64_t> seq_lens = {128, 512};
   int64_t tokens = 2048, context = 512;
-  std::string out_path;
+  std::string out_path, dtype = "auto";
   app.add_option("--threads", threads, "torch intra-op threads");
   app.add_option("--rounds", rounds, "interleaved rounds (medians reported)");
   app.add_option("--reps", reps, "timed calls per contender per round");
@@ -70,23 +71,27 @@ int main(int argc, char** argv) {
   app.add_option("--tokens", tokens, "tokens per training batch (batch = tokens / T)");
   app.add_option("--context", context, "cached keys of the decode benchmark");
   app.add_option("--out", out_path, "write the JSON here too");
+  app.add_option("--dtype", dtype, "auto (bf16 where this CPU computes it natively: AMX or avx512_bf16; else fp32), "
+                                   "bf16 or fp32: of every input and of the matmul")
+      ->check(CLI::IsMember({"auto", "bf16", "fp32"}));
   CLI11_PARSE(app, argc, argv);
+  dtype = lckv::resolve_compute_dtype(dtype, torch::kCPU, "--dtype");
   try {
     torch::set_num_threads(threads);
     torch::manual_seed(0);
-    const auto bf16 = torch::TensorOptions().dtype(torch::kBFloat16);
+    const auto opts = torch::TensorOptions().dtype(dtype == "bf16" ? torch::kBFloat16 : torch::kFloat);
     std::vector<Contender> all;
-    // The matmul rate: a model-shaped bf16 linear (tokens x 256 -> 768, the quickstart MLP).
-    const torch::Tensor x = torch::randn({tokens, 256}, bf16), w = torch::randn({768, 256}, bf16);
-    all.push_back({"matmul_bf16", [&] { at::linear(x, w); }, 2.0 * tokens * 256 * 768});
+    // The matmul rate: a model-shaped linear (tokens x 256 -> 768, the quickstart MLP).
+    const torch::Tensor x = torch::randn({tokens, 256}, opts), w = torch::randn({768, 256}, opts);
+    all.push_back({"matmul", [&] { at::linear(x, w); }, 2.0 * tokens * 256 * 768});
     std::vector<torch::Tensor> keep;  // inputs the lambdas read
     nlohmann::json shapes = nlohmann::json::array();
     for (int64_t T : seq_lens) {
       const int64_t B = std::max<int64_t>(1, tokens / T), Hq = 4, Hkv = 2, D = 64;
       shapes.push_back({{"T", T}, {"batch", B}, {"heads", Hq}, {"kv_heads", Hkv}, {"head_dim", D}});
       for (bool strict : {false, true}) {
-        torch::Tensor q = torch::randn({B, Hq, T, D}, bf16).requires_grad_(), k = torch::randn({B, Hkv, T, D}, bf16).requires_grad_(),
-                      v = torch::randn({B, Hkv, T, D}, bf16).requires_grad_(), g = torch::randn({B, Hq, T, D}, bf16);
+        torch::Tensor q = torch::randn({B, Hq, T, D}, opts).requires_grad_(), k = torch::randn({B, Hkv, T, D}, opts).requires_grad_(),
+                      v = torch::randn({B, Hkv, T, D}, opts).requires_grad_(), g = torch::randn({B, Hq, T, D}, opts);
         keep.insert(keep.end(), {q, k, v, g});
         const double pairs = strict ? T * (T - 1) / 2.0 : T * (T + 1) / 2.0;
         const double fwd = 4.0 * B * Hq * D * pairs;
@@ -116,8 +121,8 @@ int main(int argc, char** argv) {
     // Decode: one new token over `context` cached keys, batch 1, the tiny shape's heads.
     {
       const int64_t Hq = 8, Hkv = 4, D = 64;
-      torch::Tensor q = torch::randn({1, Hq, 1, D}, bf16), k = torch::randn({1, Hkv, context, D}, bf16),
-                    v = torch::randn({1, Hkv, context, D}, bf16);
+      torch::Tensor q = torch::randn({1, Hq, 1, D}, opts), k = torch::randn({1, Hkv, context, D}, opts),
+                    v = torch::randn({1, Hkv, context, D}, opts);
       keep.insert(keep.end(), {q, k, v});
       for (auto [name, path] : {std::pair{"rows", CpuAttentionPath::kRows}, std::pair{"blocked", CpuAttentionPath::kBlocked}}) {
         AttentionParams p;
@@ -150,7 +155,9 @@ int main(int argc, char** argv) {
                                       "ratios inside one run are what to compare"},
                              {"training_shapes", shapes},
                              {"decode_context", context},
-                             {"matmul_bf16_gflop_per_s", matmul_gflops},
+                             {"dtype", dtype},
+                             {"native_bf16", lckv::native_bf16(torch::kCPU)},
+                             {"matmul_gflop_per_s", matmul_gflops},
                              {"contenders", nlohmann::json::object()}};
     for (const auto& c : all) {
       const double ms = median(c.ms);

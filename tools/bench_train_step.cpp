@@ -73,7 +73,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> configs = {"configs/tiny-llama.json", "configs/tiny-lckv-w2.json"};
   int threads = 2, seq_len = 512, batch = 1, steps = 3, warmup = 1, profiled = 1;
   int64_t vocab = 0;
-  std::string dtype = "bf16", out_path;
+  std::string dtype = "auto", out_path;
   app.add_option("--configs", configs, "config files to compare (the first is the baseline)")->expected(2, 16);
   app.add_option("--threads", threads, "torch intra-op threads");
   app.add_option("--seq-len", seq_len, "tokens per sequence (T)");
@@ -81,10 +81,13 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "timed steps per config");
   app.add_option("--warmup", warmup, "untimed steps per config");
   app.add_option("--vocab", vocab, "override vocab_size (0 keeps the config's)");
-  app.add_option("--dtype", dtype, "bf16 (CPU autocast, AMX) or fp32")->check(CLI::IsMember({"bf16", "fp32"}));
+  app.add_option("--dtype", dtype, "auto (bf16 where this CPU computes it natively: AMX or avx512_bf16; else fp32), "
+                                   "bf16 (CPU autocast) or fp32")
+      ->check(CLI::IsMember({"auto", "bf16", "fp32"}));
   app.add_option("--profiled-steps", profiled, "steps per config timing the attention share (0: skip)");
   app.add_option("--out", out_path, "write the JSON result here too");
   CLI11_PARSE(app, argc, argv);
+  dtype = lckv::resolve_compute_dtype(dtype, torch::kCPU, "--dtype");
   try {
     torch::set_num_threads(threads);
     torch::manual_seed(0);
@@ -107,10 +110,11 @@ int main(int argc, char** argv) {
       r.model->zero_grad();
       return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     };
-    // The matmul rate in the same rounds: the MLP's up projection of the batch, bf16.
+    // The matmul rate in the same rounds: the MLP's up projection of the batch, in the compute dtype.
     const auto& c0 = runs[0].config;
-    const torch::Tensor mx = torch::randn({batch * seq_len, c0.hidden_size}, torch::kBFloat16),
-                        mw = torch::randn({c0.intermediate_size, c0.hidden_size}, torch::kBFloat16);
+    const auto matmul_dtype = dtype == "bf16" ? torch::kBFloat16 : torch::kFloat;
+    const torch::Tensor mx = torch::randn({batch * seq_len, c0.hidden_size}, matmul_dtype),
+                        mw = torch::randn({c0.intermediate_size, c0.hidden_size}, matmul_dtype);
     const double matmul_flops = 2.0 * batch * seq_len * c0.hidden_size * c0.intermediate_size;
     std::vector<double> matmul_s;
     auto time_matmul = [&] {
@@ -140,7 +144,8 @@ int main(int argc, char** argv) {
     nlohmann::json result = {{"benchmark", "train_step"}, {"threads", threads}, {"seq_len", seq_len},
                              {"batch", batch}, {"dtype", dtype}, {"steps", steps},
                              {"torch", TORCH_VERSION}, {"machine_shared", true},
-                             {"matmul_bf16_gflop_per_s", matmul_gflops},
+                             {"native_bf16", lckv::native_bf16(torch::kCPU)},
+                             {"matmul_gflop_per_s", matmul_gflops}, {"matmul_dtype", dtype},
                              {"matmul_shape", {batch * seq_len, c0.hidden_size, c0.intermediate_size}},
                              {"runs", nlohmann::json::array()}};
     const double base_s = median(runs[0].seconds);

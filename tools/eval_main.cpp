@@ -15,6 +15,7 @@
 #include <memory>
 #include <iostream>
 
+#include "lckv/autocast.h"
 #include "lckv/data/prepare.h"
 #include "lckv/files.h"
 #include "lckv/generate/generate.h"
@@ -41,7 +42,7 @@ int main(int argc, char** argv) {
   lckv::ensure_passive_openmp(argc, argv);
   CLI::App app{"lckv-eval: perplexity of a checkpoint on a prepared data directory's split (as lckv-train "
                "validates) or on text / JSONL files"};
-  std::string model_dir, data_dir, split = "val", dtype = "bf16", prefill = "iterative", out_path, tokenizer_path,
+  std::string model_dir, data_dir, split = "val", dtype = "auto", prefill = "iterative", out_path, tokenizer_path,
                          text_field = "text";
   std::vector<std::string> text_files, jsonl_files;
   int64_t seq_len = 256, batch_size = 16, max_batches = 0, context = 0, stride = 0, sink_tokens = 4;
@@ -74,8 +75,9 @@ int main(int argc, char** argv) {
                                      "--context slots instead of windows");
   auto* sink_opt = app.add_option("--sink-tokens", sink_tokens, "StreamingLLM sink tokens kept (--streaming)")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
-  app.add_option("--dtype", dtype, "bf16 (fp32 weights, bf16 autocast) or fp32")->check(CLI::IsMember({"bf16", "fp32"}))
-      ->capture_default_str();
+  app.add_option("--dtype", dtype, "auto (bf16 where this CPU computes it natively: AMX or avx512_bf16; else fp32), "
+                                   "bf16 (fp32 weights, bf16 autocast) or fp32")
+      ->check(CLI::IsMember({"auto", "bf16", "fp32"}))->capture_default_str();
   app.add_option("--prefill", prefill, "iterative (the config's m + b iterations, as in training) or exact "
                                        "(iterations until the KVs converge: the sequential definition)")
       ->check(CLI::IsMember({"iterative", "exact"}))->capture_default_str();
@@ -109,6 +111,7 @@ int main(int argc, char** argv) {
     std::cerr << "lckv-eval: error: --stride applies to windows, not --streaming\n";
     return 2;
   }
+  dtype = lckv::resolve_compute_dtype(dtype, torch::kCPU, "--dtype");  // the result's JSON names the one that ran
   try {
     torch::set_num_threads(threads);
     lckv::LCKVForCausalLM model = lckv::io::load_pretrained(model_dir);

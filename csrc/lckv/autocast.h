@@ -1,11 +1,44 @@
 // RAII scope for torch autocast from C++ (what `with torch.autocast(...)` does in Python):
 // enables it for a device type with a dtype, and on exit restores the previous state and drops
-// the cast-weight cache so the next step sees updated weights.
+// the cast-weight cache so the next step sees updated weights. Also the choice of the compute dtype
+// "auto": bf16 only where the device computes bf16 natively.
 #pragma once
 
 #include <ATen/autocast_mode.h>
+#include <ATen/cpu/Utils.h>
+#include <c10/core/Device.h>
+
+#include <stdexcept>
+#include <string>
 
 namespace lckv {
+
+// Whether bf16 matmuls run natively on `device`: CUDA (the sm_80/sm_90 GPUs the kernels are built
+// for), or a CPU with AMX-BF16 or AVX512-BF16. Elsewhere (an AVX2-only x86 such as AMD Zen 3) oneDNN
+// emulates them: 11 GFLOP/s against fp32's 70, and a bf16 training step of the quickstart model took
+// 15x an fp32 one (28.3 vs 1.83 s).
+inline bool native_bf16(const c10::Device& device) {
+  if (device.is_cuda()) return true;
+  if (!device.is_cpu()) return false;
+  static const bool cpu = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    auto has = [&](const char* name) {
+      const auto it = caps.find(name);
+      return it != caps.end() && it->second.isBool() && it->second.toBool();
+    };
+    return has("avx512_bf16") || has("amx_bf16");
+  }();
+  return cpu;
+}
+
+// A compute-dtype option's value for `device`: "auto" is "bf16" where native_bf16, else "fp32";
+// "bf16" and "fp32" stay as given. `what` names the option in the error for any other value.
+inline std::string resolve_compute_dtype(const std::string& name, const c10::Device& device,
+                                         const std::string& what = "dtype") {
+  if (name == "auto") return native_bf16(device) ? "bf16" : "fp32";
+  if (name == "bf16" || name == "fp32") return name;
+  throw std::invalid_argument(what + " must be \"auto\", \"bf16\" or \"fp32\", got \"" + name + "\"");
+}
 
 class AutocastScope {
  public:

@@ -532,6 +532,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("model"), py::arg("documents"), py::arg("context"), py::arg("stride"), py::arg("batch_size"),
       py::arg("bf16"), py::arg("exact"), py::arg("sink_tokens") = std::nullopt, py::arg("progress") = std::nullopt,
       "lckv-eval's text scoring: (loss sum, predictions scored, windows) over documents of token ids.");
+  m.def("native_bf16", [](const std::string& device) { return native_bf16(c10::Device(device)); },
+        py::arg("device") = "cpu",
+        "Whether bf16 matmuls run natively on device (CUDA; a CPU with AMX-BF16 or AVX512-BF16)");
+  m.def("resolve_compute_dtype",
+        [](const std::string& name, const std::string& device) {
+          return resolve_compute_dtype(name, c10::Device(device));
+        },
+        py::arg("name"), py::arg("device") = "cpu",
+        "A compute-dtype option: 'auto' -> 'bf16' where native_bf16(device), else 'fp32'; 'bf16'/'fp32' unchanged");
   m.def("convergence_tolerance", &convergence_tolerance, py::arg("dtype"),
         "The KV convergence tolerance exact prefill uses for a compute dtype.");
   m.def("install_stop_handlers", &train::install_stop_handlers,

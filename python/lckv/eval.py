@@ -22,12 +22,11 @@ from .model import LCKVForCausalLM
 
 
 def evaluate(model: LCKVForCausalLM, data: str, *, split: str = "val", seq_len: int = 256, batch_size: int = 16,
-             max_batches: int = 0, dtype: str = "bf16", prefill: str = "iterative") -> dict:
+             max_batches: int = 0, dtype: str = "auto", prefill: str = "iterative") -> dict:
     """Loss, perplexity and bits per token of `model` on `data`'s split (a dict, as lckv-eval prints)."""
     if split not in ("val", "train"):
         raise ValueError(f"split must be 'val' or 'train', got {split!r}")
-    if dtype not in ("bf16", "fp32"):
-        raise ValueError(f"dtype must be 'bf16' or 'fp32', got {dtype!r}")
+    dtype = _C.resolve_compute_dtype(dtype)  # auto: bf16 where this CPU computes it natively, else fp32
     if prefill not in ("iterative", "exact"):
         raise ValueError(f"prefill must be 'iterative' or 'exact', got {prefill!r}")
     shards = _C.read_prepared(data)[f"{split}_shards"]
@@ -42,13 +41,12 @@ def evaluate(model: LCKVForCausalLM, data: str, *, split: str = "val", seq_len: 
 
 def evaluate_text(model: LCKVForCausalLM, files: Sequence[str], tokenizer: str, *, jsonl: bool = False,
                   text_field: str = "text", context: Optional[int] = None, stride: Optional[int] = None,
-                  batch_size: int = 16, dtype: str = "bf16", prefill: str = "iterative", streaming: bool = False,
+                  batch_size: int = 16, dtype: str = "auto", prefill: str = "iterative", streaming: bool = False,
                   sink_tokens: int = 4, progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Loss, perplexity and bits per token of `model` on documents of text files (one per file) or
     JSONL files (one per line, its `text_field`), tokenized with the SentencePiece model `tokenizer`;
     as lckv-eval --text / --jsonl prints it (csrc/lckv/train/evaluate.h states the long-text policy)."""
-    if dtype not in ("bf16", "fp32"):
-        raise ValueError(f"dtype must be 'bf16' or 'fp32', got {dtype!r}")
+    dtype = _C.resolve_compute_dtype(dtype)  # auto: bf16 where this CPU computes it natively, else fp32
     if prefill not in ("iterative", "exact"):
         raise ValueError(f"prefill must be 'iterative' or 'exact', got {prefill!r}")
     if not files:
@@ -106,7 +104,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--stride", type=int, help="(--text/--jsonl) predictions a window moves on by (default: context)")
     ap.add_argument("--streaming", action="store_true", help="(--text/--jsonl) token by token, StreamingLLM cache")
     ap.add_argument("--sink-tokens", type=int, help="(--streaming) sink tokens kept, default 4")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="auto (default): bf16 where this CPU computes it natively (AMX, avx512_bf16), else fp32")
     ap.add_argument("--prefill", default="iterative", choices=["iterative", "exact"])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)

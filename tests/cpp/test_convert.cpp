@@ -278,7 +278,7 @@ TEST_CASE("a run directory or its latest is accepted wherever a checkpoint direc
                     Contains("has no config.json") && Contains((tmp.path / "empty" / "latest").string()));
 }
 
-TEST_CASE("safetensors files are memory-mapped copy-on-write; unaligned data is copied", "[convert][io]") {
+TEST_CASE("safetensors files are memory-mapped copy-on-write, and unaligned data is copied", "[convert][io]") {
   const TempDir tmp;
   const fs::path file = tmp.path / "x.safetensors";
   const torch::Tensor w = torch::randn({64, 32});

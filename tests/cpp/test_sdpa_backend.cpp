@@ -93,7 +93,7 @@ TEST_CASE("SDPA backend equals the naive reference on every mask case, forward a
   }
 }
 
-TEST_CASE("attention backend: auto, lckv and sdpa agree; bad names are refused", "[ops][sdpa]") {
+TEST_CASE("attention backend: auto, lckv and sdpa agree, and bad names are refused", "[ops][sdpa]") {
   torch::manual_seed(3);
   const auto q = torch::randn({2, 4, 6, 16}), k = torch::randn({2, 2, 6, 16}), v = torch::randn({2, 2, 6, 16});
   ops::AttentionParams p;

@@ -23,10 +23,12 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <thread>
 
+#include "lckv/autocast.h"
 #include "lckv/data/shards.h"
 #include "lckv/data/tokenizer.h"
 #include "lckv/io/checkpoint.h"
@@ -488,6 +490,75 @@ TEST_CASE("resume: changed options are listed, those that change the result need
   }
 }
 
+namespace {
+
+// Whether /proc/cpuinfo's flags list `flag` (the kernel's reading of CPUID, independent of torch's cpuinfo).
+std::optional<bool> proc_cpu_flag(const std::string& flag) {
+  std::ifstream in("/proc/cpuinfo");
+  if (!in) return std::nullopt;
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("flags", 0) != 0) continue;
+    std::istringstream words(line.substr(line.find(':') + 1));
+    for (std::string w; words >> w;) {
+      if (w == flag) return true;
+    }
+    return false;
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+TEST_CASE("dtype auto: bf16 exactly where the CPU computes it natively, a resumed run keeps its checkpoint's",
+          "[train]") {
+  const auto avx512_bf16 = proc_cpu_flag("avx512_bf16"), amx_bf16 = proc_cpu_flag("amx_bf16");
+  if (!avx512_bf16 || !amx_bf16) {
+    WARN("no flags line in /proc/cpuinfo: nothing to compare dtype auto with");
+    return;
+  }
+  const bool native = *avx512_bf16 || *amx_bf16;
+  const std::string chosen = native ? "bf16" : "fp32", other = native ? "fp32" : "bf16";
+  CHECK(native_bf16(torch::kCPU) == native);
+  CHECK(resolve_compute_dtype("auto", torch::kCPU) == chosen);
+  CHECK(resolve_compute_dtype("fp32", torch::kCPU) == "fp32");
+  CHECK_THROWS_WITH(resolve_compute_dtype("fp16", torch::kCPU, "--dtype"), Contains("--dtype") && Contains("fp16"));
+
+  const TempDir tmp;
+  const fs::path root = tmp.path;
+  const fs::path data = make_data(root / "data", random_tokens(2000, 64, 11), random_tokens(200, 64, 12), 64, 64);
+  TrainOptions o = tiny_options(root, data, "auto");
+  o.max_steps = 2;
+  REQUIRE(o.dtype == "auto");  // the default
+  {
+    train::Trainer t(o);
+    CHECK(t.options().dtype == chosen);
+    t.run();
+  }
+  CHECK(nlohmann::json::parse(read_bytes(root / "auto" / "train.json"))["dtype"] == chosen);
+
+  // A run trained in the other dtype (a checkpoint from another machine, say) resumes in it under auto.
+  TrainOptions e = tiny_options(root, data, "other");
+  e.max_steps = 2;
+  e.dtype = other;
+  train::Trainer(e).run();
+  e.resume = true;
+  e.max_steps = 3;
+  e.allow_changes = {"max_steps"};
+  SECTION("auto continues in the checkpoint's dtype, and says so") {
+    e.dtype = "auto";
+    std::ostringstream log;
+    train::Trainer t(e, &log);
+    CHECK(t.options().dtype == other);
+    CHECK_THAT(log.str(), Contains("dtype auto: resuming in the checkpoint's " + other));
+    CHECK(t.run().step == 3);
+    CHECK(nlohmann::json::parse(read_bytes(root / "other" / "train.json"))["dtype"] == other);
+  }
+  SECTION("an explicit other dtype is a result-changing change, refused unless allowed") {
+    e.dtype = chosen;
+    CHECK_THROWS_WITH(train::Trainer(e), Contains("dtype: \"" + other + "\" -> \"" + chosen + "\""));
+  }
+}
+
 TEST_CASE("one run per output directory: a second trainer on the same out is refused at once", "[train]") {
   const TempDir tmp;
   const fs::path root = tmp.path;
@@ -782,7 +853,7 @@ TrainOptions parallel_options(const fs::path& root, const fs::path& data, const 
 
 }  // namespace
 
-TEST_CASE("launch variables: all five or none; bad values are named", "[train][distributed]") {
+TEST_CASE("launch variables: all five or none, and bad values are named", "[train][distributed]") {
   using Env = std::map<std::string, std::string>;
   auto read = [](const Env& env) {
     return train::read_launch_env([&](const std::string& k) -> std::optional<std::string> {
@@ -902,7 +973,7 @@ TEST_CASE("data parallel: a 2-rank checkpoint resumes on 1 rank and a 1-rank che
   CHECK(max_relative_difference(root / "two" / "step_000006", root / "ref" / "step_000006") <= 1e-6);
 }
 
-TEST_CASE("data parallel: a killed or hung rank makes the other exit with a clear message; the checkpoint stays",
+TEST_CASE("data parallel: a killed or hung rank makes the other exit with a clear message, and the checkpoint stays",
           "[train][distributed]") {
   const TempDir tmp;
   const fs::path root = tmp.path;
@@ -1002,7 +1073,7 @@ TEST_CASE("data parallel: bad launches are refused by name, without hanging", "[
   }
 }
 
-TEST_CASE("init_from starts from a checkpoint's weights at step 0 with a fresh optimizer; such a run resumes exactly",
+TEST_CASE("init_from starts from a checkpoint's weights at step 0 with a fresh optimizer, and such a run resumes exactly",
           "[train][init_from]") {
   const TempDir tmp;
   const fs::path root = tmp.path;

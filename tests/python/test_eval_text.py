@@ -153,6 +153,39 @@ def test_lckv_eval_text_and_jsonl_agree_with_python_and_each_other(checkpoint):
     assert s["streaming"] == {"sink_tokens": 2} and s["tokens"] == want_tokens and "stride" not in s
 
 
+def proc_cpu_flags():
+    """The kernel's CPU flags (/proc/cpuinfo), read independently of torch's cpuinfo; None if unreadable."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def test_dtype_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(checkpoint):
+    flags = proc_cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    want = "bf16" if {"avx512_bf16", "amx_bf16"} & flags else "fp32"
+    assert _C.native_bf16() == (want == "bf16") and _C.resolve_compute_dtype("auto") == want
+    assert _C.resolve_compute_dtype("fp32") == "fp32" and _C.resolve_compute_dtype("bf16") == "bf16"
+    with pytest.raises(ValueError, match=r'dtype must be "auto", "bf16" or "fp32", got "fp8"'):
+        _C.resolve_compute_dtype("fp8")
+    d = checkpoint
+    args = ["--model", str(d / "model"), "--context", "16", "--threads", "1", "--text", str(d / "doc0.txt")]
+    for python in ([False, True] if (BUILD / "lckv-eval").exists() else [True]):
+        r = run(args, python)  # no --dtype: auto
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["dtype"] == want
+    model = LCKVForCausalLM.from_pretrained(d / "model")
+    r = lckv.eval.evaluate_text(model, [str(d / "doc0.txt")], str(d / "model" / "tokenizer.model"), context=16)
+    assert r["dtype"] == want
+    with pytest.raises(ValueError, match="fp8"):
+        lckv.eval.evaluate_text(model, [str(d / "doc0.txt")], str(d / "model" / "tokenizer.model"), dtype="fp8")
+
+
 @pytest.mark.parametrize("python", [False, True])
 def test_bad_inputs_are_clear_errors(checkpoint, tmp_path, python):
     if not python and not (BUILD / "lckv-eval").exists():

@@ -205,7 +205,10 @@ def test_torchrun_runs_both_trainers_as_one_data_parallel_run(prepared, tmp_path
         assert all(t["world_size"] == 2 for t in train)
         for a, b in zip(records(one / "metrics.jsonl", "train"), train):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
-        assert max_relative_difference(one / "step_000005", out / "step_000005") <= 1e-6
+        # fp32 rounding of the two reduction orders (two ranks' partial sums vs one batch): 1.1e-6 seen on an
+        # AVX2-only CPU, whose MKL kernels sum in another order; a wrong average or a lost shard moves the
+        # weights by >= 1e-3 (an Adam step is lr = 3e-3 per element).
+        assert max_relative_difference(one / "step_000005", out / "step_000005") <= 1e-5
 
 
 def test_ddp_around_the_model_in_two_gloo_processes(tmp_path):

@@ -39,7 +39,9 @@ const std::vector<OptionField>& option_fields() {
       {"grad_clip", &O::grad_clip, "Clip the global gradient norm to this (0: no clipping)", true},
       {"seed", &O::seed, "Seed of the weight initialisation and the data order", true},
       {"threads", &O::threads, "Torch intra-op threads"},
-      {"dtype", &O::dtype, "bf16: fp32 weights with bf16 autocast (fast on CPUs with AMX/avx512_bf16); fp32: plain fp32",
+      {"dtype", &O::dtype,
+       "auto: bf16 where the device computes it natively (CUDA; CPUs with AMX or avx512_bf16), else fp32 (on resume: "
+       "the checkpoint's); bf16: fp32 weights with bf16 autocast; fp32: plain fp32",
        true},
       {"device", &O::device, "cpu or cuda[:N]"},
       {"eval_every", &O::eval_every, "Validate every this many steps (0: only at the end)"},
@@ -179,7 +181,8 @@ void TrainOptions::validate() const {
   need(adam_eps > 0, "adam_eps must be positive");
   need(grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)");
   need(threads > 0 && threads <= 4096, "threads must be in [1, 4096], got " + std::to_string(threads));
-  need(dtype == "bf16" || dtype == "fp32", "dtype must be \"bf16\" or \"fp32\", got \"" + dtype + "\"");
+  need(dtype == "auto" || dtype == "bf16" || dtype == "fp32",
+       "dtype must be \"auto\", \"bf16\" or \"fp32\", got \"" + dtype + "\"");
   need(device == "cpu" || device.rfind("cuda", 0) == 0, "device must be \"cpu\" or \"cuda[:N]\", got \"" + device + "\"");
   need(eval_every >= 0 && eval_batches >= 0 && save_every >= 0, "eval_every, eval_batches and save_every must be >= 0");
   need(keep_checkpoints > 0, "keep_checkpoints must be positive");

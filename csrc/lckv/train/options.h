@@ -46,7 +46,7 @@ struct TrainOptions {
 
   uint64_t seed = 1234;
   int threads = 2;
-  std::string dtype = "bf16";
+  std::string dtype = "auto";  // resolved to "bf16" or "fp32" by the Trainer (resolve_compute_dtype)
   std::string device = "cpu";
 
   int64_t eval_every = 200;

@@ -5,7 +5,8 @@
 //
 // Precision: the weights and the optimizer state are fp32 (the master copy); with dtype "bf16" the
 // forward and backward run under autocast to bf16 (lckv::AutocastScope; oneDNN/AMX on CPU), with
-// "fp32" in plain fp32. The loss is computed in fp32 either way.
+// "fp32" in plain fp32; "auto" (the default) is bf16 where the device computes it natively and fp32
+// elsewhere (lckv::resolve_compute_dtype). The loss is computed in fp32 either way.
 //
 // Data parallelism: under torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 // MASTER_PORT; distributed.h) every rank runs batch_size / WORLD_SIZE rows of each micro-batch and
@@ -122,6 +123,7 @@ class Trainer {
   torch::Tensor batch_loss(const data::Batch& batch);
 
   TrainOptions options_;
+  bool dtype_auto_ = false;  // options.dtype was "auto" (resolved in the constructor; a resume keeps the checkpoint's)
   std::ostream* log_;
   data::PreparedData data_;
   torch::Device device_{torch::kCPU};

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "lckv/autocast.h"
 #include "lckv/data/tokenizer.h"
 #include "lckv/generate/generate.h"
 #include "lckv/io/checkpoint.h"
@@ -41,6 +42,10 @@ Trainer::Trainer(const TrainOptions& options, std::ostream* log, const Optimizer
   if (device_.is_cuda() && !torch::cuda::is_available()) {
     throw TrainError("option device \"" + options_.device + "\": this LibTorch has no CUDA or sees no GPU");
   }
+  // "auto" becomes the concrete dtype here, so that train.json, the metrics and the checkpoints say which one
+  // ran; a resumed run keeps its checkpoint's (resume_from).
+  dtype_auto_ = options_.dtype == "auto";
+  options_.dtype = resolve_compute_dtype(options_.dtype, device_);
   if (!launch) {
     if (options_.shard_optimizer && log_) *log_ << "note: shard_optimizer has no effect without torchrun's variables\n";
     build(make_optimizer);
@@ -97,7 +102,9 @@ void Trainer::build(const OptimizerFactory& make_optimizer) {
                        options_.data + "/meta.json): the data was written with another tokenizer");
     }
     if (!options_.model_config.empty()) {
-      json given = config_from_file().to_json(), saved = config.to_json();
+      // Both in one format (a plain Llama's config.json is written in transformers' own, without the LCKV fields),
+      // so that only real differences are listed.
+      json given = config_from_file().to_json(ConfigFormat::kLCKV), saved = config.to_json(ConfigFormat::kLCKV);
       given.erase("torch_dtype");
       saved.erase("torch_dtype");
       std::string list;
@@ -323,6 +330,18 @@ int64_t Trainer::optimizer_state_bytes() const {
 
 void Trainer::resume_from(const std::string& dir) {
   const TrainerState s = load_checkpoint(dir, model_, *optimizer_, device_);
+  // dtype auto continues in the dtype the run was trained in (a checkpoint moved to another CPU, say).
+  const auto saved_dtype = s.options.find("dtype");
+  if (dtype_auto_ && saved_dtype != s.options.end() && saved_dtype->is_string()) {
+    const std::string saved = saved_dtype->get<std::string>();
+    if ((saved == "bf16" || saved == "fp32") && saved != options_.dtype) {
+      if (log_) {
+        *log_ << "note: dtype auto: resuming in the checkpoint's " << saved << " (on its own, auto would choose "
+              << options_.dtype << " here)\n";
+      }
+      options_.dtype = saved;
+    }
+  }
   // Every changed option is reported; those that change the result must be allowed by name.
   const json now = options_.to_json();
   std::vector<std::string> refused;

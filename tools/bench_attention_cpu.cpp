@@ -2,9 +2,10 @@
 // interleaved rounds (the machine may be shared: medians of several rounds), against the matmul
 // rate measured in the same rounds, all in one dtype (--dtype; auto: bf16 where native, else fp32). Writes JSON.
 //  * training shapes (the quickstart's heads: 4 query, 2 KV, D 64): causal and strict
-//    attention, forward without grad and forward + backward, by flash (PyTorch's fused kernel,
-//    forward; our blocked backward from its lse: what auto runs), blocked (ours, forward and
-//    backward) and sdpa (PyTorch's SDPA with its own autograd: the previous auto);
+//    attention, forward without grad and forward + backward, by auto (what the op runs: PyTorch's
+//    fused forward, and its fused backward beyond one query block, else our blocked one), flash
+//    (PyTorch's fused forward, our blocked backward from its lse), blocked (ours, forward and
+//    backward) and sdpa (PyTorch's SDPA with its own autograd, strict by narrowing to T-1 keys);
 //  * decode (T = 1 over S cached keys, the tiny shape's heads: 8 query, 4 KV, D 64): the
 //    direct-loop kernel (rows) against the blocked path.
 #include <CLI/CLI.hpp>
@@ -97,7 +98,8 @@ int main(int argc, char** argv) {
         const double fwd = 4.0 * B * Hq * D * pairs;
         const std::string tag = "T" + std::to_string(T) + (strict ? "_strict" : "_causal");
         for (auto [name, path, backend] :
-             {std::tuple{"flash", CpuAttentionPath::kFlash, lckv::ops::AttentionBackend::kAuto},
+             {std::tuple{"auto", CpuAttentionPath::kAuto, lckv::ops::AttentionBackend::kAuto},
+              std::tuple{"flash", CpuAttentionPath::kFlash, lckv::ops::AttentionBackend::kAuto},
               std::tuple{"blocked", CpuAttentionPath::kBlocked, lckv::ops::AttentionBackend::kAuto},
               std::tuple{"sdpa", CpuAttentionPath::kAuto, lckv::ops::AttentionBackend::kSdpa}}) {
           AttentionParams p;

@@ -35,6 +35,10 @@ const Case kCases[] = {
     {2, 2, 1, 16, 16, 8, false, 5, 0, 3},   // window smaller than blocks' spans
     {1, 2, 2, 6, 6, 4, true, 1, 0, 4},      // strict with window 1: every row empty
     {1, 2, 2, 4, 9, 8, true, 2, 7, 256},    // keys end before the last query's window: a trailing empty row
+    // Longer than a query block, no window: auto's backward is PyTorch's fused one (strict by the shift trick).
+    {2, 4, 2, 20, 20, 8, false, 0, 0, 8},   // causal GQA
+    {2, 4, 2, 20, 20, 8, true, 0, 0, 8},    // strict GQA
+    {1, 4, 2, 300, 300, 64, true, 0, 0, 256},  // strict at the models' D and the default query block
 };
 
 }  // namespace

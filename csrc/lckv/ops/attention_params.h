@@ -30,9 +30,11 @@ struct AttentionMask {
   int64_t key_end(int64_t p) const { return strict ? p : p + 1; }
 };
 
-// The CPU implementation of the forward (ops/cpu/condensed_attention_cpu.h); the backward is always
-// the blocked one. auto: rows for chunks of at most 4 queries (decode), blocked for fp64 (the
-// exactness path) and key_start, flash otherwise. Tests force each one.
+// The CPU implementation of the forward (ops/cpu/condensed_attention_cpu.h). auto: rows for chunks of
+// at most 4 queries (decode), blocked for fp64 (the exactness path) and key_start, flash otherwise; its
+// backward is PyTorch's fused one for T > query_block under the masks that kernel's causal mask expresses
+// (cpu::flash_backward_applies), the blocked one otherwise. A forced path has the blocked backward.
+// Tests force each one.
 enum class CpuAttentionPath { kAuto, kRows, kBlocked, kFlash };
 
 struct AttentionParams {

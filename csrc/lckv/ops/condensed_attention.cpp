@@ -127,13 +127,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward(
 #ifdef LCKV_WITH_CUDA
   if (q.is_cuda()) return cuda::condensed_attention_backward_cuda(grad_out, q, k, v, out, lse, p, softmax_scale(q, p));
 #endif
+  // Auto: PyTorch's fused backward for sequences longer than one query block under the masks its causal mask
+  // expresses (the blocked backward streams its [rows, keys] intermediates through memory there), the blocked
+  // backward elsewhere (far faster at T <= one block) and for an explicitly chosen forward path.
+  if (p.cpu_path == CpuAttentionPath::kAuto && q.size(2) > p.query_block && cpu::flash_backward_applies(q, k, p)) {
+    return cpu::condensed_attention_backward_flash(grad_out, q, k, v, out, lse, p, softmax_scale(q, p));
+  }
   return cpu::condensed_attention_backward_blocked(grad_out, q, k, v, out, lse, p, softmax_scale(q, p));
 }
 
 namespace {
 
 // Autograd over condensed_attention_forward/backward (on CPU: the forward of the shape's path, the
-// blocked backward from its lse; CUDA).
+// backward of condensed_attention_backward's choice from its lse; CUDA).
 struct CondensedAttentionFunction : public torch::autograd::Function<CondensedAttentionFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const std::optional<at::Tensor>& key_start, bool strict,
@@ -149,6 +155,7 @@ struct CondensedAttentionFunction : public torch::autograd::Function<CondensedAt
     ctx->saved_data["q_offset"] = q_offset;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["query_block"] = query_block;
+    ctx->saved_data["cpu_path"] = cpu_path;
     return out;
   }
 
@@ -160,7 +167,8 @@ struct CondensedAttentionFunction : public torch::autograd::Function<CondensedAt
                        ctx->saved_data["q_offset"].toInt(),
                        key_start == ctx->saved_data.end() ? at::Tensor() : key_start->second.toTensor()},
                       ctx->saved_data["scale"].toDouble(),
-                      ctx->saved_data["query_block"].toInt()};
+                      ctx->saved_data["query_block"].toInt(),
+                      static_cast<CpuAttentionPath>(ctx->saved_data["cpu_path"].toInt())};
     auto [dq, dk, dv] = condensed_attention_backward(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], p);
     return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};

@@ -23,8 +23,9 @@ namespace lckv::ops {
 std::tuple<at::Tensor, at::Tensor> condensed_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                                const at::Tensor& v, const AttentionParams& p);
 
-// Backward from the saved forward results (the blocked path on CPU, whichever path ran the forward):
-// returns dq, dk, dv.
+// Backward from the saved forward results (on CPU, whichever path ran the forward: PyTorch's fused
+// backward where p.cpu_path is auto, T > p.query_block and its causal mask expresses p.mask, else the
+// blocked one): returns dq, dk, dv.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const AttentionParams& p);
@@ -33,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward(
 // and backward run in that precision. The backend (sdpa_attention.h: auto | lckv | sdpa, option or
 // LCKV_ATTENTION_BACKEND) picks the implementation. auto: on CPU the path of p.cpu_path (auto: the
 // decode kernel for chunks of at most 4 queries, the blocked path for fp64 and key_start, PyTorch's
-// fused CPU kernel's forward otherwise), with the blocked backward; CUDA tensors to the SDPA backend
+// fused CPU kernel's forward otherwise), with condensed_attention_backward's backward; CUDA tensors to the SDPA backend
 // (our kernels are used with lckv until a GPU run has measured them). lckv: our own CPU paths (decode
 // kernel, blocked) / the CUDA kernels. sdpa: PyTorch's SDPA with its autograd on every device.
 // Without grad (GradMode off or no input requiring it) no autograd node is built.

@@ -269,4 +269,35 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> condensed_attention_forward_fl
   return pad_rows(out, lse, B, T, H, D, first);
 }
 
+bool flash_backward_applies(const at::Tensor& q, const at::Tensor& k, const AttentionParams& p) {
+  const AttentionMask& m = p.mask;
+  const int64_t T = q.size(2);
+  return m.window <= 0 && m.q_offset == 0 && !m.key_start.defined() && T == k.size(2) && T > 1 &&
+         q.scalar_type() != at::kDouble;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward_flash(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const AttentionParams& p, double scale) {
+  TORCH_INTERNAL_ASSERT(flash_backward_applies(q, k, p), "condensed_attention_backward_flash: unsupported mask");
+  const auto dt = q.scalar_type();
+  const at::Tensor go = grad_out.to(dt), oo = out.to(dt), ll = lse.to(at::kFloat);
+  if (!p.mask.strict) {
+    return at::_scaled_dot_product_flash_attention_for_cpu_backward(go, q, k, v, oo, ll.contiguous(), 0.0,
+                                                                    /*is_causal=*/true, {}, scale);
+  }
+  // Strict, as the forward computes it: queries 1..T-1 causally over all T keys (row i sees keys <= i). Row 0
+  // sees no key (dq = 0); the last key is seen by none (its dk, dv are 0), and a non-finite one is zeroed as
+  // in the forward, so that it cannot reach dq through the products.
+  const int64_t T = q.size(2), S = k.size(2);
+  const at::Tensor kk = without_unseen_keys(k, 0, S - 1), vv = without_unseen_keys(v, 0, S - 1);
+  auto [dq_rows, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+      go.narrow(2, 1, T - 1), q.narrow(2, 1, T - 1), kk, vv, oo.narrow(2, 1, T - 1),
+      ll.narrow(2, 1, T - 1).contiguous(), 0.0, /*is_causal=*/true, {}, scale);
+  at::Tensor dq = at::empty(q.sizes(), dq_rows.options());
+  dq.narrow(2, 0, 1).zero_();
+  dq.narrow(2, 1, T - 1).copy_(dq_rows);
+  return {dq, dk, dv};
+}
+
 }  // namespace lckv::ops::cpu

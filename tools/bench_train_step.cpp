@@ -83,7 +83,7 @@ int main(int argc, char** argv) {
   app.add_option("--vocab", vocab, "override vocab_size (0 keeps the config's)");
   app.add_option("--dtype", dtype, "auto (bf16 where this CPU computes it natively: AMX or avx512_bf16; else fp32), "
                                    "bf16 (CPU autocast) or fp32")
-      ->check(CLI::IsMember({"auto", "bf16", "fp32"}));
+      ->check(CLI::IsMember(lckv::compute_dtype_names()));
   app.add_option("--profiled-steps", profiled, "steps per config timing the attention share (0: skip)");
   app.add_option("--out", out_path, "write the JSON result here too");
   CLI11_PARSE(app, argc, argv);

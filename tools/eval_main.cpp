@@ -77,7 +77,7 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber)->capture_default_str();
   app.add_option("--dtype", dtype, "auto (bf16 where this CPU computes it natively: AMX or avx512_bf16; else fp32), "
                                    "bf16 (fp32 weights, bf16 autocast) or fp32")
-      ->check(CLI::IsMember({"auto", "bf16", "fp32"}))->capture_default_str();
+      ->check(CLI::IsMember(lckv::compute_dtype_names()))->capture_default_str();
   app.add_option("--prefill", prefill, "iterative (the config's m + b iterations, as in training) or exact "
                                        "(iterations until the KVs converge: the sequential definition)")
       ->check(CLI::IsMember({"iterative", "exact"}))->capture_default_str();

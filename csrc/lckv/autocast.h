@@ -11,6 +11,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "lckv/dtype.h"
+
 namespace lckv {
 
 // Whether bf16 matmuls run natively on `device`: CUDA (the sm_80/sm_90 GPUs the kernels are built
@@ -36,8 +38,8 @@ inline bool native_bf16(const c10::Device& device) {
 inline std::string resolve_compute_dtype(const std::string& name, const c10::Device& device,
                                          const std::string& what = "dtype") {
   if (name == "auto") return native_bf16(device) ? "bf16" : "fp32";
-  if (name == "bf16" || name == "fp32") return name;
-  throw std::invalid_argument(what + " must be \"auto\", \"bf16\" or \"fp32\", got \"" + name + "\"");
+  if (is_compute_dtype_name(name)) return name;
+  throw std::invalid_argument(compute_dtype_error(what, name));
 }
 
 class AutocastScope {

@@ -5,8 +5,10 @@
 
 #include <c10/core/ScalarType.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace lckv {
 
@@ -40,6 +42,22 @@ inline c10::ScalarType parse_float_dtype(const std::string& name, const std::str
   }
   throw std::invalid_argument(what + ": unknown dtype \"" + name +
                               "\" (expected fp64, fp32, bf16, fp16 or float64, float32, bfloat16, float16)");
+}
+
+// The values of every compute-dtype option (lckv-train's dtype, lckv-eval, the CPU benchmarks, the
+// Python CLIs through _C.compute_dtype_names): "auto" (resolve_compute_dtype, autocast.h: bf16 where
+// the device computes it natively, else fp32), "bf16" (fp32 weights, bf16 autocast) or "fp32".
+inline const std::vector<std::string>& compute_dtype_names() {
+  static const std::vector<std::string> names{"auto", "bf16", "fp32"};
+  return names;
+}
+inline bool is_compute_dtype_name(const std::string& name) {
+  const auto& names = compute_dtype_names();
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+// The error for any other value of the option `what`.
+inline std::string compute_dtype_error(const std::string& what, const std::string& got) {
+  return what + " must be \"auto\", \"bf16\" or \"fp32\", got \"" + got + "\"";
 }
 
 }  // namespace lckv

@@ -541,6 +541,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         },
         py::arg("name"), py::arg("device") = "cpu",
         "A compute-dtype option: 'auto' -> 'bf16' where native_bf16(device), else 'fp32'; 'bf16'/'fp32' unchanged");
+  m.def("compute_dtype_names", [] { return compute_dtype_names(); },
+        "The values of every compute-dtype option: auto, bf16, fp32");
   m.def("convergence_tolerance", &convergence_tolerance, py::arg("dtype"),
         "The KV convergence tolerance exact prefill uses for a compute dtype.");
   m.def("install_stop_handlers", &train::install_stop_handlers,

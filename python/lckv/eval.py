@@ -104,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--stride", type=int, help="(--text/--jsonl) predictions a window moves on by (default: context)")
     ap.add_argument("--streaming", action="store_true", help="(--text/--jsonl) token by token, StreamingLLM cache")
     ap.add_argument("--sink-tokens", type=int, help="(--streaming) sink tokens kept, default 4")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+    ap.add_argument("--dtype", default="auto", choices=list(_C.compute_dtype_names()),
                     help="auto (default): bf16 where this CPU computes it natively (AMX, avx512_bf16), else fp32")
     ap.add_argument("--prefill", default="iterative", choices=["iterative", "exact"])
     ap.add_argument("--threads", type=int, default=2)

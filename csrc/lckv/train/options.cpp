@@ -6,6 +6,7 @@
 #include <limits>
 #include <set>
 
+#include "lckv/dtype.h"
 #include "lckv/json_fields.h"
 
 namespace lckv::train {
@@ -181,8 +182,7 @@ void TrainOptions::validate() const {
   need(adam_eps > 0, "adam_eps must be positive");
   need(grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)");
   need(threads > 0 && threads <= 4096, "threads must be in [1, 4096], got " + std::to_string(threads));
-  need(dtype == "auto" || dtype == "bf16" || dtype == "fp32",
-       "dtype must be \"auto\", \"bf16\" or \"fp32\", got \"" + dtype + "\"");
+  need(is_compute_dtype_name(dtype), compute_dtype_error("dtype", dtype));
   need(device == "cpu" || device.rfind("cuda", 0) == 0, "device must be \"cpu\" or \"cuda[:N]\", got \"" + device + "\"");
   need(eval_every >= 0 && eval_batches >= 0 && save_every >= 0, "eval_every, eval_batches and save_every must be >= 0");
   need(keep_checkpoints > 0, "keep_checkpoints must be positive");

@@ -334,7 +334,7 @@ void Trainer::resume_from(const std::string& dir) {
   const auto saved_dtype = s.options.find("dtype");
   if (dtype_auto_ && saved_dtype != s.options.end() && saved_dtype->is_string()) {
     const std::string saved = saved_dtype->get<std::string>();
-    if ((saved == "bf16" || saved == "fp32") && saved != options_.dtype) {
+    if (saved != "auto" && is_compute_dtype_name(saved) && saved != options_.dtype) {
       if (log_) {
         *log_ << "note: dtype auto: resuming in the checkpoint's " << saved << " (on its own, auto would choose "
               << options_.dtype << " here)\n";

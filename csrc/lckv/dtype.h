@@ -57,7 +57,12 @@ inline bool is_compute_dtype_name(const std::string& name) {
 }
 // The error for any other value of the option `what`.
 inline std::string compute_dtype_error(const std::string& what, const std::string& got) {
-  return what + " must be \"auto\", \"bf16\" or \"fp32\", got \"" + got + "\"";
+  const auto& names = compute_dtype_names();
+  std::string expected;  // "auto", "bf16" or "fp32"
+  for (size_t i = 0; i < names.size(); ++i) {
+    expected += (i == 0 ? "" : i + 1 == names.size() ? " or " : ", ") + ("\"" + names[i] + "\"");
+  }
+  return what + " must be " + expected + ", got \"" + got + "\"";
 }
 
 }  // namespace lckv

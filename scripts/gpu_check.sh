@@ -7,7 +7,7 @@
 #   3. runs the [cuda] tests with LCKV_REQUIRE_CUDA=1 (a test that cannot reach the GPU fails
 #      rather than skips),
 #   4. runs lckv-bench-attention (kernels vs SDPA flash and decode bandwidth; then TinyLlama end
-#      to end), each under a time limit,
+#      to end, with decode steps dynamic vs static vs CUDA-graph replay), each under a time limit,
 #   5. runs the whole ctest suite (CUDA required),
 #   6. builds the Python extension against this machine's torch and runs pytest (GPU_CHECK_PYTHON=0 skips),
 # and writes its logs and JSON to $OUT (the device tool's output folder; bench/results/ when unset)
@@ -86,7 +86,7 @@ bench() {  # bench NAME PARTS TIMEOUT_S
   if [ -f "$OUT_DIR/$json" ] && [ "$OUT_DIR" != bench/results ]; then cp "$OUT_DIR/$json" bench/results/; fi
 }
 bench kernels kernels 200
-[ "${GPU_CHECK_E2E:-1}" != 0 ] && bench e2e e2e 150
+[ "${GPU_CHECK_E2E:-1}" != 0 ] && bench e2e e2e 210
 
 if [ "${GPU_CHECK_CTEST:-1}" != 0 ]; then
   say "ctest (everything, CUDA required)"

@@ -7,7 +7,8 @@
 //  * decode (T = 1) achieved memory bandwidth over the KV cache, TinyLlama-1.1B heads (32 query,
 //    4 KV, D 64), bf16, against the card's nominal peak and a measured device copy;
 //  * training tokens/s (bf16 autocast, forward + backward) and generation tokens/s (bf16, greedy)
-//    of the TinyLlama-1.1B shape, Llama identity vs LCKV w=2.
+//    of the TinyLlama-1.1B shape, Llama identity vs LCKV w=2, and its decode steps dynamic vs static
+//    vs replayed from a CUDA graph (GenerationConfig::decode_step) at batch 1 and --gen-batch.
 // --parts picks kernels (the first two), e2e (the last) or all.
 #include <CLI/CLI.hpp>
 #include <torch/torch.h>
@@ -20,6 +21,8 @@
 #include <ctime>
 #include <fstream>
 #include <iostream>
+#include <map>
+#include <algorithm>
 
 #include "lckv/openmp_policy.h"
 #include "lckv/files.h"
@@ -156,8 +159,46 @@ nlohmann::json bench_decode(const std::vector<int64_t>& batches, const std::vect
   return rows;
 }
 
+// Decode steps dynamic vs static vs cuda_graph (DecodeStep), interleaved over rounds, at each batch: the
+// median decode ms per step (a cuda_graph call includes its one capture) and whether its greedy tokens
+// equal the dynamic ones (bf16: a near-tie may flip; the fp32 equality is the [cuda] test's).
+nlohmann::json bench_decode_steps(lckv::LCKVForCausalLM& model, const lckv::LCKVConfig& config,
+                                  const std::vector<int64_t>& batches, int64_t prompt, int64_t new_tokens) {
+  nlohmann::json rows = nlohmann::json::array();
+  const lckv::DecodeStep steps[] = {lckv::DecodeStep::kDynamic, lckv::DecodeStep::kStatic, lckv::DecodeStep::kCudaGraph};
+  for (int64_t batch : batches) {
+    std::vector<std::vector<int64_t>> prompts(batch, std::vector<int64_t>(prompt));
+    for (auto& pr : prompts) for (auto& id : pr) id = torch::randint(0, config.vocab_size, {1}).item<int64_t>();
+    std::map<std::string, std::vector<double>> ms;
+    std::map<std::string, std::vector<std::vector<int64_t>>> tokens;
+    for (int round = 0; round < 3; ++round) {  // round 0 warms up
+      for (lckv::DecodeStep step : steps) {
+        lckv::GenerationConfig gc;
+        gc.max_new_tokens = new_tokens;
+        gc.decode_step = step;
+        torch::cuda::synchronize();
+        const lckv::GenerationResult r = lckv::generate(model, prompts, gc);
+        if (round == 0) continue;
+        ms[lckv::to_string(step)].push_back(1e3 * r.stats.decode_seconds / std::max<int64_t>(1, r.stats.steps - 1));
+        tokens[lckv::to_string(step)] = r.tokens;
+      }
+    }
+    nlohmann::json row = {{"batch", batch}, {"prompt", prompt}, {"new_tokens", new_tokens}};
+    const double dynamic_ms = *std::min_element(ms["dynamic"].begin(), ms["dynamic"].end());
+    for (lckv::DecodeStep step : steps) {
+      const std::string name = lckv::to_string(step);
+      const double best = *std::min_element(ms[name].begin(), ms[name].end());
+      row[name] = {{"ms_per_step", ms[name]}, {"best_ms_per_step", best}, {"speedup_vs_dynamic", dynamic_ms / best},
+                   {"tokens_equal_dynamic", tokens[name] == tokens["dynamic"]}};
+    }
+    std::cerr << row.dump() << "\n";
+    rows.push_back(row);
+  }
+  return rows;
+}
+
 nlohmann::json bench_end_to_end(const std::vector<std::string>& configs, int64_t seq_len, int64_t batch,
-                                int64_t gen_batch, int64_t prompt, int64_t new_tokens) {
+                                int64_t gen_batch, int64_t prompt, int64_t new_tokens, int64_t decode_step_tokens) {
   nlohmann::json rows = nlohmann::json::array();
   for (const auto& path : configs) {
     torch::manual_seed(0);
@@ -199,6 +240,7 @@ nlohmann::json bench_end_to_end(const std::vector<std::string>& configs, int64_t
     row["gen_seconds"] = s;
     row["gen_tokens_per_s"] = r.stats.new_tokens / s;
     row["gen_cache_bytes"] = r.stats.cache_bytes;
+    row["decode_steps"] = bench_decode_steps(model, config, {1, gen_batch}, prompt, decode_step_tokens);
     std::cerr << row.dump() << "\n";
     rows.push_back(row);
   }
@@ -215,7 +257,7 @@ int main(int argc, char** argv) {
   int64_t tokens_per_batch = 16384;
   std::string parts = "kernels";
   std::vector<std::string> configs = {"configs/tinyllama-1.1b-llama.json", "configs/tinyllama-1.1b-lckv-w2.json"};
-  int64_t train_seq = 2048, train_batch = 2, gen_batch = 32, gen_prompt = 128, gen_new = 128;
+  int64_t train_seq = 2048, train_batch = 2, gen_batch = 32, gen_prompt = 128, gen_new = 128, decode_step_tokens = 48;
   int threads = 2;
   std::string out_path, card;
   app.add_option("--seq-lens", seq_lens, "T of the attention benchmark");
@@ -230,6 +272,8 @@ int main(int argc, char** argv) {
   app.add_option("--gen-batch", gen_batch, "generated sequences");
   app.add_option("--gen-prompt", gen_prompt, "prompt tokens per sequence");
   app.add_option("--gen-new", gen_new, "new tokens per sequence");
+  app.add_option("--decode-step-tokens", decode_step_tokens,
+                 "new tokens per call of the dynamic / static / cuda_graph decode-step comparison (batch 1 and --gen-batch)");
   app.add_option("--threads", threads, "torch intra-op threads (CPU side)");
   app.add_option("--card", card, "the GPU's name for the JSON (default: the driver's)");
   app.add_option("--out", out_path, "write the JSON here (atomically)");
@@ -256,7 +300,7 @@ int main(int argc, char** argv) {
       result["decode"] = bench_decode(batches, contexts, peak, copy);
     }
     if (parts != "kernels") {
-      result["end_to_end"] = bench_end_to_end(configs, train_seq, train_batch, gen_batch, gen_prompt, gen_new);
+      result["end_to_end"] = bench_end_to_end(configs, train_seq, train_batch, gen_batch, gen_prompt, gen_new, decode_step_tokens);
     }
     std::cout << result.dump(2) << std::endl;
     if (!out_path.empty()) lckv::write_file_atomically(out_path, result.dump(2) + "\n");

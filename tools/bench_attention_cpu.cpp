@@ -23,31 +23,15 @@
 #include "lckv/openmp_policy.h"
 #include "lckv/ops/condensed_attention.h"
 #include "lckv/ops/sdpa_attention.h"
+#include "bench_timing.h"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
 using lckv::ops::AttentionParams;
 using lckv::ops::CpuAttentionPath;
 
-// Median milliseconds of `reps` calls of fn (after one warm-up call).
-template <typename F>
-double time_ms(F&& fn, int reps) {
-  fn();
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    const auto t0 = Clock::now();
-    fn();
-    ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using lckv::bench::median;
+using lckv::bench::median_ms;
 
 struct Contender {
   std::string name;
@@ -85,10 +69,8 @@ int main(int argc, char** argv) {
     std::vector<Contender> all;
     // The matmul rate: a model-shaped linear (tokens x 256 -> 768, the quickstart MLP).
     const torch::Tensor x = torch::randn({tokens, 256}, opts), w = torch::randn({768, 256}, opts);
-    // 20 calls at least: right after the other contenders its first few calls run up to 2x slower (measured on an
-    // AVX2 Zen 3 in fp32: a median of 5 gave 46 GFLOP/s, of 20 gave 92, a Python loop 90), which overstated every
-    // fraction_of_matmul_rate of this bench about 2x.
-    all.push_back({"matmul", [&] { at::linear(x, w); }, 2.0 * tokens * 256 * 768, {}, 20});
+    // Timed over lckv::bench::kMatmulCalls calls at least, as bench_train_step's rate (bench_timing.h says why).
+    all.push_back({"matmul", [&] { at::linear(x, w); }, 2.0 * tokens * 256 * 768, {}, lckv::bench::kMatmulCalls});
     std::vector<torch::Tensor> keep;  // inputs the lambdas read
     nlohmann::json shapes = nlohmann::json::array();
     for (int64_t T : seq_lens) {
@@ -142,7 +124,7 @@ int main(int argc, char** argv) {
       }
     }
     for (int r = 0; r < rounds; ++r) {
-      for (auto& c : all) c.ms.push_back(time_ms(c.fn, std::max(reps, c.min_reps)));
+      for (auto& c : all) c.ms.push_back(median_ms(c.fn, std::max(reps, c.min_reps)));
       std::cerr << "round " << r + 1 << "/" << rounds << " done\n";
     }
     const double matmul_ms = median(all[0].ms);

@@ -19,6 +19,7 @@
 #include "lckv/autocast.h"
 #include "lckv/model/lckv_model.h"
 #include "lckv/openmp_policy.h"
+#include "bench_timing.h"
 
 namespace {
 
@@ -60,10 +61,7 @@ at::CallbackHandle install_attention_timer() {
           .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION, at::RecordScope::USER_SCOPE}));
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using lckv::bench::median;
 
 }  // namespace
 
@@ -115,14 +113,8 @@ int main(int argc, char** argv) {
     const auto matmul_dtype = dtype == "bf16" ? torch::kBFloat16 : torch::kFloat;
     const torch::Tensor mx = torch::randn({batch * seq_len, c0.hidden_size}, matmul_dtype),
                         mw = torch::randn({c0.intermediate_size, c0.hidden_size}, matmul_dtype);
-    const double matmul_flops = 2.0 * batch * seq_len * c0.hidden_size * c0.intermediate_size;
-    std::vector<double> matmul_s;
-    auto time_matmul = [&] {
-      at::linear(mx, mw);
-      const auto t0 = Clock::now();
-      for (int j = 0; j < 10; ++j) at::linear(mx, mw);
-      matmul_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count() / 10);
-    };
+    std::vector<double> matmul_rates;
+    auto time_matmul = [&] { matmul_rates.push_back(lckv::bench::linear_gflop_per_s(mx, mw)); };
     for (int i = 0; i < warmup; ++i) for (auto& r : runs) step(r);
     for (int i = 0; i < steps; ++i) {
       time_matmul();
@@ -140,7 +132,7 @@ int main(int argc, char** argv) {
         r.attention_share.push_back(g_attention_ns.load() * 1e-9 / s);
       }
     }
-    const double matmul_gflops = matmul_flops / median(matmul_s) / 1e9;
+    const double matmul_gflops = median(matmul_rates);
     nlohmann::json result = {{"benchmark", "train_step"}, {"threads", threads}, {"seq_len", seq_len},
                              {"batch", batch}, {"dtype", dtype}, {"steps", steps},
                              {"torch", TORCH_VERSION}, {"machine_shared", true},

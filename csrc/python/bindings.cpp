@@ -319,6 +319,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("streaming", &GenerationConfig::streaming)
       .def_readwrite("vocab_limit", &GenerationConfig::vocab_limit)
       .def_readwrite("return_logits", &GenerationConfig::return_logits)
+      .def_property(
+          "decode_step", [](const GenerationConfig& c) { return to_string(c.decode_step); },
+          [](GenerationConfig& c, const std::string& name) { c.decode_step = parse_decode_step(name); },
+          "\"dynamic\" (attention over the written slots), \"static\" (fixed shapes over the whole cache) or "
+          "\"cuda_graph\" (the static step captured in a CUDA graph; CUDA models)")
       .def("validate", &GenerationConfig::validate);
   py::class_<GenerationStats>(m, "GenerationStats")
       .def_readonly("batch", &GenerationStats::batch)

@@ -33,7 +33,11 @@ _NOT_ATTRIBUTES = ("architectures", "model_type", "auto_map", "torch_dtype", "la
 _GENERATION_BOOKKEEPING = {"transformers_version", "_from_model_config", "bos_token_id", "use_cache",
                            "num_beams", "num_return_sequences"}
 _GENERATE_OPTIONS = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
-                     "eos_token_id", "pad_token_id"} | _GENERATION_BOOKKEEPING
+                     "eos_token_id", "pad_token_id", "cache_implementation"} | _GENERATION_BOOKKEEPING
+# transformers' cache_implementation values lckv's decode steps implement (GenerationConfig.decode_step): the
+# condensed cache is always preallocated; "static" gives every step fixed shapes over the whole cache, as
+# transformers' StaticCache (what torch.compile / CUDA graphs need).
+_CACHE_IMPLEMENTATIONS = {None: "dynamic", "dynamic": "dynamic", "static": "static"}
 _AUTO_MAP = {"AutoConfig": "lckv_hf.LCKVLlamaConfig", "AutoModelForCausalLM": "lckv_hf.LCKVLlamaForCausalLM"}
 
 
@@ -205,6 +209,11 @@ def _define_model_class():
                        if gc.get(k) is not None}
             if not options.get("do_sample"):
                 options = {k: v for k, v in options.items() if k in ("do_sample", "repetition_penalty")}
+            cache = gc.get("cache_implementation")
+            if cache not in _CACHE_IMPLEMENTATIONS:
+                raise ValueError(f"LCKVLlamaForCausalLM.generate: cache_implementation {cache!r} is not supported "
+                                 f"(lckv's condensed cache implements {sorted(k for k in _CACHE_IMPLEMENTATIONS if k)})")
+            options["decode_step"] = _CACHE_IMPLEMENTATIONS[cache]
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             pad = gc.get("pad_token_id")

@@ -247,7 +247,8 @@ class LCKVForCausalLM(_C._LCKVForCausalLM):
 
         The options are the fields of the C++ GenerationConfig (lckv.GenerationConfig: seed,
         stop_tokens, prefill "iterative" | "exact", prefill_chunk, cache_capacity, streaming (a
-        lckv.StreamingOptions, True for the defaults, or None), vocab_limit, return_logits) and of
+        lckv.StreamingOptions, True for the defaults, or None), vocab_limit, return_logits, decode_step
+        "dynamic" | "static" | "cuda_graph" (a CUDA model's decode steps replayed from one CUDA graph)) and of
         its SamplingConfig (do_sample, temperature, top_k, top_p, repetition_penalty), set over
         `generation_config` (default: GenerationConfig()). Greedy by default; Hugging Face's
         sampling rules. cache_capacity 0 means prompt + max_new_tokens slots per sequence.

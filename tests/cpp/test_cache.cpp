@@ -183,3 +183,43 @@ TEST_CASE("a cache refuses chunks beyond its capacity without StreamingLLM and r
   CHECK_THROWS_WITH(cache.make_room(5), Catch::Contains("exceed the cache capacity of 4"));
   CHECK_THROWS_WITH(cache.read(1), Catch::Contains("layer 1 computes no KV"));
 }
+
+TEST_CASE("static steps: the device slot and positions follow the cache, reads cover every slot, misuse is refused",
+          "[cache][static]") {
+  const LCKVConfig c = small_config("0_4_4_4_4_5", 6, 4, 2);
+  CondensedKVCache cache(c, 2, 6, torch::TensorOptions().dtype(torch::kDouble));
+  cache.set_key_start(torch::tensor({0, 2}, torch::kLong));
+  const torch::Tensor kv3 = torch::randn({2, 2, 3, 8}, torch::kDouble);
+  cache.make_room(3);
+  cache.write(0, kv3, kv3);
+  cache.advance(3);
+  CHECK_THROWS_WITH(cache.device_positions(), Catch::Contains("outside static steps"));
+  cache.set_static(true);
+  cache.make_room(1);
+  CHECK(cache.device_slot().item<int64_t>() == 3);
+  CHECK(torch::equal(cache.device_positions(), cache.positions(1)));  // [[3], [1]]: slot - key_start
+  const torch::Tensor kv1 = torch::randn({2, 2, 1, 8}, torch::kDouble);
+  cache.write(0, kv1, kv1);
+  const KV all = cache.read(0);
+  CHECK(all.k.size(2) == 6);  // the whole buffer: attention hides slots after the device slot
+  CHECK(torch::equal(all.k.narrow(2, 0, 3), kv3));
+  CHECK(torch::equal(all.k.narrow(2, 3, 1), kv1));
+  CHECK(torch::equal(all.k.narrow(2, 4, 2), torch::zeros({2, 2, 2, 8}, torch::kDouble)));  // zero-filled
+  ops::AttentionParams p;
+  cache.describe_keys(p);
+  CHECK(p.mask.q_offset == 0);
+  CHECK(p.mask.q_position.item<int64_t>() == 3);
+  CHECK(p.keys_finite);
+  CHECK_THROWS_WITH(cache.advance_replayed(), Catch::Contains("commits a replayed static step only"));
+  cache.advance(1);
+  CHECK_THROWS_WITH(cache.make_room(2), Catch::Contains("static steps take one token"));
+  cache.make_room(1);
+  CHECK(cache.device_slot().item<int64_t>() == 4);
+  CHECK_THROWS_WITH(cache.write(0, kv3, kv3), Catch::Contains("a static step writes one token"));
+  cache.advance_replayed();  // as after a CUDA graph replay wrote slot 4 on the device
+  CHECK(cache.past_length() == 5);
+  cache.set_static(false);
+  cache.describe_keys(p = ops::AttentionParams{});
+  CHECK(p.mask.q_offset == 5);
+  CHECK(!p.mask.q_position.defined());
+}

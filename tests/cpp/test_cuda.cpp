@@ -313,3 +313,32 @@ TEST_CASE("greedy generation on the GPU equals the CPU's for a tiny fp32 model",
   CHECK(results[1].tokens == results[0].tokens);
   check_close(results[1].logits, results[0].logits, 1e-4, "logits of every step");
 }
+
+TEST_CASE("decode steps replayed from a CUDA graph equal the dynamic and static ones on the GPU", "[cuda][gpu][static]") {
+  if (!cuda_ready()) return;
+  // Ragged prompts (a device key_start), and StreamingLLM eviction between replays.
+  const std::vector<std::vector<int64_t>> prompts = {{5, 17, 3, 88, 41, 9, 60}, {12, 7, 30}};
+  for (bool streaming : {false, true}) {
+    lckv::GenerationConfig gc;
+    gc.max_new_tokens = streaming ? 40 : 16;
+    gc.prefill = lckv::PrefillMode::kExact;
+    gc.return_logits = true;
+    if (streaming) {
+      gc.cache_capacity = 16;
+      gc.streaming = lckv::StreamingOptions{2, 3};
+    }
+    auto m = tiny_model(13);
+    m->eval();
+    m->to(kCuda);
+    torch::NoGradGuard no_grad;
+    const lckv::GenerationResult dynamic = lckv::generate(m, prompts, gc);
+    for (auto step : {lckv::DecodeStep::kStatic, lckv::DecodeStep::kCudaGraph}) {
+      INFO("streaming " << streaming << " decode_step " << lckv::to_string(step));
+      gc.decode_step = step;
+      const lckv::GenerationResult r = lckv::generate(m, prompts, gc);
+      CHECK(r.tokens == dynamic.tokens);
+      CHECK(r.stats.evicted == dynamic.stats.evicted);
+      check_close(r.logits, dynamic.logits, 1e-5, "logits of every step");
+    }
+  }
+}

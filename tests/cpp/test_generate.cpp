@@ -411,3 +411,83 @@ TEST_CASE("generation rejects bad input with clear errors", "[generate][errors]"
                                                                            Catch::Contains("vocab_size is 41"));
   CHECK_NOTHROW(check_tokenizer_vocab(m->config, 41, "tok.model"));
 }
+
+TEST_CASE("static decode steps (fixed shapes over the whole cache) equal the sequential definition and dynamic decode",
+          "[generate][static]") {
+  // Independent check: the sequential definition; and against today's dynamic steps: the same keys
+  // (the hidden slots weigh exactly 0), so fp64 logits agree to rounding and greedy tokens are identical.
+  const std::vector<std::vector<int64_t>> prompts = {{5, 17, 3, 22, 9, 1}, {8}, {11, 4, 39}};
+  for (const ModelCase& mc : kModelCases) {
+    LCKVForCausalLM m = make_model(small_config(mc.layer_types, mc.layers, mc.heads, mc.kv_heads));
+    GenerationConfig g;
+    g.max_new_tokens = 7;
+    g.prefill = PrefillMode::kExact;
+    g.return_logits = true;
+    g.cache_capacity = 6 + 7 + 3;  // slots no step reaches stay hidden zeros
+    const GenerationResult dynamic = generate(m, prompts, g);
+    g.decode_step = DecodeStep::kStatic;
+    const GenerationResult fixed = generate(m, prompts, g);
+    INFO(mc.layer_types);
+    CHECK(fixed.tokens == dynamic.tokens);
+    CHECK(max_diff(fixed.logits, dynamic.logits) < 1e-12);
+    torch::NoGradGuard no_grad;
+    for (size_t b = 0; b < prompts.size(); ++b) {
+      std::vector<int64_t> full = prompts[b];
+      full.insert(full.end(), fixed.tokens[b].begin(), fixed.tokens[b].end() - 1);
+      const torch::Tensor ref = m->forward_sequential(row(full)).logits[0].narrow(0, prompts[b].size() - 1, 7);
+      INFO("sequence " << b);
+      CHECK(max_diff(fixed.logits[b], ref) < 1e-10);
+    }
+  }
+}
+
+TEST_CASE("static decode steps with StreamingLLM eviction equal dynamic ones", "[generate][static][streaming]") {
+  for (const char* types : {"0s_4s_4s_4s_4s_5s", "0_4_4_4_4_5"}) {
+    LCKVForCausalLM m = make_model(small_config(types, 6, 4, 2, 5), 3);
+    GenerationConfig g;
+    g.max_new_tokens = 20;  // far beyond the 8 slots
+    g.cache_capacity = 8;
+    g.streaming = StreamingOptions{2, 3};
+    g.return_logits = true;
+    const std::vector<std::vector<int64_t>> prompts = {{3, 9, 27, 1}, {14, 2}};
+    const GenerationResult dynamic = generate(m, prompts, g);
+    g.decode_step = DecodeStep::kStatic;
+    const GenerationResult fixed = generate(m, prompts, g);
+    INFO(types);
+    CHECK(fixed.stats.evicted == dynamic.stats.evicted);
+    CHECK(fixed.stats.evicted > 0);
+    CHECK(fixed.tokens == dynamic.tokens);
+    CHECK(max_diff(fixed.logits, dynamic.logits) < 1e-12);
+  }
+}
+
+TEST_CASE("static decode steps in fp32 and sampled agree with dynamic ones", "[generate][static]") {
+  LCKVForCausalLM m = make_model(small_config("0_4_4_4_4_5", 6, 4, 2), 4);
+  m->to(torch::kFloat);
+  GenerationConfig g;
+  g.max_new_tokens = 16;
+  g.sampling.do_sample = true;
+  g.sampling.top_p = 0.9;
+  g.seed = 5;
+  g.return_logits = true;
+  const std::vector<std::vector<int64_t>> prompts = {{1, 2, 3}, {5, 6, 7, 8, 9, 10}};
+  const GenerationResult dynamic = generate(m, prompts, g);
+  g.decode_step = DecodeStep::kStatic;
+  const GenerationResult fixed = generate(m, prompts, g);
+  CHECK(fixed.tokens == dynamic.tokens);
+  CHECK(max_diff(fixed.logits, dynamic.logits) < 1e-5);
+}
+
+TEST_CASE("decode_step names parse and cuda_graph refuses a CPU model", "[generate][static][errors]") {
+  CHECK(parse_decode_step("dynamic") == DecodeStep::kDynamic);
+  CHECK(parse_decode_step("static") == DecodeStep::kStatic);
+  CHECK(parse_decode_step("cuda_graph") == DecodeStep::kCudaGraph);
+  for (DecodeStep s : {DecodeStep::kDynamic, DecodeStep::kStatic, DecodeStep::kCudaGraph}) {
+    CHECK(parse_decode_step(to_string(s)) == s);
+  }
+  CHECK_THROWS_WITH(parse_decode_step("graph"), Catch::Contains("'graph' is unknown") && Catch::Contains("cuda_graph"));
+  LCKVForCausalLM m = make_model(small_config("0_4_4_4_4_5", 6, 4, 2));
+  GenerationConfig g;
+  g.decode_step = DecodeStep::kCudaGraph;
+  CHECK_THROWS_WITH(generate(m, {{1, 2}}, g), Catch::Contains("cuda_graph needs"));
+}

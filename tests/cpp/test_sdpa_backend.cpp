@@ -116,3 +116,47 @@ TEST_CASE("attention backend: auto, lckv and sdpa agree, and bad names are refus
   unsetenv("LCKV_ATTENTION_BACKEND");
   CHECK(ops::attention_backend() == ops::AttentionBackend::kAuto);
 }
+
+TEST_CASE("a device query position (q_position) gives the naive reference on every mask case, on every backend",
+          "[ops][sdpa][static]") {
+  // A static decode step attends over the whole cache with its position in a device tensor: the
+  // keys past the position are hidden by the mask alone, so they are filled with large finite garbage.
+  for (const Case& c : kCases) {
+    for (auto backend : {ops::AttentionBackend::kAuto, ops::AttentionBackend::kLckv, ops::AttentionBackend::kSdpa}) {
+      BackendScope scope(backend);
+      INFO(c.name << " backend " << ops::to_string(backend));
+      const int64_t B = c.key_start.empty() ? 2 : static_cast<int64_t>(c.key_start.size()), D = 16, extra = 5;
+      torch::manual_seed(12);
+      const auto o = torch::TensorOptions().dtype(torch::kDouble);
+      torch::Tensor q = torch::randn({B, c.Hq, c.T, D}, o), k = torch::randn({B, c.Hkv, c.S, D}, o),
+                    v = torch::randn({B, c.Hkv, c.S, D}, o);
+      const torch::Tensor want = naive_attention(q, k, v, c.strict, c.window, c.q_offset, c.key_start);
+      // Keys and values at slots no query reaches (the rest of a static cache).
+      const torch::Tensor k_all = torch::cat({k, torch::full({B, c.Hkv, extra, D}, 1e3, o)}, 2);
+      const torch::Tensor v_all = torch::cat({v, torch::full({B, c.Hkv, extra, D}, -1e3, o)}, 2);
+      ops::AttentionParams p = params(c, torch::kCPU);
+      p.mask.q_offset = 0;
+      p.mask.q_position = torch::full({1}, c.q_offset, torch::kLong);
+      for (bool finite : {false, true}) {
+        p.keys_finite = finite;
+        INFO("keys_finite " << finite);
+        CHECK(max_diff(ops::condensed_attention(q, k_all, v_all, p), want) < 1e-12);
+      }
+    }
+  }
+}
+
+TEST_CASE("q_position is checked and refused by the raw kernels", "[ops][static][bad-input]") {
+  const auto o = torch::TensorOptions().dtype(torch::kFloat);
+  torch::Tensor q = torch::randn({1, 2, 1, 8}, o), k = torch::randn({1, 2, 4, 8}, o);
+  ops::AttentionParams p;
+  p.mask.q_position = torch::full({1}, 2, torch::kLong);
+  CHECK_THROWS_WITH(ops::condensed_attention_forward(q, k, k, p), Contains("read only by the SDPA backend"));
+  p.mask.q_offset = 3;
+  CHECK_THROWS_WITH(ops::condensed_attention(q, k, k, p), Contains("q_offset (3) must be 0"));
+  p.mask.q_offset = 0;
+  p.mask.q_position = torch::full({2}, 2, torch::kLong);
+  CHECK_THROWS_WITH(ops::condensed_attention(q, k, k, p), Contains("q_position must be an int64 tensor of one element"));
+  p.mask.q_position = torch::full({1}, 2, torch::kInt);
+  CHECK_THROWS_WITH(ops::condensed_attention(q, k, k, p), Contains("q_position must be an int64 tensor of one element"));
+}

@@ -200,6 +200,10 @@ def test_lckv_model_writes_the_reference_format_and_loads_through_auto_classes(t
         assert torch.equal(hf(input_ids=x, return_dict=False)[0], expected)
         out = hf(x, labels=x)
         assert torch.equal(out.loss, ours(x, labels=x).loss)
+    # transformers' static cache maps onto lckv's static decode steps: the same tokens
+    prompt = ids(61, (2, 5))
+    greedy = hf.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(hf.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation="static"), greedy)
     # the wrapper saves our format again
     hf.save_pretrained(tmp_path / "again")
     assert (tmp_path / "again" / "lckv_hf.py").is_file()
@@ -374,6 +378,8 @@ def test_bad_input(tmp_path):
         hf.generate(ids(61, (1, 3)), max_new_tokens=2, num_beams=2)
     with pytest.raises(ValueError, match=r"does not support \['no_repeat_ngram_size'\]"):
         hf.generate(ids(61, (1, 3)), max_new_tokens=2, no_repeat_ngram_size=3)
+    with pytest.raises(ValueError, match=r"cache_implementation 'offloaded' is not supported .*\['dynamic', 'static'\]"):
+        hf.generate(ids(61, (1, 3)), max_new_tokens=2, cache_implementation="offloaded")
     with pytest.raises(TypeError, match="does not support"):
         hf(ids(61), output_attentions=True)
     (tmp_path / "bad_tok").mkdir()

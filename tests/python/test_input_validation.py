@@ -96,6 +96,8 @@ def test_config_setters_keep_the_config_consistent():
         (dict(max_new_tokens=2**63 - 1), r"max_new_tokens \(9223372036854775807\) plus the longest prompt"),
         (dict(max_new_tokens=2**63), r"max_new_tokens = 9223372036854775808 is outside \[-9223372036854775808, 9223372036854775807\]"),
         (dict(seed=-1), r"seed = -1 is outside \[0, 18446744073709551615\]"),
+        (dict(decode_step="graph"), r"decode step 'graph' is unknown: expected 'dynamic', 'static' or 'cuda_graph'"),
+        (dict(decode_step="cuda_graph"), r"decode_step cuda_graph needs the model on a CUDA device, it is on cpu"),
     ],
 )
 def test_generate_refuses_bad_arguments(model, kwargs, message):

@@ -322,6 +322,21 @@ def test_generate_greedy_matches_conformance(case):
     assert out.stats["new_tokens"] == len(info["greedy_next_6"])
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_generate_static_decode_steps_match_conformance(case):
+    # decode_step="static" (fixed shapes over the whole cache, the position on the device) against the
+    # independent implementation's greedy tokens, and its logits against the dynamic steps'.
+    d = CONFORMANCE / case
+    model = LCKVForCausalLM.from_pretrained(d, dtype=torch.float64)
+    info = json.loads((d / "case.json").read_text())
+    n = len(info["greedy_next_6"])
+    fixed = model.generate([info["input_ids"]], max_new_tokens=n, prefill="exact", decode_step="static",
+                           cache_capacity=len(info["input_ids"]) + n + 4, return_logits=True)
+    dynamic = model.generate([info["input_ids"]], max_new_tokens=n, prefill="exact", return_logits=True)
+    assert fixed.tokens == [info["greedy_next_6"]]
+    assert (fixed.logits - dynamic.logits).abs().max().item() < 1e-12
+
+
 def test_generate_batches_prompts_of_different_lengths():
     torch.manual_seed(0)
     model = LCKVForCausalLM(tiny_config()).double()

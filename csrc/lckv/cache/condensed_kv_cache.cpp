@@ -58,20 +58,72 @@ void CondensedKVCache::write(int layer, const torch::Tensor& k, const torch::Ten
               "CondensedKVCache: KVs of layer ", layer, " must be [", batch_, ", ", num_kv_heads_, ", T, ", head_dim_,
               "], got k ", k.sizes(), " v ", v.sizes());
   const int64_t T = k.size(2);
+  TORCH_CHECK(!static_ || T == 1, "CondensedKVCache: a static step writes one token, layer ", layer, " wrote ", T);
   TORCH_CHECK(chunk_ == 0 || chunk_ == T, "CondensedKVCache: layer ", layer, " writes ", T,
               " tokens into a chunk of ", chunk_);
   TORCH_CHECK(length_ + T <= capacity_, "CondensedKVCache: a chunk of ", T, " tokens after ", length_,
               " cached ones exceeds the capacity of ", capacity_, " slots (call make_room first)");
   chunk_ = T;
-  k_[i].narrow(2, length_, T).copy_(k);
-  v_[i].narrow(2, length_, T).copy_(v);
+  if (static_) {
+    // At the device slot: the same operation whatever the position (index_copy_ needs k's dtype equal).
+    k_[i].index_copy_(2, slot_, k.to(k_[i].scalar_type()));
+    v_[i].index_copy_(2, slot_, v.to(v_[i].scalar_type()));
+  } else {
+    k_[i].narrow(2, length_, T).copy_(k);
+    v_[i].narrow(2, length_, T).copy_(v);
+  }
   written_[i] = true;
 }
 
 KV CondensedKVCache::read(int layer) {
   const int i = buffer_index(layer);
   TORCH_CHECK(written_[i], "CondensedKVCache: KV of layer ", layer, " read before the chunk wrote it");
+  if (static_) return {k_[i], v_[i]};  // every slot; attention hides those after device_slot()
   return {k_[i].narrow(2, 0, length_ + chunk_), v_[i].narrow(2, 0, length_ + chunk_)};
+}
+
+void CondensedKVCache::describe_keys(ops::AttentionParams& p) const {
+  p.mask.key_start = key_start_;
+  if (!static_) {
+    p.mask.q_offset = length_;
+    return;
+  }
+  p.mask.q_offset = 0;
+  p.mask.q_position = slot_;
+  p.keys_finite = true;  // set_static zero-filled the unwritten slots; the written ones hold KVs
+}
+
+void CondensedKVCache::set_static(bool on) {
+  TORCH_CHECK(chunk_ == 0, "CondensedKVCache: set_static inside a chunk (advance first)");
+  static_ = on;
+  if (!on) return;
+  torch::NoGradGuard no_grad;
+  // The slots not yet written become finite zeros: attention reads every slot and hides these by the
+  // mask alone (NaN garbage there would turn the masked scores into NaN).
+  for (size_t i = 0; i < k_.size(); ++i) {
+    k_[i].narrow(2, length_, capacity_ - length_).zero_();
+    v_[i].narrow(2, length_, capacity_ - length_).zero_();
+  }
+  slot_ = torch::full({1}, length_, k_.empty() ? torch::TensorOptions(torch::kLong)
+                                                 : torch::TensorOptions(torch::kLong).device(k_[0].device()));
+}
+
+torch::Tensor CondensedKVCache::device_positions() const {
+  TORCH_CHECK(static_, "CondensedKVCache: device_positions outside static steps (call set_static(true))");
+  const torch::Tensor slot = slot_.view({1, 1}).expand({batch_, 1});
+  if (!key_start_.defined()) return slot.contiguous();
+  return (slot - key_start_.view({batch_, 1})).clamp_min(0);
+}
+
+void CondensedKVCache::discard_chunk() {
+  chunk_ = 0;
+  written_.assign(written_.size(), false);
+}
+
+void CondensedKVCache::advance_replayed() {
+  TORCH_CHECK(static_ && chunk_ == 0, "CondensedKVCache: advance_replayed commits a replayed static step only");
+  TORCH_CHECK(length_ < capacity_, "CondensedKVCache: advance_replayed on a full cache (call make_room first)");
+  length_ += 1;
 }
 
 void CondensedKVCache::set_key_start(const torch::Tensor& key_start) {
@@ -95,7 +147,13 @@ torch::Tensor CondensedKVCache::positions(int64_t n) const {
 void CondensedKVCache::make_room(int64_t n) {
   TORCH_CHECK(n > 0, "CondensedKVCache: a chunk must have at least one token, got ", n);
   TORCH_CHECK(chunk_ == 0, "CondensedKVCache: make_room inside a chunk (advance first)");
-  if (length_ + n <= capacity_) return;
+  TORCH_CHECK(!static_ || n == 1, "CondensedKVCache: static steps take one token, got a chunk of ", n);
+  if (length_ + n > capacity_) evict_for(n);
+  // Host to device outside any captured step: the slot the step's writes and mask read.
+  if (static_) slot_.fill_(length_);
+}
+
+void CondensedKVCache::evict_for(int64_t n) {
   TORCH_CHECK(streaming_.has_value(), "CondensedKVCache: ", length_, " cached tokens + ", n,
               " new ones exceed the cache capacity of ", capacity_,
               " slots; use a larger cache or StreamingLLM (sink + recent window)");
@@ -137,6 +195,8 @@ void CondensedKVCache::advance(int64_t n) {
 
 void CondensedKVCache::reset() {
   length_ = chunk_ = evicted_ = 0;
+  static_ = false;
+  slot_ = torch::Tensor();
   key_start_ = torch::Tensor();
   max_key_start_ = 0;
   written_.assign(written_.size(), false);

@@ -11,6 +11,12 @@
 // index, and key_start[b] (the number of pad slots of sequence b) hides the pads from its queries;
 // RoPE positions are slot - key_start[b], so each sequence sees itself exactly as if alone.
 //
+// Static decode steps (set_static): one-token chunks whose operations have the same shapes and
+// arguments at every position, so a CUDA graph captured once replays them (gpt-fast's static cache).
+// read() returns the whole buffers, write() puts the token's KVs at the slot held in a device tensor
+// (device_slot(), set by make_room on the host before each step), and attention hides the slots beyond
+// it by that tensor. Entering zero-fills the slots not yet written, so every hidden key is finite.
+//
 // StreamingLLM (Xiao et al. 2023): with `streaming` set, a full cache keeps the first sink_tokens
 // slots after the padding and evicts the oldest other slots, `evict_block` at a time (amortising
 // the shift over that many steps). Keys are stored rotated; the kept ones are shifted down and
@@ -48,6 +54,7 @@ class CondensedKVCache : public KVStore {
   void write(int layer, const torch::Tensor& k, const torch::Tensor& v) override;
   KV read(int layer) override;
   torch::Tensor key_start() const override { return key_start_; }
+  void describe_keys(ops::AttentionParams& p) const override;
 
   // Left padding: sequence b's first key_start[b] slots are pads (int64 [batch], on any device).
   // Set before the first chunk.
@@ -61,6 +68,19 @@ class CondensedKVCache : public KVStore {
   void advance(int64_t n);
   void reset();
 
+  // Static decode steps (see above). Between chunks; on = false returns to dynamic chunks.
+  void set_static(bool on);
+  bool is_static() const { return static_; }
+  // [1] int64 on the buffers' device: the slot of the next token (static steps).
+  const torch::Tensor& device_slot() const { return slot_; }
+  // [B, 1] int64 RoPE positions of the next token, computed on the device from device_slot() and key_start.
+  torch::Tensor device_positions() const;
+  // Forgets the chunk written since the last advance (a CUDA graph's warm-up or capture ran the step's
+  // host code; the replay does the step): its slots count as unwritten again.
+  void discard_chunk();
+  // Commits a static step that a CUDA graph replay wrote on the device, past write()'s bookkeeping.
+  void advance_replayed();
+
   int64_t batch() const { return batch_; }
   int64_t capacity() const { return capacity_; }
   int64_t memory_bytes() const;  // bytes actually held by the buffers
@@ -68,6 +88,7 @@ class CondensedKVCache : public KVStore {
 
  private:
   int buffer_index(int layer) const;
+  void evict_for(int64_t n);  // make_room's StreamingLLM eviction for a chunk of n that does not fit
   void evict(int64_t n);
 
   RotaryEmbedding rotary_;
@@ -82,6 +103,8 @@ class CondensedKVCache : public KVStore {
   int64_t length_ = 0;                // committed slots
   int64_t chunk_ = 0;                 // slots of the chunk being written
   int64_t evicted_ = 0;
+  bool static_ = false;
+  torch::Tensor slot_;                // [1] int64 on the device: length_ during static steps
 };
 
 // The largest batch whose cache of `capacity` slots fits in `budget_bytes` (bytes_for, the

@@ -6,10 +6,19 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 
 #include "lckv/ops/accumulate.h"
+
+#ifdef LCKV_WITH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace lckv {
 
@@ -62,7 +71,101 @@ void check_cache_size(const LCKVConfig& c, int64_t batch, int64_t capacity, torc
           "small cache for long generation)");
 }
 
+// Decode steps of fixed shapes (CondensedKVCache::set_static), run eagerly or captured once in a
+// CUDA graph and replayed. The step reads its tokens from tokens_ and leaves its logits in logits_,
+// both fixed tensors, as a graph needs; the cache's host bookkeeping (make_room, the device slot,
+// eviction) runs before each step, outside the graph.
+class StaticDecoder {
+ public:
+  StaticDecoder(LCKVForCausalLM& model, CondensedKVCache& cache, bool graph)
+      : model_(model), cache_(cache), graph_(graph) {
+    const torch::Tensor weight = model_->model->embed_tokens->weight;
+    cache_.set_static(true);
+    model_->model->rotary.keep_on(weight.device());  // the step computes its RoPE tables on the device
+    tokens_ = torch::zeros({cache_.batch(), 1}, torch::TensorOptions(torch::kLong).device(weight.device()));
+  }
+
+  // One step on next [B] (int64, CPU; ids in the vocabulary, checked by the sampler that chose them):
+  // the logits [B, V] of the following token.
+  torch::Tensor step(const torch::Tensor& next) {
+    cache_.make_room(1);
+    tokens_.copy_(next.reshape({cache_.batch(), 1}));
+    if (!graph_) {
+      logits_ = forward();
+      cache_.advance(1);
+      return logits_;
+    }
+#ifdef LCKV_WITH_CUDA
+    if (!captured_) capture();
+    graph_step_->replay();
+    cache_.advance_replayed();
+    return logits_;
+#else
+    TORCH_CHECK(false, "generate: decode_step cuda_graph needs a build with CUDA");
+#endif
+  }
+
+ private:
+  torch::Tensor forward() {
+    IterationOptions counts{0, 1};
+    counts.check_ids = false;  // no device-to-host sync inside the step
+    torch::Tensor h = model_->model->forward_chunk(tokens_, cache_, counts, cache_.device_positions());
+    return model_->lm_logits(h).squeeze(1);
+  }
+
+#ifdef LCKV_WITH_CUDA
+  // As torch.cuda.graph: warm up on a side stream (lazy initialisation, the allocator), capture there,
+  // replay on the current stream. Each run of the step rewrites the same slot with the same KVs, so the
+  // warm-up leaves the cache as the replay will. Autocast's weight-cast cache is off while capturing:
+  // the casts become part of the graph (a cached cast would be a tensor the graph does not own).
+  void capture() {
+    const bool autocast_cache = at::autocast::is_autocast_cache_enabled();
+    at::autocast::set_autocast_cache_enabled(false);
+    c10::cuda::device_synchronize();
+    c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
+    {
+      c10::cuda::CUDAStreamGuard on_side(side);
+      for (int warm_up = 0; warm_up < 2; ++warm_up) {
+        logits_ = forward();
+        cache_.discard_chunk();
+      }
+      side.synchronize();
+      graph_step_ = std::make_unique<at::cuda::CUDAGraph>();
+      graph_step_->capture_begin();
+      logits_ = forward();
+      graph_step_->capture_end();
+      cache_.discard_chunk();
+    }
+    c10::cuda::device_synchronize();
+    at::autocast::set_autocast_cache_enabled(autocast_cache);
+    captured_ = true;
+  }
+  std::unique_ptr<at::cuda::CUDAGraph> graph_step_;
+#endif
+
+  LCKVForCausalLM& model_;
+  CondensedKVCache& cache_;
+  bool graph_;
+  bool captured_ = false;
+  torch::Tensor tokens_, logits_;
+};
+
 }  // namespace
+
+DecodeStep parse_decode_step(const std::string& name) {
+  if (name == "dynamic") return DecodeStep::kDynamic;
+  if (name == "static") return DecodeStep::kStatic;
+  if (name == "cuda_graph") return DecodeStep::kCudaGraph;
+  invalid("decode step '", name, "' is unknown: expected 'dynamic', 'static' or 'cuda_graph'");
+}
+
+std::string to_string(DecodeStep step) {
+  switch (step) {
+    case DecodeStep::kStatic: return "static";
+    case DecodeStep::kCudaGraph: return "cuda_graph";
+    default: return "dynamic";
+  }
+}
 
 PrefillMode parse_prefill_mode(const std::string& name) {
   if (name == "exact") return PrefillMode::kExact;
@@ -117,6 +220,16 @@ GenerationResult generate(LCKVForCausalLM& model, const std::vector<std::vector<
   }
 
   const torch::Tensor weight = model->model->embed_tokens->weight;
+  if (config.decode_step == DecodeStep::kCudaGraph) {
+#ifdef LCKV_WITH_CUDA
+    if (!weight.is_cuda()) {
+      invalid("generate: decode_step cuda_graph needs the model on a CUDA device, it is on ", weight.device(),
+              " (use dynamic or static there)");
+    }
+#else
+    invalid("generate: decode_step cuda_graph needs a build with CUDA (LCKV_WITH_CUDA); this one has none");
+#endif
+  }
   CondensedKVCache cache(mc, B, capacity, weight.options(), config.streaming);
   // Left padding: every prompt ends at slot max_len - 1.
   torch::Tensor ids = torch::zeros({B, max_len}, torch::kLong);
@@ -185,6 +298,10 @@ GenerationResult generate(LCKVForCausalLM& model, const std::vector<std::vector<
   at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(config.seed);
   std::vector<bool> active(B, true);
   std::vector<torch::Tensor> step_logits;
+  std::optional<StaticDecoder> static_decoder;
+  if (config.decode_step != DecodeStep::kDynamic) {
+    static_decoder.emplace(model, cache, config.decode_step == DecodeStep::kCudaGraph);
+  }
   const auto logit_dtype = ops::accumulate_dtype(weight.scalar_type());
   for (int64_t step = 0; step < config.max_new_tokens; ++step) {
     torch::Tensor raw = logits.to(torch::kCPU, logit_dtype);
@@ -209,8 +326,12 @@ GenerationResult generate(LCKVForCausalLM& model, const std::vector<std::vector<
     if (!go_on || step + 1 == config.max_new_tokens || std::none_of(active.begin(), active.end(), [](bool a) { return a; })) {
       break;
     }
-    torch::Tensor h = run_chunk(next.to(weight.device()).view({B, 1}), IterationOptions{0, 1});
-    logits = model->lm_logits(h).squeeze(1);
+    if (static_decoder) {
+      logits = static_decoder->step(next);
+    } else {
+      torch::Tensor h = run_chunk(next.to(weight.device()).view({B, 1}), IterationOptions{0, 1});
+      logits = model->lm_logits(h).squeeze(1);
+    }
   }
   st.decode_seconds = seconds_since(t0);
   st.evicted = cache.evicted();

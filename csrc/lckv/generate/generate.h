@@ -25,6 +25,17 @@ enum class PrefillMode { kExact, kIterative };
 PrefillMode parse_prefill_mode(const std::string& name);  // "exact" | "iterative"
 std::string to_string(PrefillMode mode);
 
+// How each decode step runs (prefill is always dynamic).
+//   dynamic:    attention over the slots written so far (the fewest FLOPs; the default).
+//   static:     fixed shapes over the whole preallocated cache, the position in a device tensor
+//               (CondensedKVCache::set_static), so the step is the same operations at every position;
+//               the same logits as dynamic up to rounding (the same keys; hidden ones weigh exactly 0).
+//   cuda_graph: the static step captured once in a CUDA graph and replayed (gpt-fast's
+//               "reduce-overhead"): no launch overhead per op. CUDA models only.
+enum class DecodeStep { kDynamic, kStatic, kCudaGraph };
+DecodeStep parse_decode_step(const std::string& name);  // "dynamic" | "static" | "cuda_graph"
+std::string to_string(DecodeStep step);
+
 struct GenerationConfig {
   int64_t max_new_tokens = 32;
   SamplingConfig sampling;
@@ -36,6 +47,7 @@ struct GenerationConfig {
   std::optional<StreamingOptions> streaming;  // StreamingLLM: evict old slots instead of failing when full
   int64_t vocab_limit = 0;            // sample only ids < vocab_limit (a tokenizer smaller than the model); 0 = all
   bool return_logits = false;         // keep the raw logits of every step in the result
+  DecodeStep decode_step = DecodeStep::kDynamic;  // see DecodeStep
   void validate() const;              // throws std::invalid_argument naming the field
 };
 

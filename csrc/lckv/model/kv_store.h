@@ -9,6 +9,8 @@
 
 #include <vector>
 
+#include "lckv/ops/attention_params.h"
+
 namespace lckv {
 
 struct KV {
@@ -27,6 +29,13 @@ class KVStore {
   // Optional [B] int64: keys before key_start[b] are invisible to sequence b (left padding of
   // prompts with different lengths). Undefined (the default) when every key is visible.
   virtual torch::Tensor key_start() const { return {}; }
+  // Where the keys read() returns sit, for attention's mask: the chunk's queries start at
+  // past_length(), keys before key_start() are hidden. A store with fixed-shape reads (the static
+  // decode step of CondensedKVCache) gives the position on the device instead.
+  virtual void describe_keys(ops::AttentionParams& p) const {
+    p.mask.q_offset = past_length();
+    p.mask.key_start = key_start();
+  }
 };
 
 // Autograd-friendly store: tensors are replaced, never modified in place, so gradients flow

@@ -131,8 +131,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   const KV target = kv.read(role.target);
   ops::AttentionParams params;
   params.mask = role.mask;
-  params.mask.q_offset = kv.past_length();
-  params.mask.key_start = kv.key_start();
+  kv.describe_keys(params);
   torch::Tensor out = ops::condensed_attention(q, target.k, target.v, params);
   return linear(o_proj, out.transpose(1, 2).reshape({B, T, num_heads * head_dim}));
 }

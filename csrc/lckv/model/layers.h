@@ -35,6 +35,8 @@ struct RotaryEmbedding {
   std::pair<torch::Tensor, torch::Tensor> cos_sin(const torch::Tensor& positions, torch::ScalarType dtype) const;
   // The pure rotation by `positions` (no attention_scaling): what moves keys that are already rotated (StreamingLLM).
   std::pair<torch::Tensor, torch::Tensor> rotation(const torch::Tensor& positions, torch::ScalarType dtype) const;
+  // Keeps inv_freq on `device`, where the positions will be: a captured CUDA graph may not copy it from the host.
+  void keep_on(const torch::Device& device) { inv_freq = inv_freq.to(device); }
   torch::Tensor inv_freq;  // [D / 2], fp64
   double attention_scaling = 1.0;
 };

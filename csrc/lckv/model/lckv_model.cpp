@@ -104,7 +104,7 @@ torch::Tensor LCKVModelImpl::forward_chunk(const torch::Tensor& input_ids, KVSto
   TORCH_CHECK(counts.backward_passes >= 1 && counts.backward_passes <= kMaxPasses, "backward_passes must be in [1, ",
               kMaxPasses, "], got ", counts.backward_passes);
   TORCH_CHECK(input_ids.size(1) > 0, "input_ids must hold at least one token per sequence, got ", input_ids.sizes());
-  if (input_ids.numel() > 0) {
+  if (counts.check_ids && input_ids.numel() > 0) {
     const int64_t lo = input_ids.min().item<int64_t>(), hi = input_ids.max().item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < config.vocab_size, "input_ids must lie in [0, vocab_size = ", config.vocab_size,
                 "), got values in [", lo, ", ", hi, "]");

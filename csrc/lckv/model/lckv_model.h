@@ -39,6 +39,10 @@ struct IterationOptions {
   // 0: always run every iteration (training: the counts shape the computation).
   double tolerance = 0;
   HiddenStateObserver hidden_states;  // optional
+  // false: the caller vouches that input_ids lie in [0, vocab_size) and forward_chunk skips its range
+  // check, a device-to-host sync (a static decode step checks its tokens on the host, and a CUDA
+  // graph capture forbids syncs).
+  bool check_ids = true;
 };
 
 // The convergence tolerance of exact prefill: a small multiple of the dtype's rounding (the fp32

@@ -8,6 +8,8 @@
 //   window W > 0: additionally s > P - W
 //   key_start (optional, [B] int64): keys s < key_start[b] are invisible to every query of batch
 //   entry b (left padding of batched prompts with different lengths).
+//   q_position (optional, [1] int64 on q's device): q_offset read on the device instead of the host,
+//   for a static decode step whose kernels do not depend on the position (a CUDA graph replays it).
 // A key or value that the mask hides from every query never reaches an output or a gradient, even
 // when it holds NaN or inf (unwritten or padded cache slots); its dk and dv are exactly zero.
 #pragma once
@@ -24,6 +26,9 @@ struct AttentionMask {
   int64_t window = 0;     // sliding window in keys; <= 0 means unlimited
   int64_t q_offset = 0;   // absolute position of query row 0
   at::Tensor key_start;   // optional [B] int64: per-sequence first visible key; undefined = 0
+  // Optional [1] int64 on q's device: the absolute position of query row 0 (then q_offset must be 0).
+  // Only the SDPA backend's mask reads it, so condensed_attention sends such calls there on every device.
+  at::Tensor q_position;
 
   // First visible key for query position p, and one past the last (before key_start).
   int64_t key_begin(int64_t p) const { return window > 0 ? std::max<int64_t>(0, p - window + 1) : 0; }
@@ -42,6 +47,10 @@ struct AttentionParams {
   double scale = 0;          // softmax scale; <= 0 means 1/sqrt(head_dim)
   int64_t query_block = 256; // blocked CPU path: query rows per block, bounds the score matrix held at once
   CpuAttentionPath cpu_path = CpuAttentionPath::kAuto;
+  // The caller guarantees every key and value is finite, also the hidden ones (a zero-initialised
+  // static cache): the SDPA backend's masked path then skips zeroing the keys no query sees, a copy
+  // of the whole K/V per call.
+  bool keys_finite = false;
 };
 
 }  // namespace lckv::ops

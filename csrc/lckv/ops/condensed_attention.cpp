@@ -49,6 +49,16 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(q.device().is_cpu(), "condensed_attention: this build has no kernel for device ", q.device());
 #endif
   TORCH_CHECK(p.mask.q_offset >= 0, "condensed_attention: q_offset must be >= 0, got ", p.mask.q_offset);
+  if (p.mask.q_position.defined()) {
+    const at::Tensor& qp = p.mask.q_position;
+    TORCH_CHECK(qp.numel() == 1 && qp.dim() <= 1 && qp.scalar_type() == at::kLong,
+                "condensed_attention: q_position must be an int64 tensor of one element, got ", qp.scalar_type(), " ",
+                qp.sizes());
+    TORCH_CHECK(qp.device() == q.device(), "condensed_attention: q_position must be on ", q.device(), ", got ",
+                qp.device());
+    TORCH_CHECK(p.mask.q_offset == 0, "condensed_attention: q_offset (", p.mask.q_offset,
+                ") must be 0 when q_position gives the query position");
+  }
   TORCH_CHECK(p.query_block > 0, "condensed_attention: query_block must be > 0, got ", p.query_block);
   if (p.mask.key_start.defined()) {
     const at::Tensor& ks = p.mask.key_start;
@@ -97,11 +107,19 @@ std::tuple<at::Tensor, at::Tensor> forward_rows(const at::Tensor& q, const at::T
   return {out, lse};
 }
 
+// Our kernels take the query position from the host; a device one is the SDPA backend's alone.
+void check_host_position(const AttentionParams& p) {
+  TORCH_CHECK(!p.mask.q_position.defined(),
+              "condensed_attention: q_position (a device query position) is read only by the SDPA backend; "
+              "call condensed_attention, which routes such calls there");
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> condensed_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                                const at::Tensor& v, const AttentionParams& p) {
   check_inputs(q, k, v, p);
+  check_host_position(p);
 #ifdef LCKV_WITH_CUDA
   if (q.is_cuda()) return cuda::condensed_attention_forward_cuda(q, k, v, p, softmax_scale(q, p));
 #endif
@@ -123,6 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const AttentionParams& p) {
   check_inputs(q, k, v, p);
+  check_host_position(p);
   check_backward_inputs(grad_out, q, out, lse);
 #ifdef LCKV_WITH_CUDA
   if (q.is_cuda()) return cuda::condensed_attention_backward_cuda(grad_out, q, k, v, out, lse, p, softmax_scale(q, p));
@@ -190,7 +209,10 @@ at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const a
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(qc, kc, vc, p);
   const AttentionBackend backend = attention_backend();
-  if (backend == AttentionBackend::kSdpa || (backend == AttentionBackend::kAuto && qc.is_cuda())) {
+  // A device query position (a static decode step) only the SDPA backend's mask can read: every backend
+  // sends it there (with lckv too: a correct fallback rather than an error in a step that must not sync).
+  if (backend == AttentionBackend::kSdpa || (backend == AttentionBackend::kAuto && qc.is_cuda()) ||
+      p.mask.q_position.defined()) {
     return sdpa_condensed_attention(qc, kc, vc, p);
   }
   AttentionParams pc = p;

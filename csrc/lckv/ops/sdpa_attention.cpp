@@ -15,7 +15,9 @@ std::atomic<int> g_backend{-1};  // -1: not set, read the environment
 // [B or 1, 1, T, S] bool: which keys each query sees, on q's device.
 at::Tensor visible_keys(const AttentionMask& m, int64_t T, int64_t S, const at::TensorOptions& device) {
   const auto opts = device.dtype(at::kLong);
-  const at::Tensor pos = at::arange(m.q_offset, m.q_offset + T, opts).view({T, 1});
+  // The query positions, from the device tensor in a static step (no host value enters the mask).
+  const at::Tensor pos = m.q_position.defined() ? (at::arange(T, opts) + m.q_position.to(opts)).view({T, 1})
+                                                : at::arange(m.q_offset, m.q_offset + T, opts).view({T, 1});
   const at::Tensor key = at::arange(S, opts).view({1, S});
   at::Tensor visible = m.strict ? key.lt(pos) : key.le(pos);
   if (m.window > 0) visible = visible.logical_and(key.gt(pos - m.window));
@@ -64,7 +66,7 @@ at::Tensor sdpa_condensed_attention(const at::Tensor& q, const at::Tensor& k, co
   const AttentionMask& m = p.mask;
   const int64_t T = q.size(2), S = k.size(2);
   const std::optional<double> scale = p.scale > 0 ? std::optional<double>(p.scale) : std::nullopt;
-  const bool plain = m.window <= 0 && !m.key_start.defined() && m.q_offset == 0 && T == S;
+  const bool plain = m.window <= 0 && !m.key_start.defined() && !m.q_position.defined() && m.q_offset == 0 && T == S;
   if (plain && !m.strict) {
     return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, scale, /*enable_gqa=*/true);
   }
@@ -82,8 +84,12 @@ at::Tensor sdpa_condensed_attention(const at::Tensor& q, const at::Tensor& k, co
   const at::Tensor sees = visible.any(-1, /*keepdim=*/true);  // [B|1, 1, T, 1]
   // Keys no query of a sequence sees are zeroed (finite ones give the same zeros after the mask), so
   // NaN/inf there reaches neither an output nor a gradient; one copy, no finiteness probe and sync.
-  const at::Tensor unseen = visible.any(2).logical_not().unsqueeze(-1);  // [B|1, 1, S, 1]
-  const at::Tensor kk = k.masked_fill(unseen, 0), vv = v.masked_fill(unseen, 0);
+  // (Skipped when the caller vouches that every key and value is finite: p.keys_finite.)
+  at::Tensor kk = k, vv = v;
+  if (!p.keys_finite) {
+    const at::Tensor unseen = visible.any(2).logical_not().unsqueeze(-1);  // [B|1, 1, S, 1]
+    kk = k.masked_fill(unseen, 0), vv = v.masked_fill(unseen, 0);
+  }
   // Rows that see no key attend to every key (finite now: SDPA would give NaN for an all-false row)
   // and are replaced by exact zeros, so they pass zero gradients back.
   const at::Tensor mask = visible.logical_or(sees.logical_not());

@@ -7,7 +7,8 @@
 //   otherwise:     the condensed mask as a boolean mask [B or 1, 1, T, S]; rows that see no key are
 //                  exact zeros (SDPA alone would give NaN), and keys no query of a sequence sees are
 //                  zeroed before SDPA when they are not finite, so they never reach an output or a
-//                  gradient (their dk/dv are 0)
+//                  gradient (their dk/dv are 0; skipped with keys_finite); with q_position the
+//                  query positions come from that device tensor (a static decode step)
 // GQA with enable_gqa (no repeated K/V). Differentiable through SDPA's own autograd.
 #pragma once
 

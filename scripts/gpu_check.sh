@@ -6,8 +6,10 @@
 #   2. builds with the CUDA kernels (sm_90 only there, to save time) and lists the cubins,
 #   3. runs the [cuda] tests with LCKV_REQUIRE_CUDA=1 (a test that cannot reach the GPU fails
 #      rather than skips),
-#   4. runs lckv-bench-attention (kernels vs SDPA flash and decode bandwidth; then TinyLlama end
-#      to end, with decode steps dynamic vs static vs CUDA-graph replay), each under a time limit,
+#   4. runs lckv-bench-attention (kernels vs SDPA flash and decode bandwidth vs SDPA; then TinyLlama
+#      end to end, with decode steps dynamic vs static vs CUDA-graph replay), each under a time limit,
+#      and turns its kernel rows into $OUT/cuda_routes_measured.inc (scripts/make_cuda_routes.py: the
+#      shapes where `auto` should use our kernels on this card; copy it into csrc/lckv/ops/ to adopt it),
 #   5. runs the whole ctest suite (CUDA required),
 #   6. builds the Python extension against this machine's torch and runs pytest (GPU_CHECK_PYTHON=0 skips),
 # and writes its logs and JSON to $OUT (the device tool's output folder; bench/results/ when unset)
@@ -73,7 +75,9 @@ echo "build took $(( $(date +%s) - build_start )) s" | tee -a "$LOG"
 logged "$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)" --list-elf "$BUILD/liblckv_cuda_kernels.a" || fail "cuobjdump"
 
 say "CUDA tests (required to run)"
-LCKV_REQUIRE_CUDA=1 logged timeout 240 "$BUILD/lckv_torch_tests" "[cuda]~[emulated]" --durations yes || fail "[cuda] tests"
+cuda_tests=passed
+LCKV_REQUIRE_CUDA=1 logged timeout 240 "$BUILD/lckv_torch_tests" "[cuda]~[emulated]" --durations yes ||
+  { fail "[cuda] tests"; cuda_tests=failed; }
 
 # Benchmarks before the full suite, so their JSON comes back even if the run is cut short.
 slug=$(echo "${card:-gpu}" | tr -c 'A-Za-z0-9\n' '_' | tr -s '_' | sed 's/_$//')
@@ -86,6 +90,12 @@ bench() {  # bench NAME PARTS TIMEOUT_S
   if [ -f "$OUT_DIR/$json" ] && [ "$OUT_DIR" != bench/results ]; then cp "$OUT_DIR/$json" bench/results/; fi
 }
 bench kernels kernels 200
+# The routes `auto` takes on this card (csrc/lckv/ops/cuda_routes.h): copy the .inc into csrc/lckv/ops/ to adopt them.
+kernels_json="$OUT_DIR/bench_attention_kernels_${slug}_${day}.json"
+if [ -f "$kernels_json" ]; then
+  logged python3 scripts/make_cuda_routes.py "$kernels_json" --cuda-tests "$cuda_tests" \
+    --out "$OUT_DIR/cuda_routes_measured.inc" || fail "make_cuda_routes"
+fi
 [ "${GPU_CHECK_E2E:-1}" != 0 ] && bench e2e e2e 210
 
 if [ "${GPU_CHECK_CTEST:-1}" != 0 ]; then

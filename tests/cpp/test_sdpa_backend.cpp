@@ -6,6 +6,7 @@
 #include <cstdlib>
 
 #include "lckv/ops/condensed_attention.h"
+#include "lckv/ops/cuda_routes.h"
 #include "lckv/ops/sdpa_attention.h"
 #include "test_reference.h"
 
@@ -159,4 +160,41 @@ TEST_CASE("q_position is checked and refused by the raw kernels", "[ops][static]
   CHECK_THROWS_WITH(ops::condensed_attention(q, k, k, p), Contains("q_position must be an int64 tensor of one element"));
   p.mask.q_position = torch::full({1}, 2, torch::kInt);
   CHECK_THROWS_WITH(ops::condensed_attention(q, k, k, p), Contains("q_position must be an int64 tensor of one element"));
+}
+
+TEST_CASE("CUDA routes: auto takes our kernels only inside measured ranges where the bracketing points say so",
+          "[ops][routes]") {
+  using ops::CudaRouteKind;
+  // scripts/make_cuda_routes.py's output for tests/data/cuda_routes/bench_attention_kernels.json (made-up
+  // numbers; tests/python/test_cuda_routes.py checks the script still writes exactly this file).
+  const std::vector<ops::CudaRoutePoint> points = {
+#include "../data/cuda_routes/routes.inc"
+  };
+  REQUIRE(points.size() == 10);
+  const auto bf16 = c10::ScalarType::BFloat16;
+  auto ours = [&](CudaRouteKind kind, int64_t D, int64_t size, int sm = 90, c10::ScalarType dt = c10::ScalarType::BFloat16) {
+    return ops::cuda_route_prefers_ours(points, kind, sm, dt, D, size);
+  };
+  CHECK_FALSE(ours(CudaRouteKind::kForward, 64, 1024));   // measured slower
+  CHECK(ours(CudaRouteKind::kForward, 64, 4096));         // measured faster
+  CHECK_FALSE(ours(CudaRouteKind::kForward, 64, 2048));   // between a slower and a faster point
+  CHECK(ours(CudaRouteKind::kForward, 64, 8192));         // between two faster points
+  CHECK(ours(CudaRouteKind::kForward, 64, 16384));
+  CHECK_FALSE(ours(CudaRouteKind::kForward, 64, 32768));  // beyond the measured range
+  CHECK_FALSE(ours(CudaRouteKind::kForward, 64, 512));    // below it
+  CHECK(ours(CudaRouteKind::kBackward, 64, 2048));
+  CHECK_FALSE(ours(CudaRouteKind::kBackward, 64, 8192));  // the 16k backward lost
+  CHECK_FALSE(ours(CudaRouteKind::kForward, 128, 4096));  // faster but not the same result: max_diff too large
+  CHECK_FALSE(ours(CudaRouteKind::kDecode, 64, 1024));    // lost at one batch of that context
+  CHECK(ours(CudaRouteKind::kDecode, 64, 8192));
+  CHECK_FALSE(ours(CudaRouteKind::kDecode, 64, 4096));
+  CHECK_FALSE(ours(CudaRouteKind::kForward, 64, 4096, 80));                           // another card
+  CHECK_FALSE(ours(CudaRouteKind::kForward, 64, 4096, 90, c10::ScalarType::Half));  // another dtype
+  CHECK_FALSE(ours(CudaRouteKind::kForward, 64, 4096, 90, c10::ScalarType::Float));
+  CHECK_FALSE(ops::cuda_route_prefers_ours({}, CudaRouteKind::kForward, 90, bf16, 64, 4096));  // nothing measured
+  // The checked-in table is well formed: our kernels' head dims and positive sizes.
+  for (const auto& pt : ops::measured_cuda_routes()) {
+    CHECK((pt.head_dim == 64 || pt.head_dim == 128));
+    CHECK(pt.size > 0);
+  }
 }

@@ -4,6 +4,7 @@
 #include "lckv/ops/condensed_attention.h"
 
 #include "lckv/ops/sdpa_attention.h"
+#include "lckv/ops/cuda_routes.h"
 
 #include <ATen/autocast_mode.h>
 #include <ATen/record_function.h>
@@ -17,6 +18,8 @@
 #include "lckv/ops/cpu/condensed_attention_cpu.h"
 #include "lckv/ops/cpu/fused_kernels.h"
 #ifdef LCKV_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+
 #include "lckv/ops/cuda/condensed_attention_cuda.h"
 #endif
 
@@ -196,6 +199,46 @@ struct CondensedAttentionFunction : public torch::autograd::Function<CondensedAt
 
 }  // namespace
 
+const std::vector<CudaRoutePoint>& measured_cuda_routes() {
+  static const std::vector<CudaRoutePoint> points = {
+#include "lckv/ops/cuda_routes_measured.inc"
+  };
+  return points;
+}
+
+bool cuda_route_prefers_ours(const std::vector<CudaRoutePoint>& points, CudaRouteKind kind, int sm,
+                             c10::ScalarType dtype, int64_t head_dim, int64_t size) {
+  const CudaRoutePoint* below = nullptr;  // the nearest measured size <= size
+  const CudaRoutePoint* above = nullptr;  // the nearest measured size >= size
+  for (const CudaRoutePoint& pt : points) {
+    if (pt.kind != kind || pt.sm != sm || pt.dtype != dtype || pt.head_dim != head_dim) continue;
+    if (pt.size <= size && (below == nullptr || pt.size > below->size)) below = &pt;
+    if (pt.size >= size && (above == nullptr || pt.size < above->size)) above = &pt;
+  }
+  return below != nullptr && above != nullptr && below->ours_faster && above->ours_faster;
+}
+
+namespace {
+
+// auto on CUDA: our kernels where measured faster for every part this call runs (the forward, with
+// autograd also the backward; T = 1 the decode kernel), SDPA otherwise.
+bool auto_prefers_our_cuda_kernels(const at::Tensor& q, const at::Tensor& k, bool needs_grad) {
+#ifdef LCKV_WITH_CUDA
+  const auto* prop = at::cuda::getDeviceProperties(q.get_device());
+  const int sm = prop->major * 10 + prop->minor;
+  const auto& points = measured_cuda_routes();
+  const int64_t D = q.size(3), T = q.size(2);
+  if (T == 1 && !needs_grad) return cuda_route_prefers_ours(points, CudaRouteKind::kDecode, sm, q.scalar_type(), D, k.size(2));
+  return cuda_route_prefers_ours(points, CudaRouteKind::kForward, sm, q.scalar_type(), D, T) &&
+         (!needs_grad || cuda_route_prefers_ours(points, CudaRouteKind::kBackward, sm, q.scalar_type(), D, T));
+#else
+  (void)q, (void)k, (void)needs_grad;
+  return false;
+#endif
+}
+
+}  // namespace
+
 at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const AttentionParams& p) {
   RECORD_FUNCTION("lckv::condensed_attention", std::vector<c10::IValue>());  // profilers see the op as one
@@ -209,17 +252,17 @@ at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const a
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(qc, kc, vc, p);
   const AttentionBackend backend = attention_backend();
+  const bool needs_grad = at::GradMode::is_enabled() && (qc.requires_grad() || kc.requires_grad() || vc.requires_grad());
   // A device query position (a static decode step) only the SDPA backend's mask can read: every backend
   // sends it there (with lckv too: a correct fallback rather than an error in a step that must not sync).
-  if (backend == AttentionBackend::kSdpa || (backend == AttentionBackend::kAuto && qc.is_cuda()) ||
-      p.mask.q_position.defined()) {
+  if (backend == AttentionBackend::kSdpa || p.mask.q_position.defined() ||
+      (backend == AttentionBackend::kAuto && qc.is_cuda() && !auto_prefers_our_cuda_kernels(qc, kc, needs_grad))) {
     return sdpa_condensed_attention(qc, kc, vc, p);
   }
   AttentionParams pc = p;
   if (backend == AttentionBackend::kLckv && pc.cpu_path == CpuAttentionPath::kAuto && qc.size(2) > kDirectRows) {
     pc.cpu_path = CpuAttentionPath::kBlocked;  // our own implementations only
   }
-  const bool needs_grad = at::GradMode::is_enabled() && (qc.requires_grad() || kc.requires_grad() || vc.requires_grad());
   if (!needs_grad) return std::get<0>(condensed_attention_forward(qc, kc, vc, pc));  // no autograd node to build
   std::optional<at::Tensor> key_start;
   if (pc.mask.key_start.defined()) key_start = pc.mask.key_start;

@@ -34,9 +34,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward(
 // and backward run in that precision. The backend (sdpa_attention.h: auto | lckv | sdpa, option or
 // LCKV_ATTENTION_BACKEND) picks the implementation. auto: on CPU the path of p.cpu_path (auto: the
 // decode kernel for chunks of at most 4 queries, the blocked path for fp64 and key_start, PyTorch's
-// fused CPU kernel's forward otherwise), with condensed_attention_backward's backward; CUDA tensors to the SDPA backend
-// (our kernels are used with lckv until a GPU run has measured them). lckv: our own CPU paths (decode
-// kernel, blocked) / the CUDA kernels. sdpa: PyTorch's SDPA with its autograd on every device.
+// fused CPU kernel's forward otherwise), with condensed_attention_backward's backward; CUDA tensors to our
+// kernels where a GPU run measured them faster (cuda_routes.h), to the SDPA backend elsewhere. lckv: our own
+// CPU paths (decode kernel, blocked) / the CUDA kernels. sdpa: PyTorch's SDPA with its autograd on every
+// device. A device query position (mask.q_position: static decode steps) goes to SDPA on every backend.
 // Without grad (GradMode off or no input requiring it) no autograd node is built.
 at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const AttentionParams& p);

@@ -1,6 +1,6 @@
 // Condensed attention on PyTorch's own scaled_dot_product_attention (flash / cuDNN / memory-efficient
 // backends on a GPU, the fused CPU kernel on CPU): the baseline that cannot be wrong, and the path
-// `auto` takes on CUDA until scripts/gpu_check.sh has measured our kernels on a real GPU.
+// `auto` takes on CUDA wherever scripts/gpu_check.sh has not measured our kernels faster (cuda_routes.h).
 // Device-agnostic, so it is tested on CPU against the fp64 reference on every mask case.
 //   causal, q_offset 0, T == S, no window / key_start:  is_causal (no mask is built)
 //   strict, same:  the shift trick: queries 1.. against keys ..T-2 with is_causal, row 0 exactly zero
@@ -22,7 +22,8 @@ namespace lckv::ops {
 
 // Which implementation condensed_attention uses:
 //   auto: on CPU the blocked path or PyTorch's fused CPU attention (as measured fastest here), on
-//         CUDA the SDPA backend (our CUDA kernels have not been measured on a GPU yet);
+//         CUDA our kernels only for the shapes a GPU run measured them faster (cuda_routes.h; none
+//         measured yet), the SDPA backend elsewhere;
 //   lckv: our own implementations (the blocked CPU path, the CUDA kernels);
 //   sdpa: this file, on every device.
 enum class AttentionBackend { kAuto, kLckv, kSdpa };

@@ -6,11 +6,14 @@
 #include <torch/torch.h>
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <set>
 
 #include "lckv/cache/condensed_kv_cache.h"
 #include "lckv/generate/generate.h"
@@ -490,4 +493,62 @@ TEST_CASE("decode_step names parse and cuda_graph refuses a CPU model", "[genera
   GenerationConfig g;
   g.decode_step = DecodeStep::kCudaGraph;
   CHECK_THROWS_WITH(generate(m, {{1, 2}}, g), Catch::Contains("cuda_graph needs"));
+}
+
+namespace {
+
+// The ATen ops run inside the scope named `scope` while installed (RecordFunction callbacks).
+struct OpsInScope {
+  explicit OpsInScope(std::string scope_name) {
+    scope = std::move(scope_name);
+    handle = at::addGlobalCallback(at::RecordFunctionCallback(
+                                       [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+                                         std::lock_guard<std::mutex> lock(mutex);
+                                         if (fn.name() == scope) ++depth;
+                                         else if (depth > 0) names.insert(fn.name());
+                                         return nullptr;
+                                       },
+                                       [](const at::RecordFunction& fn, at::ObserverContext*) {
+                                         std::lock_guard<std::mutex> lock(mutex);
+                                         if (fn.name() == scope) --depth;
+                                       })
+                                       .needsInputs(false));
+  }
+  ~OpsInScope() { at::removeCallback(handle); }
+  at::CallbackHandle handle;
+  static inline std::mutex mutex;
+  static inline std::string scope;
+  static inline int depth = 0;
+  static inline std::set<std::string> names;
+};
+
+}  // namespace
+
+TEST_CASE("a static decode step never syncs with the host (a CUDA graph capture could not hold it)",
+          "[generate][static]") {
+  // Ops that read a tensor's value on the host or whose output shape depends on values: on a GPU each is a
+  // device-to-host sync, an error inside a CUDA graph capture. Checked on CPU by the ops the step runs.
+  const std::set<std::string> syncs = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero",
+                                       "aten::masked_select", "aten::unique", "aten::_unique2", "aten::is_nonzero",
+                                       "aten::equal", "aten::nonzero_static"};
+  for (const char* types : {"0_4_4_4_4_5", "0s_1s_2_2"}) {
+    LCKVForCausalLM m = make_model(small_config(types, static_cast<int>(std::count(types, types + std::strlen(types), '_') + 1), 4, 2), 6);
+    m->to(torch::kFloat);
+    GenerationConfig g;
+    g.max_new_tokens = 6;
+    g.decode_step = DecodeStep::kStatic;
+    g.streaming = StreamingOptions{1, 2};
+    g.cache_capacity = 7;  // evictions between the steps
+    OpsInScope::names.clear();
+    {
+      OpsInScope recording("lckv::static_decode_step");
+      generate(m, {{3, 9, 27, 1}, {14, 2}}, g);  // ragged: a key_start
+    }
+    INFO(types);
+    CHECK(OpsInScope::names.count("aten::index_copy_") == 1);  // the scope saw the step's KV writes
+    for (const std::string& op : OpsInScope::names) {
+      INFO("op " << op);
+      CHECK(syncs.count(op) == 0);
+    }
+  }
 }

@@ -3,6 +3,7 @@
 #include <ATen/autocast_mode.h>
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <chrono>
@@ -107,6 +108,8 @@ class StaticDecoder {
 
  private:
   torch::Tensor forward() {
+    // One scope for profilers, and for the test that the step never syncs with the host (what a capture forbids).
+    RECORD_FUNCTION("lckv::static_decode_step", std::vector<c10::IValue>());
     IterationOptions counts{0, 1};
     counts.check_ids = false;  // no device-to-host sync inside the step
     torch::Tensor h = model_->model->forward_chunk(tokens_, cache_, counts, cache_.device_positions());

@@ -109,7 +109,7 @@ if [ "${GPU_CHECK_PYTHON:-1}" != 0 ]; then
   if python3 -c "import pytest" 2>/dev/null; then
     LCKV_PY_BUILD_DIR="$PWD/$BUILD" LCKV_BUILD_JOBS="$JOBS" logged python3 setup.py -q build_ext --inplace ||
       fail "building lckv._C"
-    logged timeout 300 python3 -m pytest -q tests/python || fail "pytest"
+    LCKV_REQUIRE_CUDA=1 logged timeout 300 python3 -m pytest -q tests/python || fail "pytest"
   else
     fail "pytest is not installed for $(command -v python3): the Python suite did not run"
   fi

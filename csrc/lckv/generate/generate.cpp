@@ -122,8 +122,11 @@ class StaticDecoder {
   // warm-up leaves the cache as the replay will. Autocast's weight-cast cache is off while capturing:
   // the casts become part of the graph (a cached cast would be a tensor the graph does not own).
   void capture() {
-    const bool autocast_cache = at::autocast::is_autocast_cache_enabled();
-    at::autocast::set_autocast_cache_enabled(false);
+    struct AutocastCacheOff {  // restored on every exit, a failed capture's included
+      bool was = at::autocast::is_autocast_cache_enabled();
+      AutocastCacheOff() { at::autocast::set_autocast_cache_enabled(false); }
+      ~AutocastCacheOff() { at::autocast::set_autocast_cache_enabled(was); }
+    } autocast_cache_off;
     c10::cuda::device_synchronize();
     c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
     {
@@ -140,7 +143,6 @@ class StaticDecoder {
       cache_.discard_chunk();
     }
     c10::cuda::device_synchronize();
-    at::autocast::set_autocast_cache_enabled(autocast_cache);
     captured_ = true;
   }
   std::unique_ptr<at::cuda::CUDAGraph> graph_step_;

@@ -12,6 +12,7 @@
 #      shapes where `auto` should use our kernels on this card; copy it into csrc/lckv/ops/ to adopt it),
 #   5. runs the whole ctest suite (CUDA required),
 #   6. builds the Python extension against this machine's torch and runs pytest (GPU_CHECK_PYTHON=0 skips),
+#   7. runs the paper's generation scenarios (5 + 8187, 512 + 1024) at the largest batch that fits,
 # and writes its logs and JSON to $OUT (the device tool's output folder; bench/results/ when unset)
 # and the JSON to bench/results/. Exit status: non-zero if any step failed.
 #
@@ -114,6 +115,9 @@ if [ "${GPU_CHECK_PYTHON:-1}" != 0 ]; then
     fail "pytest is not installed for $(command -v python3): the Python suite did not run"
   fi
 fi
+
+# Last, as the longest and least essential: the paper's scenarios at the largest batch that fits (GPU_CHECK_SCENARIOS=0 skips).
+[ "${GPU_CHECK_SCENARIOS:-1}" != 0 ] && bench scenarios scenarios 180
 
 say "done: status $status"
 exit "$status"

@@ -9,7 +9,9 @@
 //  * training tokens/s (bf16 autocast, forward + backward) and generation tokens/s (bf16, greedy)
 //    of the TinyLlama-1.1B shape, Llama identity vs LCKV w=2, and its decode steps dynamic vs static
 //    vs replayed from a CUDA graph (GenerationConfig::decode_step) at batch 1 and --gen-batch.
-// --parts picks kernels (the first two), e2e (the last) or all.
+//  * the paper's generation scenarios (5 + 8187 and 512 + 1024 tokens) at the largest batch whose cache
+//    fits in the card's memory, LCKV over Llama throughput next to the paper's 4.7x (7B, 24 GB).
+// --parts picks kernels (the first two), e2e (the third), scenarios (the last) or all.
 #include <CLI/CLI.hpp>
 #include <torch/torch.h>
 
@@ -267,6 +269,61 @@ nlohmann::json bench_end_to_end(const std::vector<std::string>& configs, int64_t
   return rows;
 }
 
+// The paper's generation scenarios (prompt + new tokens, e.g. 5 + 8187 and 512 + 1024) on the TinyLlama-1.1B
+// shape: the largest batch whose condensed cache fits in `memory_fraction` of the free device memory after
+// `reserve_gb` for weights and activations (max_batch_for_budget; capped at max_batch), bf16, greedy, the
+// config's iterative prefill in chunks of 64. At most `max_steps` decode steps are timed (the full scenario
+// when it is >= new tokens; fewer give early-context throughput, said in the row).
+nlohmann::json bench_scenarios(const std::vector<std::string>& configs, const std::vector<int64_t>& scenarios,
+                               int64_t max_steps, double memory_fraction, double reserve_gb, int64_t max_batch) {
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& path : configs) {
+    torch::manual_seed(0);
+    lckv::LCKVForCausalLM model = lckv::random_model(path);
+    model->to(torch::kCUDA, torch::kBFloat16);
+    model->eval();
+    torch::NoGradGuard no_grad;
+    const lckv::LCKVConfig& config = model->config;
+    for (size_t i = 0; i + 1 < scenarios.size(); i += 2) {
+      const int64_t prompt = scenarios[i], new_tokens = scenarios[i + 1], capacity = prompt + new_tokens;
+      size_t free_bytes = 0, total_bytes = 0;
+      cudaMemGetInfo(&free_bytes, &total_bytes);
+      const double budget = memory_fraction * static_cast<double>(free_bytes) - reserve_gb * 1e9;
+      nlohmann::json row = {{"config", path}, {"layer_types", lckv::format_layer_types(config.layer_types)},
+                            {"prompt", prompt}, {"new_tokens", new_tokens},
+                            {"kv_bytes_per_token", lckv::CondensedKVCache::bytes_for(config, 1, 1, torch::kBFloat16)},
+                            {"free_gb", free_bytes / 1e9}, {"cache_budget_gb", budget / 1e9}};
+      if (budget <= 0) {
+        row["error"] = "no memory left for a cache after the reserve";
+        rows.push_back(row);
+        continue;
+      }
+      const int64_t fits = lckv::max_batch_for_budget(config, capacity, torch::kBFloat16, static_cast<int64_t>(budget));
+      const int64_t batch = std::min(fits, max_batch);
+      std::vector<std::vector<int64_t>> prompts(batch, std::vector<int64_t>(prompt));
+      torch::Tensor ids = torch::randint(0, config.vocab_size, {batch, prompt}, torch::kLong);
+      for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t t = 0; t < prompt; ++t) prompts[b][t] = ids[b][t].item<int64_t>();
+      }
+      lckv::GenerationConfig gc;
+      gc.max_new_tokens = std::min(new_tokens, max_steps);
+      gc.cache_capacity = capacity;  // the scenario's memory, even when fewer steps are timed
+      gc.prefill_chunk = 64;
+      torch::cuda::synchronize();
+      const lckv::GenerationResult r = lckv::generate(model, prompts, gc);
+      const double s = r.stats.prefill_seconds + r.stats.decode_seconds;
+      row.update({{"batch", batch}, {"max_batch_that_fits", fits}, {"cache_gb", r.stats.cache_bytes / 1e9},
+                  {"timed_new_tokens", gc.max_new_tokens}, {"full_scenario", gc.max_new_tokens == new_tokens},
+                  {"prefill_s", r.stats.prefill_seconds}, {"decode_s", r.stats.decode_seconds},
+                  {"tokens_per_s", r.stats.new_tokens / s},
+                  {"decode_tokens_per_s", r.stats.new_tokens / std::max(1e-9, r.stats.decode_seconds)}});
+      std::cerr << row.dump() << "\n";
+      rows.push_back(row);
+    }
+  }
+  return rows;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -279,13 +336,22 @@ int main(int argc, char** argv) {
   std::vector<std::string> configs = {"configs/tinyllama-1.1b-llama.json", "configs/tinyllama-1.1b-lckv-w2.json"};
   int64_t train_seq = 2048, train_batch = 2, gen_batch = 32, gen_prompt = 128, gen_new = 128, decode_step_tokens = 48;
   int threads = 2;
+  std::vector<int64_t> scenarios = {5, 8187, 512, 1024};  // the paper's two
+  int64_t scenario_steps = 64, max_batch = 1024;
+  double memory_fraction = 0.9, reserve_gb = 12;
   std::string out_path, card;
   app.add_option("--seq-lens", seq_lens, "T of the attention benchmark");
   app.add_option("--head-dims", head_dims, "D of the attention benchmark (64, 128)");
   app.add_option("--tokens-per-batch", tokens_per_batch, "batch = this / T");
   app.add_option("--decode-batches", batches, "batch sizes of the decode benchmark");
   app.add_option("--decode-contexts", contexts, "cached keys of the decode benchmark");
-  app.add_option("--parts", parts, "kernels | e2e | all")->check(CLI::IsMember({"kernels", "e2e", "all"}));
+  app.add_option("--parts", parts, "kernels | e2e | scenarios | all")
+      ->check(CLI::IsMember({"kernels", "e2e", "scenarios", "all"}));
+  app.add_option("--scenarios", scenarios, "prompt and new-token pairs of the scenarios part");
+  app.add_option("--scenario-steps", scenario_steps, "decode steps timed per scenario at most");
+  app.add_option("--memory-fraction", memory_fraction, "share of the free device memory the scenarios' caches may use");
+  app.add_option("--reserve-gb", reserve_gb, "GB of that share kept for weights and activations");
+  app.add_option("--max-batch", max_batch, "largest batch the scenarios run (the largest that fits is reported too)");
   app.add_option("--configs", configs, "model configs of the end-to-end benchmark");
   app.add_option("--train-seq", train_seq, "tokens per training sequence");
   app.add_option("--train-batch", train_batch, "training sequences per step");
@@ -317,12 +383,31 @@ int main(int argc, char** argv) {
                              {"dtype", "bf16"},                      // of every kernel row
                              {"nominal_peak_gbps", peak},
                              {"measured_copy_gbps", copy}};
-    if (parts != "e2e") {
+    if (scenarios.size() % 2 != 0) throw std::invalid_argument("--scenarios takes prompt and new-token pairs");
+    if (parts == "kernels" || parts == "all") {
       result["attention"] = bench_attention(seq_lens, head_dims, tokens_per_batch);
       result["decode"] = bench_decode(batches, contexts, peak, copy);
     }
-    if (parts != "kernels") {
+    if (parts == "e2e" || parts == "all") {
       result["end_to_end"] = bench_end_to_end(configs, train_seq, train_batch, gen_batch, gen_prompt, gen_new, decode_step_tokens);
+    }
+    if (parts == "scenarios" || parts == "all") {
+      result["scenarios"] = bench_scenarios(configs, scenarios, scenario_steps, memory_fraction, reserve_gb, max_batch);
+      result["paper"] = {{"throughput_ratio_7b_5+8187_24GB", 4.7}};
+      // LCKV over Llama per scenario (the first config is the baseline), at each one's own largest batch.
+      nlohmann::json ratios = nlohmann::json::array();
+      const auto& rows = result["scenarios"];
+      for (const auto& a : rows) {
+        for (const auto& b : rows) {
+          if (a["config"] == configs.front() && b["config"] != configs.front() && a["prompt"] == b["prompt"] &&
+              a["new_tokens"] == b["new_tokens"] && a.contains("tokens_per_s") && b.contains("tokens_per_s")) {
+            ratios.push_back({{"prompt", a["prompt"]}, {"new_tokens", a["new_tokens"]}, {"config", b["config"]},
+                              {"throughput_ratio", b["tokens_per_s"].get<double>() / a["tokens_per_s"].get<double>()},
+                              {"batch_ratio", b["batch"].get<double>() / a["batch"].get<double>()}});
+          }
+        }
+      }
+      result["scenario_ratios"] = ratios;
     }
     std::cout << result.dump(2) << std::endl;
     if (!out_path.empty()) lckv::write_file_atomically(out_path, result.dump(2) + "\n");

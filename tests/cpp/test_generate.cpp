@@ -552,3 +552,31 @@ TEST_CASE("a static decode step never syncs with the host (a CUDA graph capture 
     }
   }
 }
+
+TEST_CASE("greedy picks on the logits' device give the tokens of the host sampler", "[generate][sampling]") {
+  // Without return_logits, plain greedy takes argmax where the logits are; with it, the host path of
+  // select_next_tokens. The same tokens in every dtype, with a vocab_limit, and through static steps.
+  const std::vector<std::vector<int64_t>> prompts = {{5, 17, 3, 22, 9, 1}, {8}, {11, 4, 39}};
+  for (auto dtype : {torch::kDouble, torch::kFloat, torch::kBFloat16}) {
+    LCKVForCausalLM m = make_model(small_config("0_4_4_4_4_5", 6, 4, 2), 8);
+    m->to(dtype);
+    for (int64_t vocab_limit : {0, 23}) {
+      for (DecodeStep step : {DecodeStep::kDynamic, DecodeStep::kStatic}) {
+        GenerationConfig g;
+        g.max_new_tokens = 9;
+        g.vocab_limit = vocab_limit;
+        g.decode_step = step;
+        const GenerationResult on_device = generate(m, prompts, g);
+        g.return_logits = true;
+        const GenerationResult on_host = generate(m, prompts, g);
+        INFO(dtype << " vocab_limit " << vocab_limit << " " << to_string(step));
+        CHECK(on_device.tokens == on_host.tokens);
+        const torch::Tensor l = vocab_limit > 0 ? on_host.logits.narrow(2, 0, vocab_limit) : on_host.logits;
+        const torch::Tensor want = l.argmax(-1).contiguous();  // [B, steps]
+        for (size_t b = 0; b < prompts.size(); ++b) {
+          CHECK(on_device.tokens[b] == std::vector<int64_t>(want[b].data_ptr<int64_t>(), want[b].data_ptr<int64_t>() + 9));
+        }
+      }
+    }
+  }
+}

@@ -308,12 +308,22 @@ GenerationResult generate(LCKVForCausalLM& model, const std::vector<std::vector<
     static_decoder.emplace(model, cache, config.decode_step == DecodeStep::kCudaGraph);
   }
   const auto logit_dtype = ops::accumulate_dtype(weight.scalar_type());
+  // Plain greedy picks on the logits' device: only B ids cross to the host, not B x V logits (at large
+  // batch on a GPU that copy and a host argmax would outweigh the step). The same tokens: argmax takes
+  // the first maximum everywhere, and widening to the accumulate dtype is exact.
+  const bool greedy_on_device = !config.sampling.do_sample && !penalise && !config.return_logits;
   for (int64_t step = 0; step < config.max_new_tokens; ++step) {
-    torch::Tensor raw = logits.to(torch::kCPU, logit_dtype);
-    if (config.return_logits) step_logits.push_back(raw);
-    if (config.vocab_limit > 0) raw = raw.narrow(1, 0, config.vocab_limit);
-    torch::Tensor next =
-        select_next_tokens(raw, config.sampling, penalise ? seen.narrow(1, 0, raw.size(1)) : torch::Tensor(), generator);
+    torch::Tensor next;
+    if (greedy_on_device) {
+      const torch::Tensor l = config.vocab_limit > 0 ? logits.narrow(1, 0, config.vocab_limit) : logits;
+      next = l.argmax(-1).to(torch::kCPU).contiguous();
+    } else {
+      torch::Tensor raw = logits.to(torch::kCPU, logit_dtype);
+      if (config.return_logits) step_logits.push_back(raw);
+      if (config.vocab_limit > 0) raw = raw.narrow(1, 0, config.vocab_limit);
+      next = select_next_tokens(raw, config.sampling, penalise ? seen.narrow(1, 0, raw.size(1)) : torch::Tensor(),
+                                generator);
+    }
     const std::vector<bool> active_before = active;
     const auto next_acc = next.accessor<int64_t, 1>();
     for (int64_t b = 0; b < B; ++b) {

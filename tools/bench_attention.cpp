@@ -301,9 +301,10 @@ nlohmann::json bench_scenarios(const std::vector<std::string>& configs, const st
       const int64_t fits = lckv::max_batch_for_budget(config, capacity, torch::kBFloat16, static_cast<int64_t>(budget));
       const int64_t batch = std::min(fits, max_batch);
       std::vector<std::vector<int64_t>> prompts(batch, std::vector<int64_t>(prompt));
-      torch::Tensor ids = torch::randint(0, config.vocab_size, {batch, prompt}, torch::kLong);
+      const torch::Tensor ids = torch::randint(0, config.vocab_size, {batch, prompt}, torch::kLong);
+      const auto id = ids.accessor<int64_t, 2>();
       for (int64_t b = 0; b < batch; ++b) {
-        for (int64_t t = 0; t < prompt; ++t) prompts[b][t] = ids[b][t].item<int64_t>();
+        for (int64_t t = 0; t < prompt; ++t) prompts[b][t] = id[b][t];
       }
       lckv::GenerationConfig gc;
       gc.max_new_tokens = std::min(new_tokens, max_steps);

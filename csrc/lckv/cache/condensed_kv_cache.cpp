@@ -83,11 +83,8 @@ KV CondensedKVCache::read(int layer) {
 }
 
 void CondensedKVCache::describe_keys(ops::AttentionParams& p) const {
+  if (!static_) return KVStore::describe_keys(p);
   p.mask.key_start = key_start_;
-  if (!static_) {
-    p.mask.q_offset = length_;
-    return;
-  }
   p.mask.q_offset = 0;
   p.mask.q_position = slot_;
   p.keys_finite = true;  // set_static zero-filled the unwritten slots; the written ones hold KVs
@@ -110,9 +107,12 @@ void CondensedKVCache::set_static(bool on) {
 
 torch::Tensor CondensedKVCache::device_positions() const {
   TORCH_CHECK(static_, "CondensedKVCache: device_positions outside static steps (call set_static(true))");
-  const torch::Tensor slot = slot_.view({1, 1}).expand({batch_, 1});
-  if (!key_start_.defined()) return slot.contiguous();
-  return (slot - key_start_.view({batch_, 1})).clamp_min(0);
+  return positions_of(slot_.view({1, 1}).expand({batch_, 1}));
+}
+
+torch::Tensor CondensedKVCache::positions_of(const torch::Tensor& slots) const {
+  if (!key_start_.defined()) return slots.contiguous();
+  return (slots - key_start_.to(slots.device()).view({batch_, 1})).clamp_min(0);
 }
 
 void CondensedKVCache::discard_chunk() {
@@ -139,9 +139,7 @@ void CondensedKVCache::set_key_start(const torch::Tensor& key_start) {
 
 torch::Tensor CondensedKVCache::positions(int64_t n) const {
   auto opts = torch::TensorOptions().dtype(torch::kLong);
-  torch::Tensor slots = torch::arange(length_, length_ + n, opts).unsqueeze(0).expand({batch_, n});
-  if (!key_start_.defined()) return slots.contiguous();
-  return (slots - key_start_.cpu().unsqueeze(1)).clamp_min(0);
+  return positions_of(torch::arange(length_, length_ + n, opts).unsqueeze(0).expand({batch_, n}));
 }
 
 void CondensedKVCache::make_room(int64_t n) {

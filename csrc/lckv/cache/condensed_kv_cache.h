@@ -88,6 +88,7 @@ class CondensedKVCache : public KVStore {
 
  private:
   int buffer_index(int layer) const;
+  torch::Tensor positions_of(const torch::Tensor& slots) const;  // slots [B, n] -> RoPE positions on their device
   void evict_for(int64_t n);  // make_room's StreamingLLM eviction for a chunk of n that does not fit
   void evict(int64_t n);
 

@@ -181,16 +181,26 @@ nlohmann::json bench_decode(const std::vector<int64_t>& batches, const std::vect
   return rows;
 }
 
+// `batch` prompts of `length` uniformly random token ids below `vocab` (from torch's default generator).
+std::vector<std::vector<int64_t>> random_prompts(int64_t batch, int64_t length, int64_t vocab) {
+  const torch::Tensor ids = torch::randint(0, vocab, {batch, length}, torch::kLong);
+  const auto id = ids.accessor<int64_t, 2>();
+  std::vector<std::vector<int64_t>> prompts(batch, std::vector<int64_t>(length));
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t t = 0; t < length; ++t) prompts[b][t] = id[b][t];
+  }
+  return prompts;
+}
+
 // Decode steps dynamic vs static vs cuda_graph (DecodeStep), interleaved over rounds, at each batch: the
-// median decode ms per step (a cuda_graph call includes its one capture) and whether its greedy tokens
+// decode ms per step of each timed round and the best of them (a cuda_graph call includes its one capture) and whether its greedy tokens
 // equal the dynamic ones (bf16: a near-tie may flip; the fp32 equality is the [cuda] test's).
 nlohmann::json bench_decode_steps(lckv::LCKVForCausalLM& model, const lckv::LCKVConfig& config,
                                   const std::vector<int64_t>& batches, int64_t prompt, int64_t new_tokens) {
   nlohmann::json rows = nlohmann::json::array();
   const lckv::DecodeStep steps[] = {lckv::DecodeStep::kDynamic, lckv::DecodeStep::kStatic, lckv::DecodeStep::kCudaGraph};
   for (int64_t batch : batches) {
-    std::vector<std::vector<int64_t>> prompts(batch, std::vector<int64_t>(prompt));
-    for (auto& pr : prompts) for (auto& id : pr) id = torch::randint(0, config.vocab_size, {1}).item<int64_t>();
+    const std::vector<std::vector<int64_t>> prompts = random_prompts(batch, prompt, config.vocab_size);
     std::map<std::string, std::vector<double>> ms;
     std::map<std::string, std::vector<std::vector<int64_t>>> tokens;
     for (int round = 0; round < 3; ++round) {  // round 0 warms up
@@ -248,8 +258,7 @@ nlohmann::json bench_end_to_end(const std::vector<std::string>& configs, int64_t
     model->to(torch::kBFloat16);
     model->eval();
     torch::NoGradGuard no_grad;
-    std::vector<std::vector<int64_t>> prompts(gen_batch, std::vector<int64_t>(prompt));
-    for (auto& pr : prompts) for (auto& id : pr) id = torch::randint(0, config.vocab_size, {1}).item<int64_t>();
+    const std::vector<std::vector<int64_t>> prompts = random_prompts(gen_batch, prompt, config.vocab_size);
     lckv::GenerationConfig gc;
     gc.max_new_tokens = new_tokens;
     lckv::generate(model, prompts, gc);  // warm-up
@@ -300,12 +309,7 @@ nlohmann::json bench_scenarios(const std::vector<std::string>& configs, const st
       }
       const int64_t fits = lckv::max_batch_for_budget(config, capacity, torch::kBFloat16, static_cast<int64_t>(budget));
       const int64_t batch = std::min(fits, max_batch);
-      std::vector<std::vector<int64_t>> prompts(batch, std::vector<int64_t>(prompt));
-      const torch::Tensor ids = torch::randint(0, config.vocab_size, {batch, prompt}, torch::kLong);
-      const auto id = ids.accessor<int64_t, 2>();
-      for (int64_t b = 0; b < batch; ++b) {
-        for (int64_t t = 0; t < prompt; ++t) prompts[b][t] = id[b][t];
-      }
+      const std::vector<std::vector<int64_t>> prompts = random_prompts(batch, prompt, config.vocab_size);
       lckv::GenerationConfig gc;
       gc.max_new_tokens = std::min(new_tokens, max_steps);
       gc.cache_capacity = capacity;  // the scenario's memory, even when fewer steps are timed

@@ -85,6 +85,7 @@ int main(int argc, char** argv) {
         const std::string tag = "T" + std::to_string(T) + (strict ? "_strict" : "_causal");
         for (auto [name, path, backend] :
              {std::tuple{"auto", CpuAttentionPath::kAuto, lckv::ops::AttentionBackend::kAuto},
+              std::tuple{"tiled", CpuAttentionPath::kTiled, lckv::ops::AttentionBackend::kAuto},
               std::tuple{"flash", CpuAttentionPath::kFlash, lckv::ops::AttentionBackend::kAuto},
               std::tuple{"blocked", CpuAttentionPath::kBlocked, lckv::ops::AttentionBackend::kAuto},
               std::tuple{"sdpa", CpuAttentionPath::kAuto, lckv::ops::AttentionBackend::kSdpa}}) {

@@ -10,6 +10,7 @@
 
 #include "lckv/autocast.h"
 #include "lckv/ops/condensed_attention.h"
+#include "lckv/ops/cpu/condensed_attention_cpu.h"
 #include "lckv/ops/fused_ops.h"
 #include "test_reference.h"
 
@@ -260,8 +261,15 @@ TEST_CASE("keys and values that no query sees never reach an output or gradient,
                             std::pair{torch::kFloat, lckv::ops::CpuAttentionPath::kBlocked},
                             std::pair{torch::kBFloat16, lckv::ops::CpuAttentionPath::kBlocked},
                             std::pair{torch::kFloat, lckv::ops::CpuAttentionPath::kFlash},
-                            std::pair{torch::kBFloat16, lckv::ops::CpuAttentionPath::kFlash}}) {
+                            std::pair{torch::kBFloat16, lckv::ops::CpuAttentionPath::kFlash},
+                            std::pair{torch::kFloat, lckv::ops::CpuAttentionPath::kTiled},
+                            std::pair{torch::kBFloat16, lckv::ops::CpuAttentionPath::kTiled}}) {
       if (path == lckv::ops::CpuAttentionPath::kFlash && !c.key_start.empty()) continue;
+      if (path == lckv::ops::CpuAttentionPath::kTiled &&
+          !lckv::ops::cpu::tiled_attention_applies(torch::empty({1, 1, 1, D}, dt))) {
+        WARN("tiled attention does not run " << dt << " on this CPU: not tested here");
+        continue;
+      }
       const torch::Tensor q = torch::randn({c.B, c.Hq, c.T, D}).to(dt), k = torch::randn({c.B, c.Hkv, c.S, D}).to(dt),
                           v = torch::randn({c.B, c.Hkv, c.S, D}).to(dt), g = torch::randn({c.B, c.Hq, c.T, D}).to(dt);
       for (int64_t block : {2, 256}) {  // many blocks, and one (the backward's single-block path)
@@ -333,9 +341,10 @@ std::vector<PathCase> path_cases() {
 }  // namespace
 
 TEST_CASE("every CPU forward path matches the fp64 reference, and the blocked backward from its lse", "[ops]") {
-  // rows (the decode kernel), blocked and flash (PyTorch's fused kernel; no key_start), forced one at a
-  // time: out and lse against the naive reference, then the blocked backward from that path's out and
-  // lse against the reference's autograd. fp64 to 1e-12 (rows, blocked), fp32 to fp32 precision.
+  // rows (the decode kernel), blocked, flash (PyTorch's fused kernel; no key_start) and tiled (fp32 where it
+  // applies; its own backward), forced one at a time: out and lse against the naive reference, then the
+  // backward from that path's out and lse against the reference's autograd. fp64 to 1e-12 (rows, blocked),
+  // fp32 to fp32 precision.
   using lckv::ops::CpuAttentionPath;
   torch::manual_seed(12);
   for (const PathCase& pc : path_cases()) {
@@ -348,10 +357,12 @@ TEST_CASE("every CPU forward path matches the fp64 reference, and the blocked ba
     const torch::Tensor ref = naive_attention(leaves[0], leaves[1], leaves[2], c.strict, c.window, c.q_offset, pc.key_start);
     const auto ref_grads = torch::autograd::grad({(ref * g).sum()}, leaves);
     const torch::Tensor ref_lse = naive_lse(q, k, c.strict, c.window, c.q_offset, pc.key_start);
-    for (CpuAttentionPath path : {CpuAttentionPath::kRows, CpuAttentionPath::kBlocked, CpuAttentionPath::kFlash}) {
+    for (CpuAttentionPath path : {CpuAttentionPath::kRows, CpuAttentionPath::kBlocked, CpuAttentionPath::kFlash,
+                                  CpuAttentionPath::kTiled}) {
       if (path == CpuAttentionPath::kFlash && !pc.key_start.empty()) continue;
       for (torch::ScalarType dt : {torch::kDouble, torch::kFloat}) {
         if (path == CpuAttentionPath::kFlash && dt == torch::kDouble) continue;  // the fused kernel is fp32/bf16
+        if (path == CpuAttentionPath::kTiled && !lckv::ops::cpu::tiled_attention_applies(q.to(dt))) continue;
         AttentionParams p{{c.strict, c.window, c.q_offset}, 0, c.block, path};
         if (!pc.key_start.empty()) p.mask.key_start = torch::tensor(pc.key_start, torch::kLong);
         INFO("path " << int(path) << ", " << dt << ", B=" << c.B << " Hq=" << c.Hq << " Hkv=" << c.Hkv << " T=" << c.T
@@ -421,4 +432,106 @@ TEST_CASE("the decode kernel and the blocked path read strided cache views, in e
       lckv::testing::check_close(dv, chunk_grads[2].narrow(2, 0, S), 10 * tol, "blocked dv");
     }
   }
+}
+
+namespace {
+
+// Shapes for the tiled path beyond one key tile (256 keys) and one chunk of rows (512): several tiles, odd key
+// counts (strict: the last key is seen by no row), windows that start inside a tile, key_start, a query offset
+// (a prefill chunk after cached keys), head dims that are not 64 and GQA 1/2/4.
+struct TiledCase {
+  const char* what;
+  int64_t B, Hq, Hkv, T, S, D;
+  bool strict;
+  int64_t window, q_offset;
+  std::vector<int64_t> key_start;
+};
+
+const TiledCase kTiledCases[] = {
+    {"causal, 2 key tiles, GQA 2", 2, 4, 2, 300, 300, 64, false, 0, 0, {}},
+    {"strict, 600 rows: 2 row chunks, 3 key tiles", 1, 2, 1, 600, 600, 32, true, 0, 0, {}},
+    {"strict window 200 inside tiles, GQA 4", 1, 8, 2, 530, 530, 16, true, 200, 0, {}},
+    {"a chunk after 700 cached keys, window 300", 2, 4, 4, 97, 797, 80, false, 300, 700, {}},
+    {"key_start, causal, odd T", 3, 4, 2, 77, 77, 64, false, 0, 0, {0, 5, 40}},
+    {"key_start with a query offset, strict window", 2, 2, 1, 70, 330, 48, true, 100, 260, {10, 280}},
+};
+
+}  // namespace
+
+TEST_CASE("the tiled CPU path matches the fp64 reference beyond one tile, in fp32 and bf16, in every fused variant",
+          "[ops]") {
+  // Forced tiled forward and backward against the naive reference's autograd: fp32 to fp32 precision; bf16
+  // within twice the blocked path's own bf16 error (plus a bf16 rounding step). Every fused CPU variant runs
+  // the kernel (the AVX512 one with its packing and bf16-rounding instructions, the others the portable code),
+  // each call with its reused scratch buffers poisoned with NaN first.
+  using lckv::ops::CpuAttentionPath;
+  torch::manual_seed(21);
+  for (const TiledCase& c : kTiledCases) {
+    const auto opts = torch::TensorOptions().dtype(torch::kDouble);
+    const torch::Tensor q = torch::randn({c.B, c.T, c.Hq, c.D}, opts).transpose(1, 2),  // the model's layout
+        k = torch::randn({c.B, c.Hkv, c.S, c.D}, opts), v = torch::randn({c.B, c.Hkv, c.S, c.D}, opts),
+                        g = torch::randn({c.B, c.Hq, c.T, c.D}, opts);
+    std::vector<torch::Tensor> leaves = {q.clone().requires_grad_(true), k.clone().requires_grad_(true),
+                                         v.clone().requires_grad_(true)};
+    const torch::Tensor ref = naive_attention(leaves[0], leaves[1], leaves[2], c.strict, c.window, c.q_offset, c.key_start);
+    const auto ref_grads = torch::autograd::grad({(ref * g).sum()}, leaves);
+    const torch::Tensor ref_lse = naive_lse(q, k, c.strict, c.window, c.q_offset, c.key_start);
+    for (const std::string& cap : lckv::ops::runnable_fused_cpu_capabilities()) {
+      lckv::ops::ScopedFusedCpuCapability scoped(cap);
+      for (torch::ScalarType dt : {torch::kFloat, torch::kBFloat16}) {
+        INFO(c.what << ", " << cap << ", " << dt);
+        const torch::Tensor qd = q.to(dt), kd = k.to(dt), vd = v.to(dt), gd = g.to(dt);
+        if (!lckv::ops::cpu::tiled_attention_applies(qd)) {
+          WARN("tiled attention does not run " << dt << " on this CPU: not tested here");
+          continue;
+        }
+        AttentionParams p{{c.strict, c.window, c.q_offset}, 0, 256, CpuAttentionPath::kTiled};
+        if (!c.key_start.empty()) p.mask.key_start = torch::tensor(c.key_start, torch::kLong);
+        lckv::ops::cpu::poison_tiled_attention_scratch();  // an unwritten scratch element read shows as NaN
+        auto [out, lse] = lckv::ops::condensed_attention_forward(qd, kd, vd, p);
+        auto [dq, dk, dv] = lckv::ops::condensed_attention_backward(gd, qd, kd, vd, out, lse, p);
+        const std::vector<torch::Tensor> got = {out, dq, dk, dv}, want = {ref.detach(), ref_grads[0], ref_grads[1],
+                                                                          ref_grads[2]};
+        const char* names[] = {"out", "dq", "dk", "dv"};
+        if (dt == torch::kFloat) {
+          lckv::testing::check_close(lse, ref_lse, 2e-5, "lse");
+          for (int i = 0; i < 4; ++i) lckv::testing::check_close(got[i], want[i], i == 0 ? 2e-5 : 2e-4, names[i]);
+          continue;
+        }
+        AttentionParams pb = p;
+        pb.cpu_path = CpuAttentionPath::kBlocked;
+        auto [bout, blse] = lckv::ops::condensed_attention_forward(qd, kd, vd, pb);
+        auto [bdq, bdk, bdv] = lckv::ops::condensed_attention_backward(gd, qd, kd, vd, bout, blse, pb);
+        const std::vector<torch::Tensor> blocked = {bout, bdq, bdk, bdv};
+        for (int i = 0; i < 4; ++i) {
+          INFO(names[i]);
+          REQUIRE_FALSE(got[i].isnan().any().item<bool>());
+          const double err = lckv::testing::rel_err(got[i], want[i]), blocked_err = lckv::testing::rel_err(blocked[i], want[i]);
+          INFO("tiled error " << err << ", blocked error " << blocked_err);
+          CHECK(err <= 2 * blocked_err + 4e-3);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("the tiled CPU path refuses what it does not compute, by name", "[ops]") {
+  using lckv::ops::CpuAttentionPath;
+  AttentionParams p{{false, 0, 0}, 0, 256, CpuAttentionPath::kTiled};
+  for (torch::ScalarType dt : {torch::kDouble, torch::kHalf}) {
+    const torch::Tensor x = torch::randn({1, 2, 8, 16}).to(dt);
+    CHECK_FALSE(lckv::ops::cpu::tiled_attention_applies(x));
+    CHECK_THROWS_WITH(lckv::ops::condensed_attention_forward(x, x, x, p), Catch::Contains("tiled CPU path") &&
+                                                                               Catch::Contains(c10::toString(dt)));
+  }
+  const torch::Tensor odd = torch::randn({1, 2, 8, 15});  // head dim 15: not pairs
+  CHECK_FALSE(lckv::ops::cpu::tiled_attention_applies(odd));
+  CHECK_THROWS_WITH(lckv::ops::condensed_attention_forward(odd, odd, odd, p), Catch::Contains("head dim 15"));
+  // auto routes what tiled does not take to the other paths, which compute it.
+  AttentionParams pa{{true, 0, 0}, 0, 256, CpuAttentionPath::kAuto};
+  const torch::Tensor h = torch::randn({1, 2, 8, 16}, torch::kDouble);
+  const torch::Tensor ref = naive_attention(h, h, h, true, 0, 0);
+  CHECK(max_diff(std::get<0>(lckv::ops::condensed_attention_forward(h.to(torch::kHalf), h.to(torch::kHalf),
+                                                                    h.to(torch::kHalf), pa)),
+                 ref) < 2e-2);
 }

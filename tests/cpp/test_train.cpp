@@ -816,6 +816,12 @@ fs::path write_run_file(const fs::path& path, const TrainOptions& o) {
 }
 
 // max over tensors of ||a - b|| / ||b||.
+// Weights after a few steps on 1 rank and on 2 (or resumed across them) differ by fp32 rounding of the reduction
+// orders (two ranks' partial sums vs one batch, and the matmuls' blocking at other row counts): 1.0e-6-1.1e-6
+// relative seen (an AVX2-only CPU's MKL; the tiled attention on AVX-512). A wrong average or a lost shard moves
+// the weights by >= 1e-3 (an Adam step is lr = 3e-3 per element).
+constexpr double kRankOrderTolerance = 1e-5;
+
 double max_relative_difference(const fs::path& a_dir, const fs::path& b_dir) {
   const auto a = io::load_safetensors((a_dir / "model.safetensors").string());
   const auto b = io::load_safetensors((b_dir / "model.safetensors").string());
@@ -906,7 +912,7 @@ TEST_CASE("data parallel: 2 ranks end where 1 rank with the whole batch ends, wi
     CHECK(fs::exists(root / out / "step_000005" / "optimizer.pt"));
     const double diff = max_relative_difference(root / "one" / "step_000005", root / out / "step_000005");
     INFO("max relative difference " << diff);
-    CHECK(diff <= 1e-6);
+    CHECK(diff <= kRankOrderTolerance);
     CHECK(diff > 0);  // two processes really summed their halves (not one rank computing everything)
     // The same losses and validation, each step recorded once.
     const auto a = records(root / "one" / "metrics.jsonl", "train"), b = records(root / out / "metrics.jsonl", "train");
@@ -969,8 +975,8 @@ TEST_CASE("data parallel: a 2-rank checkpoint resumes on 1 rank and a 1-rank che
   TrainOptions ref = o;
   ref.out = (root / "ref").string();
   REQUIRE(launch(write_run_file(root / "ref.json", ref), root / "logs5", 1, {}, {}, {}, 120, false)[0].status == 0);
-  CHECK(max_relative_difference(root / "one" / "step_000006", root / "ref" / "step_000006") <= 1e-6);
-  CHECK(max_relative_difference(root / "two" / "step_000006", root / "ref" / "step_000006") <= 1e-6);
+  CHECK(max_relative_difference(root / "one" / "step_000006", root / "ref" / "step_000006") <= kRankOrderTolerance);
+  CHECK(max_relative_difference(root / "two" / "step_000006", root / "ref" / "step_000006") <= kRankOrderTolerance);
 }
 
 TEST_CASE("data parallel: a killed or hung rank makes the other exit with a clear message, and the checkpoint stays",

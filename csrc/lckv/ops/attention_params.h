@@ -36,11 +36,13 @@ struct AttentionMask {
 };
 
 // The CPU implementation of the forward (ops/cpu/condensed_attention_cpu.h). auto: rows for chunks of
-// at most 4 queries (decode), blocked for fp64 (the exactness path) and key_start, flash otherwise; its
-// backward is PyTorch's fused one for T > query_block under the masks that kernel's causal mask expresses
-// (cpu::flash_backward_applies), the blocked one otherwise. A forced path has the blocked backward.
-// Tests force each one.
-enum class CpuAttentionPath { kAuto, kRows, kBlocked, kFlash };
+// at most 4 queries (decode), blocked for fp64 (the exactness path), tiled where it applies
+// (cpu::tiled_attention_applies: fp32, and bf16 on CPUs that compute it natively), else blocked for key_start
+// and flash otherwise. auto's backward is the tiled one where it applies, else PyTorch's fused one for
+// T > query_block under the masks that kernel's causal mask expresses (cpu::flash_backward_applies), else the
+// blocked one. A forced path has its own backward (tiled) or the blocked one (rows, blocked, flash). Tests
+// force each one.
+enum class CpuAttentionPath { kAuto, kRows, kBlocked, kFlash, kTiled };
 
 struct AttentionParams {
   AttentionMask mask;

@@ -128,11 +128,14 @@ std::tuple<at::Tensor, at::Tensor> condensed_attention_forward(const at::Tensor&
 #endif
   CpuAttentionPath path = p.cpu_path;
   if (path == CpuAttentionPath::kAuto) {
-    path = q.size(2) <= kDirectRows                                        ? CpuAttentionPath::kRows
-           : q.scalar_type() == at::kDouble || p.mask.key_start.defined() ? CpuAttentionPath::kBlocked
-                                                                          : CpuAttentionPath::kFlash;
+    path = q.size(2) <= kDirectRows               ? CpuAttentionPath::kRows
+           : q.scalar_type() == at::kDouble      ? CpuAttentionPath::kBlocked
+           : cpu::tiled_attention_applies(q)     ? CpuAttentionPath::kTiled
+           : p.mask.key_start.defined()          ? CpuAttentionPath::kBlocked
+                                                 : CpuAttentionPath::kFlash;
   }
   if (path == CpuAttentionPath::kRows) return forward_rows(q, k, v, p);
+  if (path == CpuAttentionPath::kTiled) return cpu::condensed_attention_forward_tiled(q, k, v, p, softmax_scale(q, p));
   if (path == CpuAttentionPath::kFlash) {
     TORCH_CHECK(!p.mask.key_start.defined(), "condensed_attention: the flash CPU path takes no key_start");
     if (auto r = cpu::condensed_attention_forward_flash(q, k, v, p, softmax_scale(q, p))) return *r;
@@ -149,9 +152,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward(
 #ifdef LCKV_WITH_CUDA
   if (q.is_cuda()) return cuda::condensed_attention_backward_cuda(grad_out, q, k, v, out, lse, p, softmax_scale(q, p));
 #endif
-  // Auto: PyTorch's fused backward for sequences longer than one query block under the masks its causal mask
-  // expresses (the blocked backward streams its [rows, keys] intermediates through memory there), the blocked
-  // backward elsewhere (far faster at T <= one block) and for an explicitly chosen forward path.
+  // Auto: the tiled backward where it applies; else PyTorch's fused backward for sequences longer than one query
+  // block under the masks its causal mask expresses (the blocked backward streams its [rows, keys] intermediates
+  // through memory there), the blocked backward elsewhere (far faster at T <= one block) and for an explicitly
+  // chosen forward path other than tiled.
+  const bool tiled = p.cpu_path == CpuAttentionPath::kTiled ||
+                     (p.cpu_path == CpuAttentionPath::kAuto && cpu::tiled_attention_applies(q));
+  if (tiled) return cpu::condensed_attention_backward_tiled(grad_out, q, k, v, out, lse, p, softmax_scale(q, p));
   if (p.cpu_path == CpuAttentionPath::kAuto && q.size(2) > p.query_block && cpu::flash_backward_applies(q, k, p)) {
     return cpu::condensed_attention_backward_flash(grad_out, q, k, v, out, lse, p, softmax_scale(q, p));
   }
@@ -260,8 +267,9 @@ at::Tensor condensed_attention(const at::Tensor& q, const at::Tensor& k, const a
     return sdpa_condensed_attention(qc, kc, vc, p);
   }
   AttentionParams pc = p;
-  if (backend == AttentionBackend::kLckv && pc.cpu_path == CpuAttentionPath::kAuto && qc.size(2) > kDirectRows) {
-    pc.cpu_path = CpuAttentionPath::kBlocked;  // our own implementations only
+  if (backend == AttentionBackend::kLckv && pc.cpu_path == CpuAttentionPath::kAuto && qc.size(2) > kDirectRows &&
+      qc.is_cpu()) {  // our own implementations only
+    pc.cpu_path = cpu::tiled_attention_applies(qc) ? CpuAttentionPath::kTiled : CpuAttentionPath::kBlocked;
   }
   if (!needs_grad) return std::get<0>(condensed_attention_forward(qc, kc, vc, pc));  // no autograd node to build
   std::optional<at::Tensor> key_start;

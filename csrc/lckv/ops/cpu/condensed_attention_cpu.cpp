@@ -9,6 +9,10 @@
 // not finite: finite ones give exactly the zeros that zeroed ones give.
 #include "lckv/ops/cpu/condensed_attention_cpu.h"
 
+#include <ATen/Context.h>
+#include <ATen/cpu/Utils.h>
+#include <ATen/native/CPUBlas.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -297,6 +301,101 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward_flas
   at::Tensor dq = at::empty(q.sizes(), dq_rows.options());
   dq.narrow(2, 0, 1).zero_();
   dq.narrow(2, 1, T - 1).copy_(dq_rows);
+  return {dq, dk, dv};
+}
+
+namespace {
+
+bool has_cpu_capability(const char* name) {
+  const auto caps = at::cpu::get_cpu_capabilities();
+  const auto it = caps.find(name);
+  return it != caps.end() && it->second.isBool() && it->second.toBool();
+}
+
+// Whether brgemm computes a 32 x 32 x 32 product of this dtype right here (oneDNN may refuse a kernel, e.g.
+// under ONEDNN_MAX_CPU_ISA): checked once, against at::matmul.
+template <typename T>
+bool brgemm_works() {
+  try {
+    constexpr int64_t n = 32, P = sizeof(T) == 2 ? 2 : 1;
+    const at::Tensor a = at::randn({n, n}).to(c10::CppTypeToScalarType<T>::value);
+    const at::Tensor b = at::randn({n, n}).to(a.scalar_type());
+    // b packed in VNNI pairs of rows ([n / P][n][P]) for 16-bit types.
+    const at::Tensor packed = b.view({n / P, P, n}).transpose(1, 2).contiguous();
+    at::Tensor c = at::empty({n, n});
+    at::native::cpublas::brgemm(n, n, n, n, n, n, false, a.const_data_ptr<T>(), packed.const_data_ptr<T>(),
+                                c.mutable_data_ptr<float>(), P == 2);
+    at::native::cpublas::brgemm_release(P == 2);
+    return at::allclose(c, at::matmul(a.to(at::kFloat), b.to(at::kFloat)), 1e-3, 1e-3);
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+}  // namespace
+
+std::atomic<int>& tiled_attention_scratch_generation() {
+  static std::atomic<int> generation{0};
+  return generation;
+}
+
+void poison_tiled_attention_scratch() { ++tiled_attention_scratch_generation(); }
+
+bool tiled_attention_applies(const at::Tensor& q) {
+  if (!q.device().is_cpu() || !at::globalContext().userEnabledMkldnn()) return false;
+  const int64_t D = q.size(3);
+  if (D <= 0 || D % 2 != 0 || D > kMaxTiledHeadDim) return false;
+  if (q.scalar_type() == at::kBFloat16) {
+    // avx512_bf16 (which the AMX CPUs have too): the kernel's AVX512 variant rounds to bf16 with its instructions.
+    static const bool ok = has_cpu_capability("avx512_bf16") && brgemm_works<at::BFloat16>();
+    return ok;
+  }
+  if (q.scalar_type() == at::kFloat) {
+    static const bool ok = has_cpu_capability("avx2") && brgemm_works<float>();
+    return ok;
+  }
+  return false;
+}
+
+namespace {
+
+at::Tensor unit_stride_d(const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); }
+
+// An empty [B, H, T, D] tensor laid out as [B, T, H, D] (the model's layout around attention).
+at::Tensor empty_bthd(const at::Tensor& like, at::ScalarType dtype) {
+  return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options().dtype(dtype))
+      .transpose(1, 2);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> condensed_attention_forward_tiled(const at::Tensor& q, const at::Tensor& k,
+                                                                     const at::Tensor& v, const AttentionParams& p,
+                                                                     double scale) {
+  TORCH_CHECK(tiled_attention_applies(q), "condensed_attention: the tiled CPU path takes fp32 (AVX2) or bf16 (AMX or "
+              "avx512_bf16) with an even head dim <= ", kMaxTiledHeadDim, ", got ", q.scalar_type(), " and head dim ",
+              q.size(3), " on this CPU");
+  at::Tensor out = empty_bthd(q, q.scalar_type());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  active_fused_kernels().tiled_attention_forward(unit_stride_d(q), unit_stride_d(k), unit_stride_d(v),
+                                                 kernel_mask(p.mask), scale, out, lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward_tiled(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const AttentionParams& p, double scale) {
+  TORCH_CHECK(tiled_attention_applies(q), "condensed_attention backward: the tiled CPU path takes fp32 (AVX2) or bf16 "
+              "(AMX or avx512_bf16) with an even head dim <= ", kMaxTiledHeadDim, ", got ", q.scalar_type(),
+              " and head dim ", q.size(3), " on this CPU");
+  const auto dt = q.scalar_type();
+  const FusedKernels& kernels = active_fused_kernels();
+  const at::Tensor go = unit_stride_d(grad_out.to(dt)), oo = unit_stride_d(out.to(dt));
+  at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  kernels.row_dot(go, oo, delta);
+  at::Tensor dq = empty_bthd(q, dt), dk = empty_bthd(k, dt), dv = empty_bthd(k, dt);
+  kernels.tiled_attention_backward(go, unit_stride_d(q), unit_stride_d(k), unit_stride_d(v),
+                                   lse.to(at::kFloat).contiguous(), delta, kernel_mask(p.mask), scale, dq, dk, dv);
   return {dq, dk, dv};
 }
 

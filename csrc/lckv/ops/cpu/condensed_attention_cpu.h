@@ -8,6 +8,8 @@
 //  * PyTorch's fused CPU attention (flash-style online softmax, GQA without repeated K/V) given the
 //    condensed mask, for the forward; its log-sum-exp feeds the blocked backward, or, for sequences
 //    longer than a query block under the masks its causal mask expresses, its own fused backward.
+//  * Tiled (flash-style) attention on brgemm micro-GEMMs (tiled_attention.cpp, fp32 and bf16): score tiles stay
+//    in cache, forward and backward, for every mask.
 //  * Few query rows (decode): the direct-loop kernel of fused_kernels.h.
 #pragma once
 
@@ -51,6 +53,28 @@ bool flash_backward_applies(const at::Tensor& q, const at::Tensor& k, const Atte
 // where the blocked backward streams [rows, keys] intermediates through memory: at T = 512 it was 1.1-1.6x faster
 // (fp32 on an AVX2 CPU; bf16 on AMX: 1.26x causal, a tie strict), at T = 128 far slower in bf16 on AMX (17 vs 5.6 ms).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward_flash(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const AttentionParams& p, double scale);
+
+// Whether the tiled path computes attention over q's dtype and head dim on this machine: fp32 (AVX2 or wider)
+// or bf16 where the CPU computes it natively (AMX or avx512_bf16), with oneDNN enabled and its brgemm
+// working; head dim even and at most kMaxTiledHeadDim.
+bool tiled_attention_applies(const at::Tensor& q);
+constexpr int64_t kMaxTiledHeadDim = 256;
+
+// Tests: every thread refills the tiled kernel's reused scratch buffers with NaN before it next uses them, so that
+// a read of an element the kernel did not write shows as NaN in the results.
+void poison_tiled_attention_scratch();
+
+// Forward by the tiled kernel (tiled_attention_applies must hold): out [B, Hq, T, D] in q's dtype (a
+// [B, T, Hq, D] tensor's transpose, so the caller's reshape to [B, T, Hq * D] is a view) and lse [B, Hq, T]
+// fp32 (-inf and zeros for a row that sees no key). Every mask, key_start included.
+std::tuple<at::Tensor, at::Tensor> condensed_attention_forward_tiled(const at::Tensor& q, const at::Tensor& k,
+                                                                     const at::Tensor& v, const AttentionParams& p,
+                                                                     double scale);
+
+// Backward by the tiled kernel from the saved out and lse (any correct ones): dq, dk, dv in q's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward_tiled(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const AttentionParams& p, double scale);
 

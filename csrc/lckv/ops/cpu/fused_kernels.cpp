@@ -19,64 +19,26 @@ namespace lckv::ops::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-using at::vec::Vectorized;
+#include "lckv/ops/cpu/vec_lanes.h"  // NOLINT: per-capability helpers, inside this namespace
 
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// T can be loaded into Vectorized<A>: itself, or bf16/fp16/fp32 into fp32.
-template <typename T, typename A>
-constexpr bool kLoadable = std::is_same_v<T, A> || (std::is_same_v<A, float> && !std::is_same_v<T, double>);
-
-// Loads and stores of 2 * Vectorized<A>::size() elements of T (or the first n), as two
-// Vectorized<A>. Tail lanes of a partial load are zero.
-template <typename T, typename A = acc_t<T>>
-struct Lanes {
-  using V = Vectorized<A>;
-  static constexpr int64_t kWidth = V::size();
-  static constexpr int64_t kStep = 2 * kWidth;
-
-  static std::pair<V, V> load(const T* p, int64_t n = kStep) {
-    if constexpr (std::is_same_v<T, A>) {
-      if (n >= kStep) return {V::loadu(p), V::loadu(p + kWidth)};
-      return {V::loadu(p, std::min(n, kWidth)), n > kWidth ? V::loadu(p + kWidth, n - kWidth) : V(A(0))};
-    } else {
-      const auto v = n >= kStep ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
-      auto [a, b] = at::vec::convert_to_float<T>(v);
-      return {a, b};
-    }
+// Rows r in [begin, end) of [B, H, T, D] tensors with any strides (rows in b, h, t order), walked without a
+// division per row (three per row and tensor, with at::Tensor::stride calls, were ~2% of a bf16 training step).
+class RowWalk {
+ public:
+  RowWalk(int64_t begin, int64_t H, int64_t T) : H_(H), T_(T), b_(begin / (H * T)), h_(begin / T % H), t_(begin % T) {}
+  // The offset of the current row in a tensor with these strides of its first three dims.
+  int64_t offset(const int64_t* strides) const { return b_ * strides[0] + h_ * strides[1] + t_ * strides[2]; }
+  void next() {
+    if (++t_ < T_) return;
+    t_ = 0;
+    if (++h_ < H_) return;
+    h_ = 0;
+    ++b_;
   }
 
-  static void store(T* p, const V& a, const V& b, int64_t n = kStep) {
-    if constexpr (std::is_same_v<T, A>) {
-      if (n >= kStep) {
-        a.store(p);
-        b.store(p + kWidth);
-        return;
-      }
-      a.store(p, std::min(n, kWidth));
-      if (n > kWidth) b.store(p + kWidth, n - kWidth);
-    } else {
-      const auto v = at::vec::convert_from_float<T>(a, b);
-      n >= kStep ? v.store(p) : v.store(p, n);
-    }
-  }
+ private:
+  int64_t H_, T_, b_, h_, t_;
 };
-
-template <typename A>
-A sum_lanes(const Vectorized<A>& v) {
-  return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return x + y; }, v);
-}
-
-template <typename A>
-A max_lanes(const Vectorized<A>& v) {
-  return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return at::vec::maximum(x, y); }, v);
-}
-
-// Offset of row r of a [B, H, T, D] tensor with any strides (rows in b, h, t order).
-int64_t row_offset(const at::Tensor& t, int64_t r, int64_t H, int64_t T) {
-  return (r / (H * T)) * t.stride(0) + (r / T % H) * t.stride(1) + (r % T) * t.stride(2);
-}
 
 // Rows per parallel task so that each task touches ~16k elements.
 int64_t row_grain(int64_t row_length) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_length, 1)); }
@@ -208,13 +170,15 @@ void rotary_impl(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
   const A* cp = cos.const_data_ptr<A>();
   const A* sp = sin.const_data_ptr<A>();
   T* op = out.mutable_data_ptr<T>();
-  auto offset = [&](const at::Tensor& t, int64_t r) { return row_offset(t, r, H, T_); };
+  const int64_t xs[3] = {x.stride(0), x.stride(1), x.stride(2)}, cs[3] = {cos.stride(0), cos.stride(1), cos.stride(2)},
+                ss[3] = {sin.stride(0), sin.stride(1), sin.stride(2)}, os[3] = {out.stride(0), out.stride(1), out.stride(2)};
   at::parallel_for(0, rows, row_grain(2 * half), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = xp + offset(x, r);
-      const A* cr = cp + offset(cos, r);
-      const A* sr = sp + offset(sin, r);
-      T* orow = op + offset(out, r);
+    RowWalk walk(begin, H, T_);
+    for (int64_t r = begin; r < end; ++r, walk.next()) {
+      const T* xr = xp + walk.offset(xs);
+      const A* cr = cp + walk.offset(cs);
+      const A* sr = sp + walk.offset(ss);
+      T* orow = op + walk.offset(os);
       for (int64_t j = 0; j < half; j += In::kStep) {
         const int64_t n = half - j;
         auto [x1a, x1b] = In::load(xr + j, n);
@@ -244,6 +208,17 @@ void rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, c
 // ---------------------------------------------------------------------------------------------
 // SwiGLU
 
+// exp for a result rounded to a 16-bit type: ATen's ULP-20 polynomial, far below bf16/fp16 rounding (Sleef's
+// ULP-1 exp was 13% of a bf16 training step, most of it in SiLU); fp32 and fp64 results keep the ULP-1 one.
+template <typename T, typename V>
+V exp_for(const V& x) {
+  if constexpr (sizeof(T) == 2) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
 template <typename T>
 void swiglu_forward_impl(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
   using L = Lanes<T>;
@@ -257,7 +232,7 @@ void swiglu_forward_impl(const at::Tensor& gate, const at::Tensor& up, const at:
       const int64_t n = end - i;
       auto [ga, gb] = L::load(gp + i, n);
       auto [ua, ub] = L::load(up_ + i, n);
-      L::store(op + i, ga / (one + ga.neg().exp()) * ua, gb / (one + gb.neg().exp()) * ub, n);
+      L::store(op + i, ga / (one + exp_for<T>(ga.neg())) * ua, gb / (one + exp_for<T>(gb.neg())) * ub, n);
     }
   });
 }
@@ -275,7 +250,7 @@ void swiglu_backward_impl(const at::Tensor& grad, const at::Tensor& gate, const 
   const V one(1);
   // s = sigmoid(g): d/dg [g s u] = u s (1 + g (1 - s)),  d/du = g s.
   auto parts = [&](const V& d, const V& g, const V& u, V& dg, V& du) {
-    const V s = one / (one + g.neg().exp());
+    const V s = one / (one + exp_for<T>(g.neg()));
     du = d * g * s;
     dg = d * u * s * at::vec::fmadd(g, one - s, one);
   };
@@ -778,11 +753,12 @@ void row_dot_impl(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ou
   const T* ap = a.const_data_ptr<T>();
   const T* bp = b.const_data_ptr<T>();
   A* op = out.mutable_data_ptr<A>();
-  auto offset = [&](const at::Tensor& t, int64_t r) { return row_offset(t, r, H, T_); };
+  const int64_t as[3] = {a.stride(0), a.stride(1), a.stride(2)}, bs[3] = {b.stride(0), b.stride(1), b.stride(2)};
   at::parallel_for(0, rows, row_grain(D), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* ar = ap + offset(a, r);
-      const T* br = bp + offset(b, r);
+    RowWalk walk(begin, H, T_);
+    for (int64_t r = begin; r < end; ++r, walk.next()) {
+      const T* ar = ap + walk.offset(as);
+      const T* br = bp + walk.offset(bs);
       typename In::V acc(A(0));
       for (int64_t d = 0; d < D; d += In::kStep) {
         auto [a0, a1] = In::load(ar + d, D - d);
@@ -801,12 +777,20 @@ void row_dot(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
 
 }  // namespace
 
+// tiled_attention.cpp, compiled for the same capability.
+void tiled_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                             double scale, const at::Tensor& out, const at::Tensor& lse);
+void tiled_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
+                              const AttentionMask& mask, double scale, const at::Tensor& dq, const at::Tensor& dk,
+                              const at::Tensor& dv);
+
 const FusedKernels& fused_kernels() {
   static const FusedKernels table{rms_norm_forward,      rms_norm_backward,     rotary,
                                   swiglu_forward,        swiglu_backward,       residual_add,
                                   cross_entropy_forward, cross_entropy_backward, attention_rows,
                                   block_softmax,         block_softmax_backward, small_linear,
-                                  row_dot};
+                                  row_dot,               tiled_attention_forward, tiled_attention_backward};
   return table;
 }
 

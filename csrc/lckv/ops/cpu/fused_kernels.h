@@ -11,6 +11,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
+
 #include "lckv/ops/attention_params.h"
 
 namespace lckv::ops::cpu {
@@ -72,7 +74,29 @@ struct FusedKernels {
   // out [B, H, T] contiguous (acc dtype) = sum_d a[b, h, t, d] * b[b, h, t, d] for a, b [B, H, T, D] of one dtype
   // with unit stride in D (any other strides): the attention backward's rowsum(dO * O).
   void (*row_dot)(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out);
+  // Tiled (flash-style) attention on brgemm micro-GEMMs (tiled_attention.cpp), fp32 or bf16 (q's dtype, shared
+  // by every tensor but lse/delta), D a multiple of 2 for bf16. q [B, Hq, T, D], k, v [B, Hkv, S, D], out
+  // [B, Hq, T, D], all with unit stride in D (any other strides); key_start an int64 [B] CPU tensor or
+  // undefined. Writes out and lse [B, Hq, T] contiguous fp32 (-inf and zeros for a row that sees no key).
+  void (*tiled_attention_forward)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const AttentionMask& mask, double scale, const at::Tensor& out, const at::Tensor& lse);
+  // Backward from lse and delta = rowsum(dO * O) ([B, Hq, T] contiguous fp32); grad_out like q. Writes every
+  // element of dq (q's shape) and dk, dv (k's shape), unit stride in D.
+  void (*tiled_attention_backward)(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
+                                   const AttentionMask& mask, double scale, const at::Tensor& dq, const at::Tensor& dk,
+                                   const at::Tensor& dv);
 };
+
+// Bumped by poison_tiled_attention_scratch (condensed_attention_cpu.h): each thread then refills its tiled-attention
+// scratch buffers with NaN before its next use of them.
+std::atomic<int>& tiled_attention_scratch_generation();
+
+// Tile of the tiled attention: query rows (of one head) by keys. 64 x 256 keeps a tile's fp32 scores (64 KiB)
+// and its operands in L2; at D = 64 brgemm ran 64 x 256 x 64 and 64 x 64 x 256 products at 1.3-1.6 TFLOP/s
+// on one AMX core, where 64-key tiles ran at half that and per-row softmax overhead was 4x larger.
+constexpr int64_t kTiledAttentionRows = 64;
+constexpr int64_t kTiledAttentionKeys = 256;
 
 // ops::linear hands products of at most this many rows to small_linear: up to here it beats oneDNN's bf16
 // matmul, whose fixed cost per call is ~50-100 us (measured at M = 1, 512 x 512: 65 us on one thread for 0.5 MB).

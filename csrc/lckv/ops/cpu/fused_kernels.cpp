@@ -208,17 +208,6 @@ void rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, c
 // ---------------------------------------------------------------------------------------------
 // SwiGLU
 
-// exp for a result rounded to a 16-bit type: ATen's ULP-20 polynomial, far below bf16/fp16 rounding (Sleef's
-// ULP-1 exp was 13% of a bf16 training step, most of it in SiLU); fp32 and fp64 results keep the ULP-1 one.
-template <typename T, typename V>
-V exp_for(const V& x) {
-  if constexpr (sizeof(T) == 2) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
-  }
-}
-
 template <typename T>
 void swiglu_forward_impl(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
   using L = Lanes<T>;
@@ -232,7 +221,7 @@ void swiglu_forward_impl(const at::Tensor& gate, const at::Tensor& up, const at:
       const int64_t n = end - i;
       auto [ga, gb] = L::load(gp + i, n);
       auto [ua, ub] = L::load(up_ + i, n);
-      L::store(op + i, ga / (one + exp_for<T>(ga.neg())) * ua, gb / (one + exp_for<T>(gb.neg())) * ub, n);
+      L::store(op + i, ga / (one + ga.neg().exp()) * ua, gb / (one + gb.neg().exp()) * ub, n);
     }
   });
 }
@@ -250,7 +239,7 @@ void swiglu_backward_impl(const at::Tensor& grad, const at::Tensor& gate, const 
   const V one(1);
   // s = sigmoid(g): d/dg [g s u] = u s (1 + g (1 - s)),  d/du = g s.
   auto parts = [&](const V& d, const V& g, const V& u, V& dg, V& du) {
-    const V s = one / (one + exp_for<T>(g.neg()));
+    const V s = one / (one + g.neg().exp());
     du = d * g * s;
     dg = d * u * s * at::vec::fmadd(g, one - s, one);
   };

@@ -480,6 +480,58 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // ---------------------------------------------------------------------------------------------
 // Backward
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+// A pair of rows (r, r + 1) of a bf16 backward tile in registers, no fp32 round trip: P = exp(scale * S - lse)
+// on the visible columns, dS = scale * P * (dP - delta), stored as the VNNI pairs of the dV and dK products and
+// (dS) as the rows of the dQ product (ds_row null: a padding row, not stored). Columns [n, n_pad) and hidden ones
+// are zeros; S and dP are read only below n (the rest is unwritten scratch). (The portable path writes P and dS
+// rows in fp32 and reads them back to interleave and round them.)
+constexpr bool kFusedPairRows = true;
+void pair_rows(const float* s0, const float* s1, const float* dp0, const float* dp1, const RowSpan& sp0,
+               const RowSpan& sp1, float lse0, float lse1, float delta0, float delta1, float scale, int64_t n,
+               int64_t n_pad, at::BFloat16* p_pair, at::BFloat16* ds_pair, at::BFloat16* ds_row0,
+               at::BFloat16* ds_row1) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512 vs = _mm512_set1_ps(scale), vl0 = _mm512_set1_ps(lse0), vl1 = _mm512_set1_ps(lse1),
+               vd0 = _mm512_set1_ps(delta0), vd1 = _mm512_set1_ps(delta1);
+  auto span_mask = [&](const RowSpan& sp, const __m512i& idx) -> __mmask16 {
+    return _mm512_cmpge_epi32_mask(idx, _mm512_set1_epi32(static_cast<int32_t>(sp.a))) &
+           _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(static_cast<int32_t>(sp.e)));
+  };
+  uint32_t* pp = reinterpret_cast<uint32_t*>(p_pair);
+  uint32_t* dsp = reinterpret_cast<uint32_t*>(ds_pair);
+  for (int64_t c = 0; c < n_pad; c += 16) {
+    const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(c)));
+    const __mmask16 out_mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, n_pad - c)) - 1);
+    const __mmask16 in_n = static_cast<__mmask16>((1u << std::clamp<int64_t>(n - c, 0, 16)) - 1);
+    const __mmask16 v0 = span_mask(sp0, idx) & in_n, v1 = span_mask(sp1, idx) & in_n;
+    __m512 p0 = _mm512_setzero_ps(), p1 = p0, ds0 = p0, ds1 = p0;
+    if (v0 != 0) {
+      p0 = _mm512_maskz_mov_ps(v0, Vec(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(v0, s0 + c), vs, vl0)).exp_u20());
+      ds0 = _mm512_maskz_mul_ps(v0, _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_maskz_loadu_ps(v0, dp0 + c), vd0)), vs);
+    }
+    if (v1 != 0) {
+      p1 = _mm512_maskz_mov_ps(v1, Vec(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(v1, s1 + c), vs, vl1)).exp_u20());
+      ds1 = _mm512_maskz_mul_ps(v1, _mm512_mul_ps(p1, _mm512_sub_ps(_mm512_maskz_loadu_ps(v1, dp1 + c), vd1)), vs);
+    }
+    _mm512_mask_storeu_epi32(pp + c, out_mask,
+                             _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(p1, p0))));
+    _mm512_mask_storeu_epi32(dsp + c, out_mask,
+                             _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ds1, ds0))));
+    if (ds_row0 != nullptr) {
+      _mm256_mask_storeu_epi16(ds_row0 + c, out_mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(ds0)));
+    }
+    if (ds_row1 != nullptr) {
+      _mm256_mask_storeu_epi16(ds_row1 + c, out_mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(ds1)));
+    }
+  }
+}
+#else
+constexpr bool kFusedPairRows = false;
+#endif
+
 template <typename T>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& lse, const at::Tensor& delta, const AttentionMask& mask, double scale,
@@ -586,6 +638,20 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
               // P = exp(scale * S - lse) and dS = scale * P * (dP - delta) on the visible keys, zeros elsewhere;
               // rows in groups of P (the VNNI pairs of the B operands), padded with zero rows to M_pad.
               for (int64_t r0 = 0; r0 < M_pad; r0 += P) {
+                const int64_t row = t0 - c0 + r0;  // in the chunk
+                if constexpr (kFusedPairRows && P == 2) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+                  auto span = [&](int64_t r) {
+                    return r < M ? RowSpan(std::max(ranges[t0 + r].lo, j0) - j0, std::min(ranges[t0 + r].hi, j0 + n) - j0)
+                                 : RowSpan(0, 0);
+                  };
+                  const int64_t r1 = r0 + 1;
+                  pair_rows(s_buf + r0 * BN, s_buf + r1 * BN, dp_buf + r0 * BN, dp_buf + r1 * BN, span(r0), span(r1),
+                            lrow[r0], r1 < M ? lrow[r1] : 0.f, drow[r0], r1 < M ? drow[r1] : 0.f, fscale, n, n_pad,
+                            pg + row * BN, dsg + row * BN, ds_rows + r0 * BN, r1 < M ? ds_rows + r1 * BN : nullptr);
+#endif
+                  continue;
+                }
                 for (int64_t gi = 0; gi < P; ++gi) {
                   const int64_t r = r0 + gi;
                   float* pr = rows_tmp + gi * BN;
@@ -615,7 +681,6 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
                     }
                   }
                 }
-                const int64_t row = t0 - c0 + r0;  // in the chunk
                 store_row_group<T>(pg + row * BN, rows_tmp, rows_tmp + (P - 1) * BN, n_pad);
                 store_row_group<T>(dsg + row * BN, rows_tmp + P * BN, rows_tmp + (2 * P - 1) * BN, n_pad);
               }

@@ -261,6 +261,18 @@ inline void store_pair(T* p, const Vec& a, const Vec& b, int64_t n = kPairLanes)
   Lanes<T, float>::store(p, a, b, n);
 }
 
+// dst[0, n) = src[0, n) * mul, rounded to T once.
+template <typename T>
+inline void store_row(T* dst, const float* src, int64_t n, float mul = 1.f) {
+  using F = Lanes<float, float>;
+  const Vec vm(mul);
+  for (int64_t c = 0; c < n; c += F::kStep) {
+    const int64_t w = std::min(F::kStep, n - c);
+    auto [x0, x1] = F::load(src + c, w);
+    store_pair(dst + c, x0 * vm, x1 * vm, w);
+  }
+}
+
 // dst [BN][P] groups for rows (r, r + 1) of a tile written as B in VNNI pairs (P = 2), from their fp32 values;
 // fp32 (P = 1) stores row r plainly.
 template <typename T>
@@ -367,7 +379,6 @@ float row_exp(const float* srow, const RowSpan& sp, float scale, float shift, T*
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
                   double scale, const at::Tensor& out, const at::Tensor& lse) {
-  using F = Lanes<float, float>;
   constexpr int64_t BM = kTiledAttentionRows, BN = kTiledAttentionKeys, P = kPack<T>;
   const int64_t B = q.size(0), Hq = q.size(1), T_ = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), G = Hq / Hkv;
@@ -464,13 +475,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         float* lrows = lp + (b * Hq + hq) * T_ + t0;
         for (int64_t r = 0; r < M; ++r) {
           lrows[r] = l[r] > 0 ? m[r] + std::log(l[r]) : kNegInf;
-          const Vec vi(l[r] > 0 ? 1.f / l[r] : 0.f);
-          const float* orow = o_buf + r * D;
-          for (int64_t d = 0; d < D; d += F::kStep) {
-            const int64_t w = std::min(F::kStep, D - d);
-            auto [o0, o1] = F::load(orow + d, w);
-            store_pair(orows + r * out.stride(2) + d, o0 * vi, o1 * vi, w);
-          }
+          store_row(orows + r * out.stride(2), o_buf + r * D, D, l[r] > 0 ? 1.f / l[r] : 0.f);
         }
       }
     }
@@ -536,7 +541,6 @@ template <typename T>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& lse, const at::Tensor& delta, const AttentionMask& mask, double scale,
                    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
-  using F = Lanes<float, float>;
   constexpr int64_t BM = kTiledAttentionRows, BN = kTiledAttentionKeys, P = kPack<T>;
   const int64_t B = q.size(0), Hq = q.size(1), T_ = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), G = Hq / Hkv;
@@ -673,13 +677,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
                       (Vec::loadu(pr + c, w) * (Vec::loadu(dpr + c, wn) - vd) * vscale).store(dsr + c, w);
                     }
                   }
-                  if (r < M) {
-                    for (int64_t c = 0; c < n_pad; c += F::kStep) {
-                      const int64_t w = std::min(F::kStep, n_pad - c);
-                      auto [x0, x1] = F::load(dsr + c, w);
-                      store_pair(ds_rows + r * BN + c, x0, x1, w);
-                    }
-                  }
+                  if (r < M) store_row(ds_rows + r * BN, dsr, n_pad);
                 }
                 store_row_group<T>(pg + row * BN, rows_tmp, rows_tmp + (P - 1) * BN, n_pad);
                 store_row_group<T>(dsg + row * BN, rows_tmp + P * BN, rows_tmp + (2 * P - 1) * BN, n_pad);
@@ -694,27 +692,13 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         for (auto [acc, dst, ld] : {std::tuple{dkt, dkh, dk.stride(2)}, std::tuple{dvt, dvh, dv.stride(2)}}) {
           transpose_words(reinterpret_cast<const uint32_t*>(acc), BN, n, 0, D, D_pad,
                           reinterpret_cast<uint32_t*>(tile_t), D_pad);
-          for (int64_t c = 0; c < n; ++c) {
-            const float* src = tile_t + c * D_pad;
-            for (int64_t d = 0; d < D; d += F::kStep) {
-              const int64_t w = std::min(F::kStep, D - d);
-              auto [x0, x1] = F::load(src + d, w);
-              store_pair(dst + (j0 + c) * ld + d, x0, x1, w);
-            }
-          }
+          for (int64_t c = 0; c < n; ++c) store_row(dst + (j0 + c) * ld, tile_t + c * D_pad, D);
         }
       }
       for (int64_t g = 0; g < G; ++g) {
         const int64_t hq = h * G + g;
         T* dqh = dqp + b * dq.stride(0) + hq * dq.stride(1);
-        for (int64_t t = 0; t < T_; ++t) {
-          const float* src = dq_acc + (g * T_ + t) * D;
-          for (int64_t d = 0; d < D; d += F::kStep) {
-            const int64_t w = std::min(F::kStep, D - d);
-            auto [x0, x1] = F::load(src + d, w);
-            store_pair(dqh + t * dq.stride(2) + d, x0, x1, w);
-          }
-        }
+        for (int64_t t = 0; t < T_; ++t) store_row(dqh + t * dq.stride(2), dq_acc + (g * T_ + t) * D, D);
       }
     }
   });

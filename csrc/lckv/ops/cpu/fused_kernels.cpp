@@ -686,15 +686,37 @@ void small_linear_tile(const T* w, const acc_t<T>* xa, int64_t K, int64_t N, con
   }
 }
 
-template <typename T, int NR>
-void small_linear_rows(const T* w, const acc_t<T>* xa, int64_t M, int64_t K, int64_t N, const T* bias,
-                       T* out, int64_t n) {
+// W rows [n, n + rows) against rows [m0, m0 + MB) of x, in tiles of as many W rows as keep a tile's 2 * NR * MB
+// accumulators and NR loaded W vectors in registers (MaxNR 8 for one x row, 4 for two, 2 for more): with 2 W rows
+// per tile a one-row product was latency-bound on its 4 FMA chains (~7 GMAC/s on cached weights, ~10x under one
+// AVX-512 core). Each output keeps its own fixed summation order whatever the tile.
+template <typename T, int MB, int MaxNR>
+void small_linear_tiles(const T* w, const acc_t<T>* xa, int64_t K, int64_t N, const T* bias, T* out, int64_t n,
+                        int64_t rows, int64_t m0) {
+  int64_t r = 0;
+  if constexpr (MaxNR >= 8) {
+    for (; r + 8 <= rows; r += 8) small_linear_tile<T, 8, MB>(w, xa, K, N, bias, out, n + r, m0);
+  }
+  if constexpr (MaxNR >= 4) {
+    for (; r + 4 <= rows; r += 4) small_linear_tile<T, 4, MB>(w, xa, K, N, bias, out, n + r, m0);
+  }
+  for (; r + 2 <= rows; r += 2) small_linear_tile<T, 2, MB>(w, xa, K, N, bias, out, n + r, m0);
+  for (; r < rows; ++r) small_linear_tile<T, 1, MB>(w, xa, K, N, bias, out, n + r, m0);
+}
+
+// W rows per parallel work item.
+constexpr int64_t kSmallLinearGroup = 8;
+
+template <typename T>
+void small_linear_group(const T* w, const acc_t<T>* xa, int64_t M, int64_t K, int64_t N, const T* bias, T* out,
+                        int64_t n) {
+  const int64_t rows = std::min(kSmallLinearGroup, N - n);
   int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) small_linear_tile<T, NR, 4>(w, xa, K, N, bias, out, n, m0);
+  for (; m0 + 4 <= M; m0 += 4) small_linear_tiles<T, 4, 2>(w, xa, K, N, bias, out, n, rows, m0);
   switch (M - m0) {
-    case 3: small_linear_tile<T, NR, 3>(w, xa, K, N, bias, out, n, m0); break;
-    case 2: small_linear_tile<T, NR, 2>(w, xa, K, N, bias, out, n, m0); break;
-    case 1: small_linear_tile<T, NR, 1>(w, xa, K, N, bias, out, n, m0); break;
+    case 3: small_linear_tiles<T, 3, 2>(w, xa, K, N, bias, out, n, rows, m0); break;
+    case 2: small_linear_tiles<T, 2, 4>(w, xa, K, N, bias, out, n, rows, m0); break;
+    case 1: small_linear_tiles<T, 1, 8>(w, xa, K, N, bias, out, n, rows, m0); break;
     default: break;
   }
 }
@@ -710,18 +732,11 @@ void small_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   T* op = out.mutable_data_ptr<T>();
   // A task streams >= 2 MiB of W (times the rows of x): smaller products run on the calling thread, since
-  // waking a passive OpenMP pool costs more than a second core adds to a memory-bound product; pairs of W
-  // rows, so the grain is even.
-  const int64_t grain = std::max<int64_t>(2, (int64_t(2) << 20) / std::max<int64_t>(1, M * K * int64_t(sizeof(T))));
-  at::parallel_for(0, (N + 1) / 2, grain / 2, [&](int64_t begin, int64_t end) {
-    for (int64_t pair = begin; pair < end; ++pair) {
-      const int64_t n = 2 * pair;
-      if (n + 2 <= N) {
-        small_linear_rows<T, 2>(wp, xa.data(), M, K, N, bp, op, n);
-      } else {
-        small_linear_rows<T, 1>(wp, xa.data(), M, K, N, bp, op, n);
-      }
-    }
+  // waking a passive OpenMP pool costs more than a second core adds to a memory-bound product.
+  const int64_t grain_rows = (int64_t(2) << 20) / std::max<int64_t>(1, M * K * int64_t(sizeof(T)));
+  const int64_t groups = (N + kSmallLinearGroup - 1) / kSmallLinearGroup;
+  at::parallel_for(0, groups, std::max<int64_t>(1, grain_rows / kSmallLinearGroup), [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) small_linear_group<T>(wp, xa.data(), M, K, N, bp, op, g * kSmallLinearGroup);
   });
 }
 

@@ -88,9 +88,10 @@ def fused_cpu_capability() -> str:
 
 
 def set_attention_backend(name: str) -> None:
-    """The implementation condensed attention uses: "auto" (the default: on CPU the blocked path or
-    PyTorch's fused CPU attention, on CUDA PyTorch's SDPA), "lckv" (our CPU path and CUDA kernels)
-    or "sdpa" (PyTorch's scaled_dot_product_attention everywhere). Overrides LCKV_ATTENTION_BACKEND."""
+    """The implementation condensed attention uses: "auto" (the default: on CPU our tiled kernel where it
+    applies, else the blocked path or PyTorch's fused CPU attention; on CUDA PyTorch's SDPA), "lckv" (our
+    CPU paths and CUDA kernels) or "sdpa" (PyTorch's scaled_dot_product_attention everywhere). Overrides
+    LCKV_ATTENTION_BACKEND."""
     _C.set_attention_backend(name)
 
 

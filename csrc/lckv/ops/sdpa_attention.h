@@ -21,10 +21,11 @@
 namespace lckv::ops {
 
 // Which implementation condensed_attention uses:
-//   auto: on CPU the blocked path or PyTorch's fused CPU attention (as measured fastest here), on
-//         CUDA our kernels only for the shapes a GPU run measured them faster (cuda_routes.h; none
-//         measured yet), the SDPA backend elsewhere;
-//   lckv: our own implementations (the blocked CPU path, the CUDA kernels);
+//   auto: on CPU the tiled kernel where it applies, else the blocked path or PyTorch's fused CPU
+//         attention (as measured fastest here), on CUDA our kernels only for the shapes a GPU run
+//         measured them faster (cuda_routes.h; none measured yet), the SDPA backend elsewhere;
+//   lckv: our own implementations (the tiled CPU kernel where it applies, else the blocked path; the
+//         CUDA kernels);
 //   sdpa: this file, on every device.
 enum class AttentionBackend { kAuto, kLckv, kSdpa };
 

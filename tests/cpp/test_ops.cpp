@@ -468,9 +468,10 @@ TEST_CASE("the tiled CPU path matches the fp64 reference beyond one tile, in fp3
   torch::manual_seed(21);
   for (const TiledCase& c : kTiledCases) {
     const auto opts = torch::TensorOptions().dtype(torch::kDouble);
-    const torch::Tensor q = torch::randn({c.B, c.T, c.Hq, c.D}, opts).transpose(1, 2),  // the model's layout
-        k = torch::randn({c.B, c.Hkv, c.S, c.D}, opts), v = torch::randn({c.B, c.Hkv, c.S, c.D}, opts),
-                        g = torch::randn({c.B, c.Hq, c.T, c.D}, opts);
+    // q in the model's layout; k a view with an odd row stride and offset (the kernel moves bf16 pairs as words).
+    const torch::Tensor q = torch::randn({c.B, c.T, c.Hq, c.D}, opts).transpose(1, 2),
+                        k_wide = torch::randn({c.B, c.Hkv, c.S, c.D + 1}, opts), k = k_wide.narrow(3, 1, c.D),
+                        v = torch::randn({c.B, c.Hkv, c.S, c.D}, opts), g = torch::randn({c.B, c.Hq, c.T, c.D}, opts);
     std::vector<torch::Tensor> leaves = {q.clone().requires_grad_(true), k.clone().requires_grad_(true),
                                          v.clone().requires_grad_(true)};
     const torch::Tensor ref = naive_attention(leaves[0], leaves[1], leaves[2], c.strict, c.window, c.q_offset, c.key_start);
@@ -480,7 +481,8 @@ TEST_CASE("the tiled CPU path matches the fp64 reference beyond one tile, in fp3
       lckv::ops::ScopedFusedCpuCapability scoped(cap);
       for (torch::ScalarType dt : {torch::kFloat, torch::kBFloat16}) {
         INFO(c.what << ", " << cap << ", " << dt);
-        const torch::Tensor qd = q.to(dt), kd = k.to(dt), vd = v.to(dt), gd = g.to(dt);
+        const torch::Tensor qd = q.to(dt), kd = k_wide.to(dt).narrow(3, 1, c.D), vd = v.to(dt), gd = g.to(dt);
+        REQUIRE(kd.stride(2) % 2 == 1);
         if (!lckv::ops::cpu::tiled_attention_applies(qd)) {
           WARN("tiled attention does not run " << dt << " on this CPU: not tested here");
           continue;

@@ -140,3 +140,26 @@ def test_attention_backend_selection_and_sdpa_equals_lckv():
     finally:
         lckv.ops.set_attention_backend("auto")
     assert (outs["lckv"] - outs["sdpa"]).abs().max().item() < 1e-5
+
+
+def test_first_attention_call_leaves_the_random_generator_alone(tmp_path):
+    # The CPU kernels check once, on first use, that their micro-GEMMs work here; that check must not draw from
+    # torch's default generator (a seeded run would then differ with and without an earlier attention call). A
+    # fresh process, so that the first call is really the first.
+    import subprocess
+    import sys
+
+    code = """
+import torch, lckv
+from lckv.ops import condensed_attention
+x = torch.ones(1, 2, 8, 16)
+torch.manual_seed(0)
+condensed_attention(x, x, x)
+condensed_attention(x.bfloat16(), x.bfloat16(), x.bfloat16())
+after = torch.randn(4)
+torch.manual_seed(0)
+assert torch.equal(after, torch.randn(4)), "the first attention call advanced the generator"
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

@@ -313,13 +313,15 @@ bool has_cpu_capability(const char* name) {
 }
 
 // Whether brgemm computes a 32 x 32 x 32 product of this dtype right here (oneDNN may refuse a kernel, e.g.
-// under ONEDNN_MAX_CPU_ISA): checked once, against at::matmul.
+// under ONEDNN_MAX_CPU_ISA): checked once, against at::matmul, on fixed values (drawing random ones would
+// advance the user's generator on the first attention call).
 template <typename T>
 bool brgemm_works() {
   try {
     constexpr int64_t n = 32, P = sizeof(T) == 2 ? 2 : 1;
-    const at::Tensor a = at::randn({n, n}).to(c10::CppTypeToScalarType<T>::value);
-    const at::Tensor b = at::randn({n, n}).to(a.scalar_type());
+    const at::Tensor i = at::arange(n * n, at::kFloat).view({n, n});
+    const at::Tensor a = (at::remainder(i, 7) - 3).div(4).to(c10::CppTypeToScalarType<T>::value);
+    const at::Tensor b = (at::remainder(i * 3, 11) - 5).div(8).to(a.scalar_type());
     // b packed in VNNI pairs of rows ([n / P][n][P]) for 16-bit types.
     const at::Tensor packed = b.view({n / P, P, n}).transpose(1, 2).contiguous();
     at::Tensor c = at::empty({n, n});
@@ -359,7 +361,15 @@ bool tiled_attention_applies(const at::Tensor& q) {
 
 namespace {
 
-at::Tensor unit_stride_d(const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); }
+// x as the tiled kernel reads it: unit stride in D and, for 16-bit types, even strides and offset, since it
+// moves pairs of elements as 32-bit words (a view with an odd row stride is copied).
+at::Tensor tiled_layout(const at::Tensor& x) {
+  const bool pairs = x.element_size() == 2;
+  auto even = [](int64_t v) { return v % 2 == 0; };
+  const bool ok = x.stride(3) == 1 && (!pairs || (even(x.stride(0)) && even(x.stride(1)) && even(x.stride(2)) &&
+                                                  even(x.storage_offset())));
+  return ok ? x : x.contiguous();
+}
 
 // An empty [B, H, T, D] tensor laid out as [B, T, H, D] (the model's layout around attention).
 at::Tensor empty_bthd(const at::Tensor& like, at::ScalarType dtype) {
@@ -377,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor> condensed_attention_forward_tiled(const at::T
               q.size(3), " on this CPU");
   at::Tensor out = empty_bthd(q, q.scalar_type());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  active_fused_kernels().tiled_attention_forward(unit_stride_d(q), unit_stride_d(k), unit_stride_d(v),
+  active_fused_kernels().tiled_attention_forward(tiled_layout(q), tiled_layout(k), tiled_layout(v),
                                                  kernel_mask(p.mask), scale, out, lse);
   return {out, lse};
 }
@@ -390,11 +400,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward_tile
               " and head dim ", q.size(3), " on this CPU");
   const auto dt = q.scalar_type();
   const FusedKernels& kernels = active_fused_kernels();
-  const at::Tensor go = unit_stride_d(grad_out.to(dt)), oo = unit_stride_d(out.to(dt));
+  const at::Tensor go = tiled_layout(grad_out.to(dt)), oo = tiled_layout(out.to(dt));
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   kernels.row_dot(go, oo, delta);
   at::Tensor dq = empty_bthd(q, dt), dk = empty_bthd(k, dt), dv = empty_bthd(k, dt);
-  kernels.tiled_attention_backward(go, unit_stride_d(q), unit_stride_d(k), unit_stride_d(v),
+  kernels.tiled_attention_backward(go, tiled_layout(q), tiled_layout(k), tiled_layout(v),
                                    lse.to(at::kFloat).contiguous(), delta, kernel_mask(p.mask), scale, dq, dk, dv);
   return {dq, dk, dv};
 }

@@ -219,9 +219,12 @@ void pack_transposed(const T* x, int64_t ld, int64_t D, int64_t R, int64_t R_pad
 // They stay allocated for the thread's life (a few MiB at training shapes). A new buffer, and every buffer after
 // poison_tiled_attention_scratch(), is filled with NaN (all-ones bytes, for fp32 and bf16), so that a read of an
 // element the kernel did not write first shows in the results instead of passing as stale finite data.
+constexpr int kThreadBufferSlots = 17;
+constexpr int kPackedSlot = 16;  // the forward's packed K^T and V, on the calling thread
+
 template <typename T>
 T* thread_buffer(int slot, int64_t n) {
-  constexpr int kSlots = 16;
+  constexpr int kSlots = kThreadBufferSlots;
   thread_local std::unique_ptr<char[]> buffers[kSlots];
   thread_local int64_t sizes[kSlots] = {};
   thread_local int generation = -1;
@@ -393,13 +396,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   // K^T and V of each (batch, KV head), packed once: every query block and head of the group reads them.
   std::vector<KeyRange> seen(B);
   for (int64_t b = 0; b < B; ++b) seen[b] = vis.rows(b, 0, T_);
-  // Every element is written by the packers: no zero-initialisation.
-  const std::unique_ptr<T[]> packed(new T[B * Hkv * 2 * S_pad * D]);
+  // On the calling thread's own slot (its parallel tasks use slots 0-2 of theirs): this call's workers only read it
+  // during the call. Every element is written by the packers.
+  T* const packed = thread_buffer<T>(kPackedSlot, B * Hkv * 2 * S_pad * D);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv;
       const KeyRange r = seen[b];
-      T* dst = packed.get() + bh * 2 * S_pad * D;
+      T* dst = packed + bh * 2 * S_pad * D;
       pack_transposed_words(kp + b * k.stride(0) + h * k.stride(1), k.stride(2), D, r.lo, r.hi, S_pad, dst);
       pack_row_pairs(vp + b * v.stride(0) + h * v.stride(1), v.stride(2), D, r.lo, r.hi, S_pad, dst + S_pad * D);
     }
@@ -421,7 +425,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t t0 = (u % blocks) * BM, M = std::min(BM, T_ - t0);
       for (int64_t r = 0; r < M; ++r) ranges[r] = vis.row(b, t0 + r);
       const KeyRange block = vis.rows(b, t0, M);
-      const T* ktp = packed.get() + bh * 2 * S_pad * D;
+      const T* ktp = packed + bh * 2 * S_pad * D;
       const T* vvp = ktp + S_pad * D;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t hq = h * G + g;

@@ -639,8 +639,11 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
               const int64_t M = std::min(BM, c_end - t0), M_pad = round_up(M, P);
               const T* qrows = qp + b * q.stride(0) + hq * q.stride(1) + t0 * q.stride(2);
               const T* grows = gp + b * grad_out.stride(0) + hq * grad_out.stride(1) + t0 * grad_out.stride(2);
-              gemm(M, n, D, q.stride(2), S_pad, BN, false, qrows, kt + j0 * P, s_buf);
-              gemm(M, n, D, grad_out.stride(2), S_pad, BN, false, grows, vt + j0 * P, dp_buf);
+              // The tile's keys this block's rows see end at ni (causal: a block left of the diagonal sees all n;
+              // the rest of the P and dS rows, which the dV/dK products reduce over, are written as zeros).
+              const int64_t ni = std::min(n, block_ranges[t0 / BM].hi - j0), ni_pad = round_up(ni, P);
+              gemm(M, ni, D, q.stride(2), S_pad, BN, false, qrows, kt + j0 * P, s_buf);
+              gemm(M, ni, D, grad_out.stride(2), S_pad, BN, false, grows, vt + j0 * P, dp_buf);
               const float* lrow = lp + (b * Hq + hq) * T_ + t0;
               const float* drow = dlp + (b * Hq + hq) * T_ + t0;
               // P = exp(scale * S - lse) and dS = scale * P * (dP - delta) on the visible keys, zeros elsewhere;
@@ -655,7 +658,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
                   };
                   const int64_t r1 = r0 + 1;
                   pair_rows(s_buf + r0 * BN, s_buf + r1 * BN, dp_buf + r0 * BN, dp_buf + r1 * BN, span(r0), span(r1),
-                            lrow[r0], r1 < M ? lrow[r1] : 0.f, drow[r0], r1 < M ? drow[r1] : 0.f, fscale, n, n_pad,
+                            lrow[r0], r1 < M ? lrow[r1] : 0.f, drow[r0], r1 < M ? drow[r1] : 0.f, fscale, ni, n_pad,
                             pg + row * BN, dsg + row * BN, ds_rows + r0 * BN, r1 < M ? ds_rows + r1 * BN : nullptr);
 #endif
                   continue;
@@ -672,12 +675,12 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
                     std::fill(dsr, dsr + n_pad, 0.f);
                   } else {
                     row_exp(s_buf + r * BN, sp, fscale, lrow[r], pr, n_pad, iota);
-                    // dS = scale * P * (dP - delta): zero wherever P is, so no masks of its own. dP has n columns
+                    // dS = scale * P * (dP - delta): zero wherever P is, so no masks of its own. dP has ni columns
                     // (the ones up to n_pad are unwritten, so never loaded: 0 * NaN would not be zero).
                     const float* dpr = dp_buf + r * BN;
                     const Vec vd(drow[r]);
                     for (int64_t c = 0; c < n_pad; c += kLanes) {
-                      const int64_t w = std::min(kLanes, n_pad - c), wn = std::clamp<int64_t>(n - c, 0, kLanes);
+                      const int64_t w = std::min(kLanes, n_pad - c), wn = std::clamp<int64_t>(ni - c, 0, kLanes);
                       (Vec::loadu(pr + c, w) * (Vec::loadu(dpr + c, wn) - vd) * vscale).store(dsr + c, w);
                     }
                   }
@@ -686,7 +689,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
                 store_row_group<T>(pg + row * BN, rows_tmp, rows_tmp + (P - 1) * BN, n_pad);
                 store_row_group<T>(dsg + row * BN, rows_tmp + P * BN, rows_tmp + (2 * P - 1) * BN, n_pad);
               }
-              gemm(M, D, n_pad, BN, D, D, true, ds_rows, kv + j0 * D, dq_acc + (g * T_ + t0) * D);
+              gemm(M, D, ni_pad, BN, D, D, true, ds_rows, kv + j0 * D, dq_acc + (g * T_ + t0) * D);
             }
             gemm(D, n, R_pad, GT, BN, BN, true, got + g * T_pad + c0, pg, dvt);
             gemm(D, n, R_pad, GT, BN, BN, true, qt + g * T_pad + c0, dsg, dkt);

@@ -10,13 +10,13 @@
 #include "lckv/ops/cpu/condensed_attention_cpu.h"
 
 #include <ATen/Context.h>
-#include <ATen/cpu/Utils.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
+#include "lckv/autocast.h"
 #include "lckv/ops/accumulate.h"
 #include "lckv/ops/cpu/fused_kernels.h"
 
@@ -306,12 +306,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condensed_attention_backward_flas
 
 namespace {
 
-bool has_cpu_capability(const char* name) {
-  const auto caps = at::cpu::get_cpu_capabilities();
-  const auto it = caps.find(name);
-  return it != caps.end() && it->second.isBool() && it->second.toBool();
-}
-
 // Whether brgemm computes a 32 x 32 x 32 product of this dtype right here (oneDNN may refuse a kernel, e.g.
 // under ONEDNN_MAX_CPU_ISA): checked once, against at::matmul, on fixed values (drawing random ones would
 // advance the user's generator on the first attention call).
@@ -349,11 +343,11 @@ bool tiled_attention_applies(const at::Tensor& q) {
   if (D <= 0 || D % 2 != 0 || D > kMaxTiledHeadDim) return false;
   if (q.scalar_type() == at::kBFloat16) {
     // avx512_bf16 (which the AMX CPUs have too): the kernel's AVX512 variant rounds to bf16 with its instructions.
-    static const bool ok = has_cpu_capability("avx512_bf16") && brgemm_works<at::BFloat16>();
+    static const bool ok = cpu_has_capability("avx512_bf16") && brgemm_works<at::BFloat16>();
     return ok;
   }
   if (q.scalar_type() == at::kFloat) {
-    static const bool ok = has_cpu_capability("avx2") && brgemm_works<float>();
+    static const bool ok = cpu_has_capability("avx2") && brgemm_works<float>();
     return ok;
   }
   return false;

@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -26,8 +27,11 @@ namespace {
 class RowWalk {
  public:
   RowWalk(int64_t begin, int64_t H, int64_t T) : H_(H), T_(T), b_(begin / (H * T)), h_(begin / T % H), t_(begin % T) {}
-  // The offset of the current row in a tensor with these strides of its first three dims.
-  int64_t offset(const int64_t* strides) const { return b_ * strides[0] + h_ * strides[1] + t_ * strides[2]; }
+  using Strides = std::array<int64_t, 3>;
+  // A tensor's strides of its first three dims, read once outside the loop.
+  static Strides strides(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+  // The offset of the current row in a tensor with these strides.
+  int64_t offset(const Strides& s) const { return b_ * s[0] + h_ * s[1] + t_ * s[2]; }
   void next() {
     if (++t_ < T_) return;
     t_ = 0;
@@ -170,8 +174,8 @@ void rotary_impl(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
   const A* cp = cos.const_data_ptr<A>();
   const A* sp = sin.const_data_ptr<A>();
   T* op = out.mutable_data_ptr<T>();
-  const int64_t xs[3] = {x.stride(0), x.stride(1), x.stride(2)}, cs[3] = {cos.stride(0), cos.stride(1), cos.stride(2)},
-                ss[3] = {sin.stride(0), sin.stride(1), sin.stride(2)}, os[3] = {out.stride(0), out.stride(1), out.stride(2)};
+  const auto xs = RowWalk::strides(x), cs = RowWalk::strides(cos), ss = RowWalk::strides(sin),
+             os = RowWalk::strides(out);
   at::parallel_for(0, rows, row_grain(2 * half), [&](int64_t begin, int64_t end) {
     RowWalk walk(begin, H, T_);
     for (int64_t r = begin; r < end; ++r, walk.next()) {
@@ -757,7 +761,7 @@ void row_dot_impl(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ou
   const T* ap = a.const_data_ptr<T>();
   const T* bp = b.const_data_ptr<T>();
   A* op = out.mutable_data_ptr<A>();
-  const int64_t as[3] = {a.stride(0), a.stride(1), a.stride(2)}, bs[3] = {b.stride(0), b.stride(1), b.stride(2)};
+  const auto as = RowWalk::strides(a), bs = RowWalk::strides(b);
   at::parallel_for(0, rows, row_grain(D), [&](int64_t begin, int64_t end) {
     RowWalk walk(begin, H, T_);
     for (int64_t r = begin; r < end; ++r, walk.next()) {

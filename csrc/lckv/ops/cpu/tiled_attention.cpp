@@ -7,7 +7,7 @@
 // one cpublas::gemm call per tile (bf16: ~10% of the matmul rate measured on AMX). Here a tile's scores,
 // probabilities and gradients are computed, used and dropped while they sit in L1/L2.
 //
-// Layout. Tiles of kTileRows query rows (one head) against kTileKeys keys, aligned at key 0. brgemm takes
+// Layout. Tiles of kTiledAttentionRows query rows (one head) against kTiledAttentionKeys keys, aligned at key 0. brgemm takes
 // A [M, K] row-major and B [K, N] in "VNNI" pairs for 16-bit types: element (k, n) at
 // ((k / P) * ldb + n) * P + k % P with P = 2 (P = 1, plain row-major, for fp32). So
 //   S  = Q K^T     B = K^T packed: the [keys, D / P] matrix of P-element words, transposed;
@@ -24,7 +24,6 @@
 // its tile too, through 0 * inf in the products.)
 #include "lckv/ops/cpu/fused_kernels.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -277,38 +276,18 @@ inline void store_row(T* dst, const float* src, int64_t n, float mul = 1.f) {
 }
 
 // dst [BN][P] groups for rows (r, r + 1) of a tile written as B in VNNI pairs (P = 2), from their fp32 values;
-// fp32 (P = 1) stores row r plainly.
+// fp32 (P = 1) stores row r plainly. Only the DEFAULT and AVX2 variants' bf16 backward uses the pairs: the AVX512
+// one (built with avx512_bf16) writes them straight from registers in pair_rows.
 template <typename T>
 void store_row_group(T* dst, const float* row0, const float* row1, int64_t n) {
   if constexpr (kPack<T> == 1) {
     std::memcpy(dst, row0, n * sizeof(float));
   } else {
     static_assert(std::is_same_v<T, at::BFloat16>, "16-bit groups are bf16");
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-    // (a_c, b_c) pairs: both rows rounded by one instruction, then interleaved by one permute.
-    uint32_t* o = reinterpret_cast<uint32_t*>(dst);
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    for (int64_t c = 0; c < n; c += 16) {
-      const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - c)) - 1);
-      const __m512i ab = reinterpret_cast<__m512i>(
-          _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m, row1 + c), _mm512_maskz_loadu_ps(m, row0 + c)));
-      _mm512_mask_storeu_epi32(o + c, m, _mm512_permutexvar_epi16(interleave, ab));
-    }
-#elif defined(CPU_CAPABILITY_AVX512)
-    uint32_t* o = reinterpret_cast<uint32_t*>(dst);
-    for (int64_t c = 0; c < n; c += 16) {
-      const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - c)) - 1);
-      const __m512i a = _mm512_cvtepu16_epi32(at::vec::cvtfp32_bf16(_mm512_maskz_loadu_ps(m, row0 + c)));
-      const __m512i b = _mm512_cvtepu16_epi32(at::vec::cvtfp32_bf16(_mm512_maskz_loadu_ps(m, row1 + c)));
-      _mm512_mask_storeu_epi32(o + c, m, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
-    }
-#else
     for (int64_t c = 0; c < n; ++c) {
       dst[2 * c] = static_cast<T>(row0[c]);
       dst[2 * c + 1] = static_cast<T>(row1[c]);
     }
-#endif
   }
 }
 
@@ -333,6 +312,11 @@ struct RowSpan {
   bool empty() const { return a >= e; }
   bool edge(int64_t c) const { return c < a || c + kLanes > e; }  // vector [c, c + kLanes) is partly hidden
 };
+
+// The columns of the tile [j0, j0 + n) that a row seeing the keys r sees.
+inline RowSpan tile_span(const KeyRange& r, int64_t j0, int64_t n) {
+  return RowSpan(std::max(r.lo, j0) - j0, std::min(r.hi, j0 + n) - j0);
+}
 
 // Column indices 0, 1, ... as floats, for the edge masks.
 struct Iota {
@@ -439,13 +423,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           // Two passes over the rows, each a run of independent per-row chains (one pass per row was latency-bound
           // on its horizontal max, broadcast, exp and sum: 2x slower). 1: the new running max.
           for (int64_t r = 0; r < M; ++r) {
-            const RowSpan sp(std::max(ranges[r].lo, j0) - j0, std::min(ranges[r].hi, j0 + n) - j0);
+            const RowSpan sp = tile_span(ranges[r], j0, n);
             m_prev[r] = m[r];
             if (!sp.empty()) m[r] = std::max(m[r], row_max(s_buf + r * BN, sp, iota) * fscale);
           }
           // 2: P = exp(scale * S - m) and its row sums.
           for (int64_t r = 0; r < M; ++r) {
-            const RowSpan sp(std::max(ranges[r].lo, j0) - j0, std::min(ranges[r].hi, j0 + n) - j0);
+            const RowSpan sp = tile_span(ranges[r], j0, n);
             T* prow = p_buf + r * BN;
             if (sp.empty()) {
               std::fill(prow, prow + n_pad, T(0));
@@ -652,10 +636,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
                 const int64_t row = t0 - c0 + r0;  // in the chunk
                 if constexpr (kFusedPairRows && P == 2) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-                  auto span = [&](int64_t r) {
-                    return r < M ? RowSpan(std::max(ranges[t0 + r].lo, j0) - j0, std::min(ranges[t0 + r].hi, j0 + n) - j0)
-                                 : RowSpan(0, 0);
-                  };
+                  auto span = [&](int64_t r) { return r < M ? tile_span(ranges[t0 + r], j0, n) : RowSpan(0, 0); };
                   const int64_t r1 = r0 + 1;
                   pair_rows(s_buf + r0 * BN, s_buf + r1 * BN, dp_buf + r0 * BN, dp_buf + r1 * BN, span(r0), span(r1),
                             lrow[r0], r1 < M ? lrow[r1] : 0.f, drow[r0], r1 < M ? drow[r1] : 0.f, fscale, ni, n_pad,
@@ -667,9 +648,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
                   const int64_t r = r0 + gi;
                   float* pr = rows_tmp + gi * BN;
                   float* dsr = rows_tmp + (P + gi) * BN;
-                  const RowSpan sp = r < M ? RowSpan(std::max(ranges[t0 + r].lo, j0) - j0,
-                                                     std::min(ranges[t0 + r].hi, j0 + n) - j0)
-                                           : RowSpan(0, 0);
+                  const RowSpan sp = r < M ? tile_span(ranges[t0 + r], j0, n) : RowSpan(0, 0);
                   if (sp.empty()) {
                     std::fill(pr, pr + n_pad, 0.f);
                     std::fill(dsr, dsr + n_pad, 0.f);

@@ -20,20 +20,24 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["configs/quickstart-llama.json", "configs/quickstart-lckv-w2.json"]
 SHAPES = [(128, 16), (512, 4)]
 
 
-def run(build: Path, seq: int, batch: int, steps: int, profiled: int) -> dict:
+def run(build: Path, seq: int, batch: int, steps: int, profiled: int, env: Optional[dict] = None) -> dict:
+    """One lckv-bench-train-step run of the two configs; `env` replaces the environment (default: this one, with
+    OMP_WAIT_POLICY=PASSIVE where unset)."""
     exe = build / "lckv-bench-train-step"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         cmd = [str(exe), "--configs", *CONFIGS, "--seq-len", str(seq), "--batch", str(batch), "--threads", "2",
                "--dtype", "auto", "--steps", str(steps), "--warmup", "1", "--profiled-steps", str(profiled),
                "--out", str(out)]
-        env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+        if env is None:
+            env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return json.loads(out.read_text())
 

@@ -2,7 +2,9 @@
 """The fused CPU ops of lckv.ops (rms_norm, apply_rotary, swiglu, residual add, cross_entropy)
 against the same math composed from PyTorch ops, forward and forward+backward, side by side in one
 process at the shapes of a quickstart-model training step (T=256, batch 16, hidden 256, 4 heads of
-64, MLP 768, vocab 4096), bf16 as under autocast. JSON goes to bench/results/fused_ops_cpu.json.
+64, MLP 768, vocab 4096), bf16 as under autocast; and residual_add_rms_norm against lckv's own
+residual_add then rms_norm (what it replaces in a decoder layer). JSON goes to
+bench/results/fused_ops_cpu.json.
 
     .venv/bin/python scripts/bench_fused_ops.py [--threads 2] [--rounds 5]
 
@@ -54,6 +56,10 @@ def cases(batch, seq, hidden, heads, head_dim, mlp, vocab):
                          lambda: q.transpose(1, 2) * cos_b + rotate_half(q.transpose(1, 2)) * sin_b, [q]),
         "swiglu": (lambda: lckv.ops.swiglu(gate, up), lambda: F.silu(gate) * up, [gate, up]),
         "residual_add": (lambda: lckv.ops.residual_add(stream, branch), lambda: stream + branch, [stream, branch]),
+        "residual_add_rms_norm": (
+            lambda: lckv.ops.residual_add_rms_norm(stream, branch, w, 1e-5, bf16),
+            lambda: (lambda s: (s, lckv.ops.rms_norm(s, w, 1e-5, bf16)))(lckv.ops.residual_add(stream, branch)),
+            [stream, branch, w]),
         "cross_entropy": (lambda: lckv.ops.cross_entropy(logits, targets),
                           lambda: F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1)), [logits]),
     }
@@ -61,12 +67,14 @@ def cases(batch, seq, hidden, heads, head_dim, mlp, vocab):
 
 def timed(fn, inputs, iters):
     """Mean seconds per call of fn (inputs is None) or of fn and its backward (gradients returned,
-    not accumulated into .grad, so both sides do the same autograd work)."""
+    not accumulated into .grad, so both sides do the same autograd work). fn returns a tensor or a
+    tuple of them (every output then gets a gradient)."""
     t0 = time.perf_counter()
     for _ in range(iters):
         y = fn()
         if inputs is not None:
-            torch.autograd.grad(y, inputs, torch.ones_like(y))
+            outs = list(y) if isinstance(y, tuple) else [y]
+            torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
     return (time.perf_counter() - t0) / iters
 
 
@@ -97,7 +105,7 @@ def main():
             f_ms, c_ms = (1e3 * statistics.median(times[k]) for k in ("fused", "composed"))
             row[key] = {"fused_ms": f_ms, "composed_ms": c_ms, "speedup": c_ms / f_ms}
         result["ops"][name] = row
-        print(f"{name:14s} fwd {row['forward']['fused_ms']:7.2f} vs {row['forward']['composed_ms']:7.2f} ms "
+        print(f"{name:22s} fwd {row['forward']['fused_ms']:7.2f} vs {row['forward']['composed_ms']:7.2f} ms "
               f"({row['forward']['speedup']:.2f}x)   fwd+bwd {row['forward_backward']['fused_ms']:7.2f} vs "
               f"{row['forward_backward']['composed_ms']:7.2f} ms ({row['forward_backward']['speedup']:.2f}x)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

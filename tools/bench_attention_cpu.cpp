@@ -140,6 +140,7 @@ int main(int argc, char** argv) {
                              {"rounds", rounds},
                              {"reps_per_round", reps},
                              {"machine_shared", true},
+                             {"openmp", lckv::bench::openmp_wait_settings()},
                              {"note", "2-core machine shared with other agents' builds: medians over interleaved rounds; "
                                       "ratios inside one run are what to compare"},
                              {"training_shapes", shapes},

@@ -17,6 +17,7 @@
 #include "lckv/files.h"
 #include "lckv/generate/generate.h"
 #include "lckv/openmp_policy.h"
+#include "bench_timing.h"
 
 namespace {
 
@@ -214,7 +215,7 @@ int main(int argc, char** argv) {
       }
       result["decode_latency"] = {{"rounds", latency_rounds}, {"prompt", latency_prompt}, {"new_tokens", latency_new},
                                   {"memory_read_gb_per_s", read_rate}, {"memory_read_rounds_gb_per_s", read_gb_per_s},
-                                  {"machine_shared", true}, {"runs", lat}};
+                                  {"machine_shared", true}, {"openmp", lckv::bench::openmp_wait_settings()}, {"runs", lat}};
     }
     if (latency_only) {
       std::cout << result.dump(2) << "\n";

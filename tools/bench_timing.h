@@ -1,14 +1,28 @@
-// Timing helpers shared by the CPU benchmarks (lckv-bench-train-step, lckv-bench-attention-cpu): one
-// definition of a median and of how the in-run matmul rate is timed, so their ratios stay comparable.
+// Timing helpers shared by the CPU benchmarks (lckv-bench-train-step, lckv-bench-attention-cpu,
+// lckv-bench-throughput): one definition of a median and of how the in-run matmul rate is timed, so their
+// ratios stay comparable, and of the run settings recorded next to them.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <vector>
 
 namespace lckv::bench {
+
+// How idle OpenMP workers wait in this run (null: unset). Results depend on it: on a VM whose idle cores wake
+// slowly, each parallel region of a passive pool paid ~80 us to wake its worker (docs/design.md §7).
+inline nlohmann::json openmp_wait_settings() {
+  nlohmann::json j;
+  for (const char* name : {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"}) {
+    const char* value = std::getenv(name);
+    j[name] = value != nullptr ? nlohmann::json(value) : nlohmann::json();
+  }
+  return j;
+}
 
 inline double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());

@@ -135,7 +135,7 @@ int main(int argc, char** argv) {
     const double matmul_gflops = median(matmul_rates);
     nlohmann::json result = {{"benchmark", "train_step"}, {"threads", threads}, {"seq_len", seq_len},
                              {"batch", batch}, {"dtype", dtype}, {"steps", steps},
-                             {"torch", TORCH_VERSION}, {"machine_shared", true},
+                             {"torch", TORCH_VERSION}, {"machine_shared", true}, {"openmp", lckv::bench::openmp_wait_settings()},
                              {"native_bf16", lckv::native_bf16(torch::kCPU)},
                              {"matmul_gflop_per_s", matmul_gflops}, {"matmul_dtype", dtype},
                              {"matmul_shape", {batch * seq_len, c0.hidden_size, c0.intermediate_size}},

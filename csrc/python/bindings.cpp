@@ -372,6 +372,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("residual_add", &ops::residual_add, py::arg("h"), py::arg("branch"),
         py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "residual_add_rms_norm",
+      [](const torch::Tensor& h, const torch::Tensor& branch, const torch::Tensor& weight, double eps,
+         std::optional<at::ScalarType> out_dtype) {
+        const auto sum_dtype = torch::promote_types(h.scalar_type(), branch.scalar_type());
+        return ops::residual_add_rms_norm(h, branch, weight, eps,
+                                          out_dtype.value_or(torch::promote_types(sum_dtype, weight.scalar_type())));
+      },
+      py::arg("h"), py::arg("branch"), py::arg("weight"), py::arg("eps"), py::arg("out_dtype"),
+      py::call_guard<py::gil_scoped_release>());
   m.def("swiglu", &ops::swiglu, py::arg("gate"), py::arg("up"), py::call_guard<py::gil_scoped_release>());
   m.def("linear", [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
           return ops::linear(x, w, b.value_or(at::Tensor()));

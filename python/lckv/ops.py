@@ -1,6 +1,6 @@
 """Differentiable ops of the C++ library, usable in any PyTorch model."""
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -72,6 +72,14 @@ def residual_add(h: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     branch (the autocast case) one fused pass on CPU, without the fp32 copy of the branch a
     mixed-dtype add makes."""
     return _C.residual_add(h, branch)
+
+
+def residual_add_rms_norm(h: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                          out_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(h + branch, rms_norm(h + branch, weight, eps, out_dtype)) with autograd: a decoder layer's residual
+    add and the norm that reads its sum, bit for bit as residual_add then rms_norm. For an fp32 stream and
+    a bf16/fp16 branch on CPU (autocast training) one fused pass each way."""
+    return _C.residual_add_rms_norm(h, branch, weight, float(eps), out_dtype)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

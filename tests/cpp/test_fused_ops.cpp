@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 
 #include "lckv/ops/cpu/fused_kernels.h"
 #include "lckv/ops/fused_ops.h"
@@ -182,6 +183,79 @@ TEST_CASE("residual_add of an fp32 stream and a bf16 branch equals the promoted 
   const torch::Tensor d = torch::randn({4, 5}, torch::kDouble), f = torch::randn({4, 5});
   CHECK(torch::equal(ops::residual_add(d, f), d + f));
   CHECK_THROWS_WITH(ops::residual_add(torch::randn({2, 3}), torch::randn({3, 2})), Catch::Contains("share shape"));
+}
+
+TEST_CASE("residual_add_rms_norm is residual_add then rms_norm bit for bit, and the fp64 formula, both ways",
+          "[ops][fused]") {
+  torch::manual_seed(6);
+  const int64_t R = 150, D = 72;  // rows beyond two weight-gradient blocks, D past a vector step
+  const torch::Tensor hv = torch::randn({2, R / 2, D}) * 2, bv = torch::randn({2, R / 2, D}),
+                      wv = torch::rand({D}) + 0.5, gs = torch::randn({2, R / 2, D}), gy = torch::randn({2, R / 2, D});
+  for (const auto& cap : ops::runnable_fused_cpu_capabilities()) {
+    ops::ScopedFusedCpuCapability use(cap);
+    for (auto branch_dt : {torch::kBFloat16, torch::kHalf}) {
+      for (auto out_dt : {torch::kBFloat16, torch::kFloat}) {
+        // uses: 0 both outputs (as in a layer), 1 only the normalised one, 2 only the sum.
+        for (int uses = 0; uses < 3; ++uses) {
+          INFO(cap << " branch " << branch_dt << " out " << out_dt << " uses " << uses);
+          auto run = [&](bool fused) {
+            torch::Tensor h = hv.clone().requires_grad_(true), b = bv.to(branch_dt).requires_grad_(true),
+                          w = wv.clone().requires_grad_(true);
+            torch::Tensor sum, y;
+            if (fused) {
+              std::tie(sum, y) = ops::residual_add_rms_norm(h, b, w, 1e-5, out_dt);
+            } else {
+              sum = ops::residual_add(h, b);
+              y = ops::rms_norm(sum, w, 1e-5, out_dt);
+            }
+            torch::Tensor loss = torch::zeros({});
+            if (uses != 1) loss = loss + (sum * gs).sum();
+            if (uses != 2) loss = loss + (y.to(torch::kFloat) * gy).sum();
+            loss.backward();
+            return std::vector<torch::Tensor>{sum, y, h.grad(), b.grad(), w.grad()};
+          };
+          const auto fused = run(true), apart = run(false);
+          const char* names[] = {"sum", "y", "dh", "dbranch", "dweight"};
+          for (int i = 0; i < 5; ++i) {
+            INFO(names[i]);
+            REQUIRE(fused[i].defined() == apart[i].defined());
+            if (!fused[i].defined()) continue;
+            CHECK(fused[i].scalar_type() == apart[i].scalar_type());
+            CHECK(torch::equal(fused[i], apart[i]));
+          }
+          // And against the formula in fp64 (on the branch as rounded), differentiated by autograd.
+          const torch::Tensor hr = hv.to(torch::kDouble).requires_grad_(true),
+                              br = bv.to(branch_dt).to(torch::kDouble).requires_grad_(true),
+                              wr = wv.to(torch::kDouble).requires_grad_(true);
+          const torch::Tensor sr = hr + br, yr = naive_rms_norm(sr, wr, 1e-5);
+          CHECK(rel_err(fused[0], sr) < 1e-7);
+          CHECK(rel_err(fused[1], yr) < tolerance(out_dt));
+          torch::Tensor loss = torch::zeros({}, torch::kDouble);
+          if (uses != 1) loss = loss + (sr * gs.to(torch::kDouble)).sum();
+          if (uses != 2) loss = loss + (yr * gy.to(torch::kDouble)).sum();
+          loss.backward();
+          CHECK(rel_err(fused[2], hr.grad()) < tolerance(out_dt));
+          CHECK(rel_err(fused[3], br.grad()) < tolerance(branch_dt));
+          if (uses != 2) CHECK(rel_err(fused[4], wr.grad()) < tolerance(out_dt));
+        }
+      }
+    }
+  }
+  // Other dtypes: the two ops (fp64 exact), and bad input named.
+  const torch::Tensor d = torch::randn({4, 6}, torch::kDouble), e = torch::randn({4, 6}, torch::kDouble),
+                      wd = torch::rand({6}, torch::kDouble);
+  auto [sd, yd] = ops::residual_add_rms_norm(d, e, wd, 1e-6, torch::kDouble);
+  CHECK(torch::equal(sd, d + e));
+  CHECK(rel_err(yd, naive_rms_norm(d + e, wd, 1e-6)) < 1e-12);
+  CHECK_THROWS_WITH(ops::residual_add_rms_norm(torch::randn({2, 3}), torch::randn({3, 2}), torch::ones({2}), 1e-6,
+                                               torch::kFloat),
+                    Catch::Contains("share shape"));
+  CHECK_THROWS_WITH(ops::residual_add_rms_norm(torch::randn({2, 3}), torch::randn({2, 3}).to(torch::kBFloat16),
+                                               torch::ones({4}), 1e-6, torch::kFloat),
+                    Catch::Contains("weight must be [3]"));
+  CHECK_THROWS_WITH(ops::residual_add_rms_norm(torch::randn({2, 3}), torch::randn({2, 3}), torch::ones({3}), -1,
+                                               torch::kFloat),
+                    Catch::Contains("eps must be >= 0"));
 }
 
 TEST_CASE("cross_entropy matches log_softmax + nll in fp64, with ignored targets and strided logits",

@@ -230,20 +230,29 @@ TEST_CASE("the loss ignores -100 labels and matches a hand-computed cross-entrop
   torch::Tensor ids = torch::randint(0, 37, {2, 6});
   torch::Tensor labels = ids.clone();
   labels[0][3] = -100;
-  torch::NoGradGuard g;
   auto out = m->forward(ids, labels);
-  torch::Tensor logp = torch::log_softmax(out.logits, -1);
-  double total = 0;
+  out.logits.retain_grad();
+  // The naive loss on a detached copy of the same logits, and its gradient by autograd.
+  const torch::Tensor logits = out.logits.detach().clone().requires_grad_(true);
+  torch::Tensor logp = torch::log_softmax(logits, -1);
+  torch::Tensor total = torch::zeros({}, logits.options());
   int n = 0;
   for (int b = 0; b < 2; ++b) {
     for (int t = 0; t + 1 < 6; ++t) {
       const int64_t y = labels[b][t + 1].item<int64_t>();
       if (y == -100) continue;
-      total -= logp[b][t][y].item<double>();
+      total = total - logp[b][t][y];
       ++n;
     }
   }
-  CHECK(std::abs(out.loss.item<double>() - total / n) < 1e-12);
+  const torch::Tensor naive = total / n;
+  CHECK(std::abs(out.loss.item<double>() - naive.item<double>()) < 1e-12);
+  // The gradient reaching the logits: the naive one, and exactly zero at the last position (it predicts nothing).
+  out.loss.backward();
+  naive.backward();
+  CHECK(max_diff(out.logits.grad(), logits.grad()) < 1e-12);
+  CHECK(out.logits.grad().select(1, 5).abs().max().item<double>() == 0);
+  CHECK(out.logits.grad().select(1, 4).abs().max().item<double>() > 0);
 }
 
 TEST_CASE("the model rejects token ids outside the vocabulary", "[model]") {

@@ -58,6 +58,27 @@ def test_residual_add_of_fp32_and_bf16_equals_the_promoted_add():
     assert torch.equal(h.grad, g) and b.grad.dtype == torch.bfloat16 and torch.equal(b.grad, g.bfloat16())
 
 
+def test_residual_add_rms_norm_equals_the_two_ops_bit_for_bit():
+    torch.manual_seed(6)
+    hv, bv, w = torch.randn(3, 5, 40), torch.randn(3, 5, 40).bfloat16(), torch.rand(40) + 0.5
+    gs, gy = torch.randn(3, 5, 40), torch.randn(3, 5, 40)
+    results = []
+    for fused in (True, False):
+        h, b, wl = hv.clone().requires_grad_(True), bv.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        if fused:
+            s, y = ops.residual_add_rms_norm(h, b, wl, 1e-5, torch.bfloat16)
+        else:
+            s = ops.residual_add(h, b)
+            y = ops.rms_norm(s, wl, 1e-5, torch.bfloat16)
+        ((s * gs).sum() + (y.float() * gy).sum()).backward()
+        results.append((s, y, h.grad, b.grad, wl.grad))
+    assert results[0][1].dtype == torch.bfloat16 and results[0][3].dtype == torch.bfloat16
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.residual_add_rms_norm(hv, bv, torch.ones(3))
+
+
 def test_cross_entropy_matches_f_cross_entropy_and_gradcheck():
     torch.manual_seed(3)
     logits = torch.randn(2, 7, 50, dtype=torch.float64, requires_grad=True)

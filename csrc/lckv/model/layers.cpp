@@ -16,14 +16,22 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
   weight = register_parameter("weight", torch::ones({dim}));
 }
 
-torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+torch::ScalarType RMSNormImpl::output_dtype(torch::ScalarType x_dtype, c10::DeviceType device) const {
   // Under autocast a linear reading this output computes in the autocast dtype: write that dtype
   // directly instead of fp32 the linear would cast.
-  const auto device = x.device().type();
-  const auto out_dtype = x.scalar_type() != torch::kDouble && at::autocast::is_autocast_enabled(device)
-                             ? at::autocast::get_autocast_dtype(device)
-                             : torch::promote_types(x.scalar_type(), weight.scalar_type());
-  return ops::rms_norm(x, weight, eps, out_dtype);
+  return x_dtype != torch::kDouble && at::autocast::is_autocast_enabled(device)
+             ? at::autocast::get_autocast_dtype(device)
+             : torch::promote_types(x_dtype, weight.scalar_type());
+}
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  return ops::rms_norm(x, weight, eps, output_dtype(x.scalar_type(), x.device().type()));
+}
+
+std::pair<torch::Tensor, torch::Tensor> RMSNormImpl::add_and_forward(const torch::Tensor& h,
+                                                                     const torch::Tensor& branch) {
+  const auto sum_dtype = torch::promote_types(h.scalar_type(), branch.scalar_type());  // residual_add's
+  return ops::residual_add_rms_norm(h, branch, weight, eps, output_dtype(sum_dtype, h.device().type()));
 }
 
 RotaryEmbedding::RotaryEmbedding(const LCKVConfig& c) {
@@ -145,8 +153,8 @@ DecoderLayerImpl::DecoderLayerImpl(const LCKVConfig& c, int layer) {
 
 torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin,
                                         KVStore& kv) {
-  torch::Tensor x = ops::residual_add(h, self_attn(input_layernorm(h), cos, sin, kv));
-  return ops::residual_add(x, mlp(post_attention_layernorm(x)));
+  auto [x, normed] = post_attention_layernorm->add_and_forward(h, self_attn(input_layernorm(h), cos, sin, kv));
+  return ops::residual_add(x, mlp(normed));
 }
 
 void DecoderLayerImpl::write_kv(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin,

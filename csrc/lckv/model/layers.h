@@ -21,8 +21,13 @@ torch::Tensor linear(const torch::nn::Linear& layer, const torch::Tensor& x);
 struct RMSNormImpl : torch::nn::Module {
   RMSNormImpl(int64_t dim, double eps);
   torch::Tensor forward(const torch::Tensor& x);
+  // {h + branch, forward(h + branch)} in one fused op (ops::residual_add_rms_norm).
+  std::pair<torch::Tensor, torch::Tensor> add_and_forward(const torch::Tensor& h, const torch::Tensor& branch);
   torch::Tensor weight;
   double eps;
+
+ private:
+  torch::ScalarType output_dtype(torch::ScalarType x_dtype, c10::DeviceType device) const;
 };
 TORCH_MODULE(RMSNorm);
 

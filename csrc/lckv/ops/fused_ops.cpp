@@ -146,6 +146,48 @@ struct ResidualAddFunction : public torch::autograd::Function<ResidualAddFunctio
   }
 };
 
+struct ResidualAddRMSNormFunction : public torch::autograd::Function<ResidualAddRMSNormFunction> {
+  // h fp32, branch bf16/fp16 of one shape, weight [D]; returns {h + branch (fp32), rms_norm of it (out_dtype)}.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& branch,
+                               const at::Tensor& weight, double eps, int64_t out_dtype) {
+    NoAutocast no_autocast;
+    const int64_t D = h.size(-1);
+    const at::Tensor hr = h.reshape({-1, D}).contiguous(), br = branch.reshape({-1, D}).contiguous();
+    const at::Tensor w = weight.to(at::kFloat).contiguous();
+    at::Tensor sum = at::empty(hr.sizes(), hr.options());
+    at::Tensor out = at::empty(hr.sizes(), hr.options().dtype(static_cast<at::ScalarType>(out_dtype)));
+    at::Tensor rstd = at::empty({hr.size(0)}, hr.options());
+    kernels().residual_add_rms_norm_forward(hr, br, w, eps, sum, out, rstd);
+    ctx->save_for_backward({sum, w, rstd});
+    ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined: no zeros to add or norm
+    ctx->saved_data["branch_dtype"] = static_cast<int64_t>(branch.scalar_type());
+    ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
+    return {sum.view(h.sizes()), out.view(h.sizes())};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    NoAutocast no_autocast;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& sum = saved[0];
+    const int64_t R = sum.size(0), D = sum.size(1);
+    const auto branch_dtype = static_cast<at::ScalarType>(ctx->saved_data["branch_dtype"].toInt());
+    const auto weight_dtype = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
+    const at::Tensor sum_grad = grads[0].defined() ? grads[0].reshape({R, D}).to(at::kFloat).contiguous() : at::Tensor();
+    if (!grads[1].defined()) {  // only the sum was used
+      const at::Tensor dh = sum_grad.defined() ? sum_grad.view(grads[0].sizes()) : at::Tensor();
+      return {dh, dh.defined() ? dh.to(branch_dtype) : dh, at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    const at::Tensor g = grads[1].reshape({R, D}).contiguous();
+    at::Tensor dh = at::empty_like(sum);
+    at::Tensor dbranch = at::empty(sum.sizes(), sum.options().dtype(branch_dtype));
+    const int64_t blocks = (R + cpu::kRMSNormRowsPerPartial - 1) / cpu::kRMSNormRowsPerPartial;
+    at::Tensor partial = at::empty({blocks, D}, sum.options());
+    kernels().residual_add_rms_norm_backward(g, sum_grad, sum, saved[1], saved[2], dh, dbranch, partial);
+    const auto sizes = grads[1].sizes();
+    return {dh.view(sizes), dbranch.view(sizes), partial.sum(0).to(weight_dtype), at::Tensor(), at::Tensor()};
+  }
+};
+
 struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
   // logits [B, T, V] (unit stride in V), targets [B, T] int64 contiguous, count = #non-ignored.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& targets,
@@ -231,6 +273,29 @@ at::Tensor residual_add(const at::Tensor& h, const at::Tensor& branch) {
     return ResidualAddFunction::apply(h, branch);
   }
   return h + branch;
+}
+
+std::pair<at::Tensor, at::Tensor> residual_add_rms_norm(const at::Tensor& h, const at::Tensor& branch,
+                                                         const at::Tensor& weight, double eps,
+                                                         at::ScalarType out_dtype) {
+  TORCH_CHECK(h.sizes() == branch.sizes() && h.device() == branch.device(),
+              "residual_add_rms_norm: h and branch must share shape and device, got ", h.sizes(), " on ", h.device(),
+              " and ", branch.sizes(), " on ", branch.device());
+  check_floating(weight, "residual_add_rms_norm", "weight");
+  TORCH_CHECK(h.dim() >= 1 && weight.dim() == 1 && weight.size(0) == h.size(-1), "residual_add_rms_norm: weight must be [",
+              h.dim() >= 1 ? h.size(-1) : 0, "] (h's last dim), got ", weight.sizes());
+  TORCH_CHECK(h.device() == weight.device(), "residual_add_rms_norm: h is on ", h.device(), ", weight on ",
+              weight.device());
+  TORCH_CHECK(eps >= 0, "residual_add_rms_norm: eps must be >= 0, got ", eps);
+  TORCH_CHECK(at::isFloatingType(out_dtype), "residual_add_rms_norm: out_dtype must be floating, got ", out_dtype);
+  const auto b = branch.scalar_type();
+  if (h.device().is_cpu() && h.scalar_type() == at::kFloat && (b == at::kBFloat16 || b == at::kHalf) &&
+      out_dtype != at::kDouble && h.numel() > 0) {
+    const auto outs = ResidualAddRMSNormFunction::apply(h, branch, weight, eps, static_cast<int64_t>(out_dtype));
+    return {outs[0], outs[1]};
+  }
+  at::Tensor sum = residual_add(h, branch);
+  return {sum, rms_norm(sum, weight, eps, out_dtype)};
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace lckv::ops {
@@ -26,6 +27,14 @@ at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
 // h + branch in promote_types(h, branch): the residual stream (fp32) plus a block's output (bf16
 // under autocast) in one pass, without the fp32 copy of the branch that a mixed-dtype add makes.
 at::Tensor residual_add(const at::Tensor& h, const at::Tensor& branch);
+
+// {h + branch, rms_norm(h + branch, weight, eps, out_dtype)}: a layer's residual add and the norm that reads its
+// sum, as residual_add then rms_norm (the same bits). On CPU with an fp32 h and a bf16/fp16 branch (autocast
+// training) one kernel writes both in one pass, and its backward adds the sum's two gradients and rounds the
+// branch's in the norm's backward pass (vLLM's fused_add_rms_norm, with autograd).
+std::pair<at::Tensor, at::Tensor> residual_add_rms_norm(const at::Tensor& h, const at::Tensor& branch,
+                                                         const at::Tensor& weight, double eps,
+                                                         at::ScalarType out_dtype);
 
 // y = x W^T + b, as at::linear. On CPU, without autograd or autocast and with at most kSmallLinearRows rows
 // (decode), one streaming kernel instead of oneDNN's bf16 matmul (whose per-call cost dominates a decode step:

@@ -82,9 +82,13 @@ void rms_norm_forward_impl(const at::Tensor& x, const at::Tensor& weight, double
   });
 }
 
-template <typename T, typename G>
+// With `add_grad` defined (x's dtype and shape), dx = add_grad + the norm's gradient (the sum's other use, in the
+// fused residual add: the same bits as autograd adding the two); with `dx_narrow` defined (type N), dx is also
+// written rounded to N there (the residual branch's gradient).
+template <typename T, typename G, typename N = T>
 void rms_norm_backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& rstd, const at::Tensor& dx, const at::Tensor& dweight_partial) {
+                            const at::Tensor& rstd, const at::Tensor& dx, const at::Tensor& dweight_partial,
+                            const at::Tensor& add_grad = {}, const at::Tensor& dx_narrow = {}) {
   using A = acc_t<T>;
   using In = Lanes<T, A>;
   using Gr = Lanes<G, A>;
@@ -97,6 +101,8 @@ void rms_norm_backward_impl(const at::Tensor& grad, const at::Tensor& x, const a
   const A* rp = rstd.const_data_ptr<A>();
   T* dxp = dx.mutable_data_ptr<T>();
   A* dwp = dweight_partial.mutable_data_ptr<A>();
+  const T* addp = add_grad.defined() ? add_grad.const_data_ptr<T>() : nullptr;
+  N* narrowp = dx_narrow.defined() ? dx_narrow.mutable_data_ptr<N>() : nullptr;
   const int64_t blocks = dweight_partial.size(0);
   // y = w * x * r with r = (mean(x^2) + eps)^-1/2:
   //   dx = r * (g * w) - x * r^3 * sum(g * w * x) / D,   dw = sum over rows of g * x * r.
@@ -121,8 +127,16 @@ void rms_norm_backward_impl(const at::Tensor& grad, const at::Tensor& x, const a
           auto [xa, xb] = In::load(xr + j, D - j);
           auto [ga, gb] = Gr::load(gr + j, D - j);
           auto [wa, wb] = W::load(wp + j, D - j);
-          In::store(dxp + r * D + j, at::vec::fmadd(xa, coef, ga * wa * vinv),
-                    at::vec::fmadd(xb, coef, gb * wb * vinv), D - j);
+          V dxa = at::vec::fmadd(xa, coef, ga * wa * vinv), dxb = at::vec::fmadd(xb, coef, gb * wb * vinv);
+          if (addp != nullptr) {
+            auto [aa, ab] = In::load(addp + r * D + j, D - j);
+            dxa = aa + dxa;
+            dxb = ab + dxb;
+          }
+          In::store(dxp + r * D + j, dxa, dxb, D - j);
+          if constexpr (kLoadable<N, A>) {
+            if (narrowp != nullptr) Lanes<N, A>::store(narrowp + r * D + j, dxa, dxb, D - j);
+          }
           auto [da, db] = W::load(dw + j, D - j);
           W::store(dw + j, at::vec::fmadd(ga * xa, vinv, da), at::vec::fmadd(gb * xb, vinv, db), D - j);
         }
@@ -296,6 +310,79 @@ void residual_add_impl(const at::Tensor& h, const at::Tensor& branch, const at::
 void residual_add(const at::Tensor& h, const at::Tensor& branch, const at::Tensor& out) {
   AT_DISPATCH_REDUCED_FLOATING_TYPES(branch.scalar_type(), "residual_add",
                                      [&] { residual_add_impl<scalar_t>(h, branch, out); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Residual add + RMSNorm (the sum after a layer's attention and the norm before its MLP) in one pass per row:
+// the sum's row is normalised while it is in L1, where apart it was written, then read back by a second
+// parallel region. Same operations in the same order as residual_add then rms_norm_forward: the same bits.
+
+template <typename B, typename O>
+void residual_add_rms_norm_forward_impl(const at::Tensor& h, const at::Tensor& branch, const at::Tensor& weight,
+                                        double eps, const at::Tensor& sum, const at::Tensor& out,
+                                        const at::Tensor& rstd) {
+  using Wide = Lanes<float>;
+  using Narrow = Lanes<B, float>;
+  using Out = Lanes<O, float>;
+  using V = typename Wide::V;
+  const int64_t R = h.size(0), D = h.size(1);
+  const float* hp = h.const_data_ptr<float>();
+  const B* bp = branch.const_data_ptr<B>();
+  const float* wp = weight.const_data_ptr<float>();
+  float* sp = sum.mutable_data_ptr<float>();
+  O* op = out.mutable_data_ptr<O>();
+  float* rp = rstd.mutable_data_ptr<float>();
+  at::parallel_for(0, R, row_grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* sr = sp + r * D;
+      V ss(0.f);
+      for (int64_t j = 0; j < D; j += Wide::kStep) {
+        auto [ha, hb] = Wide::load(hp + r * D + j, D - j);
+        auto [ba, bb] = Narrow::load(bp + r * D + j, D - j);
+        const V a = ha + ba, b = hb + bb;
+        Wide::store(sr + j, a, b, D - j);
+        ss = at::vec::fmadd(a, a, at::vec::fmadd(b, b, ss));
+      }
+      const float inv = 1.f / std::sqrt(sum_lanes(ss) / static_cast<float>(D) + static_cast<float>(eps));
+      rp[r] = inv;
+      const V vinv(inv);
+      for (int64_t j = 0; j < D; j += Wide::kStep) {
+        auto [a, b] = Wide::load(sr + j, D - j);
+        auto [wa, wb] = Wide::load(wp + j, D - j);
+        Out::store(op + r * D + j, a * vinv * wa, b * vinv * wb, D - j);
+      }
+    }
+  });
+}
+
+void residual_add_rms_norm_forward(const at::Tensor& h, const at::Tensor& branch, const at::Tensor& weight,
+                                   double eps, const at::Tensor& sum, const at::Tensor& out, const at::Tensor& rstd) {
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(branch.scalar_type(), "residual_add_rms_norm_forward", [&] {
+    using BT = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "residual_add_rms_norm_forward", [&] {
+      if constexpr (kLoadable<scalar_t, float>) {
+        residual_add_rms_norm_forward_impl<BT, scalar_t>(h, branch, weight, eps, sum, out, rstd);
+      } else {
+        TORCH_CHECK(false, "residual_add_rms_norm: output dtype ", out.scalar_type(), " with an fp32 stream");
+      }
+    });
+  });
+}
+
+void residual_add_rms_norm_backward(const at::Tensor& grad, const at::Tensor& sum_grad, const at::Tensor& x,
+                                    const at::Tensor& weight, const at::Tensor& rstd, const at::Tensor& dx,
+                                    const at::Tensor& dbranch, const at::Tensor& dweight_partial) {
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(dbranch.scalar_type(), "residual_add_rms_norm_backward", [&] {
+    using BT = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "residual_add_rms_norm_backward",
+                                    [&] {
+      if constexpr (kLoadable<scalar_t, float>) {
+        rms_norm_backward_impl<float, scalar_t, BT>(grad, x, weight, rstd, dx, dweight_partial, sum_grad, dbranch);
+      } else {
+        TORCH_CHECK(false, "residual_add_rms_norm: gradient dtype ", grad.scalar_type(), " with an fp32 stream");
+      }
+    });
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -798,7 +885,8 @@ const FusedKernels& fused_kernels() {
                                   swiglu_forward,        swiglu_backward,       residual_add,
                                   cross_entropy_forward, cross_entropy_backward, attention_rows,
                                   block_softmax,         block_softmax_backward, small_linear,
-                                  row_dot,               tiled_attention_forward, tiled_attention_backward};
+                                  row_dot,               tiled_attention_forward, tiled_attention_backward,
+                                  residual_add_rms_norm_forward, residual_add_rms_norm_backward};
   return table;
 }
 

@@ -86,6 +86,18 @@ struct FusedKernels {
                                    const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
                                    const AttentionMask& mask, double scale, const at::Tensor& dq, const at::Tensor& dk,
                                    const at::Tensor& dv);
+  // The residual add and the RMSNorm that reads its sum, in one pass: h [R, D] fp32, branch [R, D] bf16/fp16,
+  // weight [D] fp32, all contiguous. Writes sum = h + branch (fp32), out = rms_norm(sum) (fp32/bf16/fp16) and
+  // rstd [R] fp32: the same bits as residual_add then rms_norm_forward.
+  void (*residual_add_rms_norm_forward)(const at::Tensor& h, const at::Tensor& branch, const at::Tensor& weight,
+                                        double eps, const at::Tensor& sum, const at::Tensor& out,
+                                        const at::Tensor& rstd);
+  // Its backward: rms_norm_backward of grad (out's dtype) at x = the saved sum, plus sum_grad (the sum's gradient
+  // from its other uses: fp32 [R, D] contiguous, or undefined), written to dx (fp32) and, rounded, to dbranch
+  // (branch's dtype); dweight_partial as rms_norm_backward's.
+  void (*residual_add_rms_norm_backward)(const at::Tensor& grad, const at::Tensor& sum_grad, const at::Tensor& x,
+                                         const at::Tensor& weight, const at::Tensor& rstd, const at::Tensor& dx,
+                                         const at::Tensor& dbranch, const at::Tensor& dweight_partial);
 };
 
 // Bumped by poison_tiled_attention_scratch (condensed_attention_cpu.h): each thread then refills its tiled-attention

@@ -42,6 +42,15 @@ def run(build: Path, seq: int, batch: int, steps: int, profiled: int, env: Optio
         return json.loads(out.read_text())
 
 
+def write_json_atomic(out: Path, result: dict) -> None:
+    """Writes result to out through a temporary file: a killed run leaves the previous file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
 def summary(r: dict) -> dict:
     return {"matmul_gflop_per_s": r["matmul_gflop_per_s"], "dtype": r["dtype"],
             "runs": [{k: x[k] for k in ("config", "median_step_s", "fraction_of_matmul_rate", "attention_share",
@@ -82,11 +91,7 @@ def main() -> int:
         result["shapes"].append({"seq_len": seq, "batch": batch, "rounds": rounds, "step_time_ratios": ratios})
         result["dtype"] = rounds[0]["after"]["dtype"]
     out = args.out or ROOT / "bench" / "results" / f"train_step_ab_{result['dtype']}_{datetime.date.today():%Y%m%d}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)  # atomic: a killed run leaves the previous file
-    print(f"wrote {out}")
+    write_json_atomic(out, result)
     return 0
 
 

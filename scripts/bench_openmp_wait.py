@@ -13,14 +13,13 @@ bench/results/openmp_wait_<dtype>_<date>.json.
 """
 import argparse
 import datetime
-import json
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from bench_ab_train_step import CONFIGS, ROOT, SHAPES, run, summary
+from bench_ab_train_step import CONFIGS, ROOT, SHAPES, run, summary, write_json_atomic
 
 # name -> environment overrides. "spin" is a bounded spin: workers poll ~10000 times (tens to hundreds of
 # microseconds, by the CPU's pause latency) before they sleep; libgomp's default is 300000.
@@ -76,11 +75,7 @@ def main() -> int:
                 busy.kill()
                 busy.wait()
     out = args.out or ROOT / "bench" / "results" / f"openmp_wait_{result['dtype']}_{datetime.date.today():%Y%m%d}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)  # atomic: a killed run leaves the previous file
-    print(f"wrote {out}")
+    write_json_atomic(out, result)
     for s in result["scenarios"]:
         print(f"busy neighbour {s['busy_neighbour']}, T={s['seq_len']}: "
               + ", ".join(f"{Path(c).stem} {v}" for c, v in s["step_time_ratios"].items()))

@@ -143,6 +143,65 @@ TEST_CASE("parallel iterative forward with m + b >= T equals the sequential defi
   }
 }
 
+TEST_CASE("iterations without autograd run by batch slices give what the whole batch gives", "[model]") {
+  // On 2 threads a CPU batch's iterations without autograd run one slice of the batch per thread (uneven slices:
+  // B = 3); on 1 thread, with autograd, or for one sequence, the whole batch at once. All must agree.
+  struct Threads {
+    int before = torch::get_num_threads();
+    ~Threads() { torch::set_num_threads(before); }
+  } restore;
+  for (const char* lt : {"0_4_4_4_4_5", "2_0_3_3"}) {
+    INFO("layer_types " << lt);
+    const ModelCase mc{lt, lt[0] == '2' ? 4 : 6, 4, 2};
+    auto m = make_model(case_config(mc), 13);
+    const torch::Tensor ids = torch::randint(0, 37, {3, 9});
+    auto run = [&](int threads) {
+      torch::set_num_threads(threads);
+      const int64_t sliced = m->model->batch_sliced_iterations.load();
+      auto out = m->forward(ids, ids, IterationOptions{4, 2});
+      auto grads = torch::autograd::grad({out.loss}, m->parameters());
+      torch::NoGradGuard g;
+      grads.push_back(out.logits);
+      grads.push_back(m->forward(ids, {}, IterationOptions{5, 1}).logits);  // inference: the last one sliced too
+      return std::pair{grads, m->model->batch_sliced_iterations.load() - sliced};
+    };
+    const auto [one, sliced_one] = run(1);
+    const auto [two, sliced_two] = run(2);
+    CHECK(sliced_one == 0);
+    CHECK(sliced_two == 6);  // every iteration of the inference call; none of the training one
+    for (size_t i = 0; i < one.size(); ++i) {
+      INFO("output " << i);
+      CHECK(max_diff(one[i], two[i]) < 1e-12);
+    }
+  }
+}
+
+TEST_CASE("batch-sliced iterations under autocast see the current weights", "[model][autocast]") {
+  // The slices' threads cast the weights to bf16 through autocast's cache; those casts must go with the caller's
+  // autocast scope, or the next step would compute with the weights before the optimizer's update.
+  struct Threads {
+    int before = torch::get_num_threads();
+    ~Threads() { torch::set_num_threads(before); }
+  } restore;
+  auto m = make_model(case_config({"0_4_4_4_4_5", 6, 4, 2}), 17);
+  m->to(torch::kFloat);
+  const torch::Tensor ids = torch::randint(0, 37, {4, 8});
+  auto logits = [&](int threads) {
+    torch::set_num_threads(threads);
+    lckv::AutocastScope autocast(at::kCPU, at::kBFloat16);
+    torch::NoGradGuard g;
+    return m->forward(ids, {}, IterationOptions{4, 1}).logits.to(torch::kFloat);
+  };
+  const torch::Tensor before = logits(2);
+  {
+    torch::NoGradGuard g;
+    for (auto& p : m->parameters()) p.mul_(1.5);
+  }
+  const torch::Tensor after_sliced = logits(2), after_whole = logits(1);
+  CHECK(max_diff(after_sliced, before) > 1e-2);              // the update shows
+  CHECK(max_diff(after_sliced, after_whole) < 1e-2 * after_whole.abs().max().item<double>());
+}
+
 TEST_CASE("after k iterations the first k positions are exact, later ones are not yet", "[model]") {
   auto m = make_model(case_config({"0_4_4_4_4_5", 6, 4, 2}), 3);
   torch::Tensor ids = torch::randint(0, 37, {1, 10});

@@ -5,6 +5,7 @@
 
 #include <torch/torch.h>
 
+#include <atomic>
 #include <functional>
 #include <optional>
 
@@ -70,8 +71,16 @@ struct LCKVModelImpl : torch::nn::Module {
   torch::nn::ModuleList layers{nullptr};
   std::vector<DecoderLayer> layer_list;  // typed handles into `layers`
   RMSNorm norm{nullptr};
+  // Iterations run as one thread per slice of the batch (run_cyclic_segment says when): a count for tests.
+  std::atomic<int64_t> batch_sliced_iterations{0};
 
  private:
+  // Layers [seg.first, stop] of one iteration on x; the last one only writes its KVs unless `whole`.
+  torch::Tensor run_layers(const Segment& seg, int stop, bool whole, torch::Tensor x, const torch::Tensor& cos,
+                           const torch::Tensor& sin, KVStore& kv, const HiddenStateObserver& hidden_states);
+  // The same for a no-grad iteration, one parallel task per slice of the batch (kv a SequenceKV at position 0).
+  torch::Tensor run_layers_by_batch_slices(const Segment& seg, int stop, bool whole, const torch::Tensor& x,
+                                           const torch::Tensor& cos, const torch::Tensor& sin, KVStore& kv);
   torch::Tensor run_cyclic_segment(int segment, const Segment& seg, const torch::Tensor& h, const torch::Tensor& cos,
                                    const torch::Tensor& sin, KVStore& kv, const IterationOptions& counts);
 };

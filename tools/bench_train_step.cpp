@@ -7,6 +7,7 @@
 #include <CLI/CLI.hpp>
 #include <torch/torch.h>
 
+#include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
 #include <algorithm>
@@ -33,7 +34,8 @@ struct Run {
 using Clock = std::chrono::steady_clock;
 
 // Seconds spent inside condensed attention (the op's forward, RECORD_FUNCTION'd by its front, and its
-// autograd node in the backward) while the callback is installed.
+// autograd node in the backward) while the callback is installed: wall time, counted on the calling thread
+// only (intra-op thread 0), since the model's batch-sliced iterations call attention on every thread at once.
 std::atomic<int64_t> g_attention_ns{0};
 
 struct StartTime : at::ObserverContext {
@@ -48,7 +50,7 @@ at::CallbackHandle install_attention_timer() {
   return at::addGlobalCallback(
       at::RecordFunctionCallback(
           [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
-            if (!is_attention(fn.name())) return nullptr;
+            if (!is_attention(fn.name()) || at::get_thread_num() != 0) return nullptr;
             return std::make_unique<StartTime>();
           },
           [](const at::RecordFunction&, at::ObserverContext* ctx) {

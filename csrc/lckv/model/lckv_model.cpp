@@ -40,15 +40,15 @@ torch::Tensor LCKVModelImpl::run_cyclic_segment(int segment, const Segment& seg,
   // Convergence (counts.tolerance > 0) is measured on the no-grad iterations: the first grad one
   // (or, without autograd, the final one) is where the loop jumps once the KVs stopped changing.
   const int last_no_grad = grad ? total - counts.backward_passes - 1 : total - 2;
-  // Without autograd (evaluation, logits of a batch) each iteration of a CPU batch runs as one task per slice of
-  // the batch, each slice's layers on one thread, instead of every op waking the thread pool (~80 us a time on a
-  // VM whose idle cores wake slowly, docs/design.md §7): 1.3x faster there. Sequences are independent, so a slice
-  // computes what the whole batch computes for it (up to the matmuls' summation order). Not in training: there the
-  // sliced no-grad iterations gained what the grad iterations after them lost. Only for a SequenceKV at position 0,
-  // whose reads are side-effect free; a cache keeps its own path.
-  const bool slice_batch = !grad && h.device().is_cpu() && B >= 2 && at::get_num_threads() >= 2 &&
-                           !at::in_parallel_region() && kv.past_length() == 0 &&
-                           dynamic_cast<SequenceKV*>(&kv) != nullptr;
+  // Iterations without autograd of a CPU batch run as one task per slice of the batch, each slice's layers on one
+  // thread, instead of every op waking the thread pool (~80 us a time on a VM whose idle cores wake slowly,
+  // docs/design.md §7): a no-grad iteration 22 vs 26 ms in a quickstart training step, a no-grad forward 1.3x
+  // faster. Sequences are independent, so a slice computes what the whole batch computes for it (up to the
+  // matmuls' summation order). In training the no-grad iteration before the first grad one runs whole: the first
+  // whole-batch iteration after sliced ones paid 4-25 ms more (not understood), cheapest there. Only for a
+  // SequenceKV at position 0, whose reads are side-effect free; a cache keeps its own path.
+  const bool slice_batch = h.device().is_cpu() && B >= 2 && at::get_num_threads() >= 2 && !at::in_parallel_region() &&
+                           kv.past_length() == 0 && dynamic_cast<SequenceKV*>(&kv) != nullptr;
   std::vector<torch::Tensor> previous;  // the top targets' chunk K and V after the last iteration
   torch::Tensor out;
   for (int it = 0; it < total; ++it) {
@@ -59,9 +59,9 @@ torch::Tensor LCKVModelImpl::run_cyclic_segment(int segment, const Segment& seg,
     const int stop = last ? seg.last : seg.last_top_target();
     // Only the last iteration's layer outputs are the model's (the earlier ones read unconverged KVs).
     const HiddenStateObserver observe = last ? counts.hidden_states : HiddenStateObserver();
-    torch::Tensor x = slice_batch && !observe
-                          ? run_layers_by_batch_slices(seg, stop, last, h, cos, sin, kv)
-                          : run_layers(seg, stop, last, h, cos, sin, kv, observe);
+    const bool sliced = slice_batch && !torch::GradMode::is_enabled() && !observe && (!grad || it < last_no_grad);
+    torch::Tensor x = sliced ? run_layers_by_batch_slices(seg, stop, last, h, cos, sin, kv)
+                             : run_layers(seg, stop, last, h, cos, sin, kv, observe);
     if (last) out = x;
     if (counts.observer) {
       for (int t : seg.top_targets) {
@@ -143,7 +143,9 @@ torch::Tensor LCKVModelImpl::run_layers_by_batch_slices(const Segment& seg, int 
   const int64_t B = x.size(0), slices = std::min<int64_t>(B, at::get_num_threads());
   std::vector<torch::Tensor> outs(slices);
   std::vector<std::unique_ptr<BatchSliceKV>> stores(slices);
-  auto slice_of = [&](const torch::Tensor& t, int64_t b0, int64_t n) { return t.size(0) == B ? t.narrow(0, b0, n) : t; };
+  auto slice_of = [&](const torch::Tensor& t, int64_t b0, int64_t n) {
+    return t.size(0) == B ? t.narrow(0, b0, n) : t;  // cos/sin: per sequence, or one table for all
+  };
   parallel_tasks(slices, [&](int64_t s) {
     const int64_t b0 = s * B / slices, n = (s + 1) * B / slices - b0;
     stores[s] = std::make_unique<BatchSliceKV>(kv, b0, n);

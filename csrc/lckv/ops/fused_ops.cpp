@@ -172,7 +172,8 @@ struct ResidualAddRMSNormFunction : public torch::autograd::Function<ResidualAdd
     const int64_t R = sum.size(0), D = sum.size(1);
     const auto branch_dtype = static_cast<at::ScalarType>(ctx->saved_data["branch_dtype"].toInt());
     const auto weight_dtype = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
-    const at::Tensor sum_grad = grads[0].defined() ? grads[0].reshape({R, D}).to(at::kFloat).contiguous() : at::Tensor();
+    const at::Tensor sum_grad =
+        grads[0].defined() ? grads[0].reshape({R, D}).to(at::kFloat).contiguous() : at::Tensor();
     if (!grads[1].defined()) {  // only the sum was used
       const at::Tensor dh = sum_grad.defined() ? sum_grad.view(grads[0].sizes()) : at::Tensor();
       return {dh, dh.defined() ? dh.to(branch_dtype) : dh, at::Tensor(), at::Tensor(), at::Tensor()};

@@ -171,6 +171,9 @@ TEST_CASE("iterations without autograd run by batch slices give what the whole b
     CHECK(sliced_one == 0);
     // Training: the no-grad iterations but the last before the grad ones (3 of 4); inference: all 6.
     CHECK(sliced_two == 3 + 6);
+    // 8 threads for 3 sequences would leave 5 idle: the whole batch, per-op parallel, as on 1 thread.
+    const auto [eight, sliced_eight] = run(8);
+    CHECK(sliced_eight == 0);
     for (size_t i = 0; i < one.size(); ++i) {
       INFO("output " << i);
       CHECK(max_diff(one[i], two[i]) < 1e-12);

@@ -45,10 +45,13 @@ torch::Tensor LCKVModelImpl::run_cyclic_segment(int segment, const Segment& seg,
   // docs/design.md §7): a no-grad iteration 22 vs 26 ms in a quickstart training step, a no-grad forward 1.3x
   // faster. Sequences are independent, so a slice computes what the whole batch computes for it (up to the
   // matmuls' summation order). In training the no-grad iteration before the first grad one runs whole: the first
-  // whole-batch iteration after sliced ones paid 4-25 ms more (not understood), cheapest there. Only for a
-  // SequenceKV at position 0, whose reads are side-effect free; a cache keeps its own path.
-  const bool slice_batch = h.device().is_cpu() && B >= 2 && at::get_num_threads() >= 2 && !at::in_parallel_region() &&
-                           kv.past_length() == 0 && dynamic_cast<SequenceKV*>(&kv) != nullptr;
+  // whole-batch iteration after sliced ones paid 4-25 ms more (not understood), cheapest there. Only where the
+  // slices keep at least 3/4 of the threads busy (B = 4 on 16 threads would leave 12 idle that the per-op path
+  // uses), and for a SequenceKV at position 0, whose reads are side-effect free; a cache keeps its own path.
+  const int64_t threads = at::get_num_threads(), per_thread = (B + threads - 1) / threads;
+  const bool slice_batch = h.device().is_cpu() && B >= 2 && threads >= 2 && 4 * B >= 3 * threads * per_thread &&
+                           !at::in_parallel_region() && kv.past_length() == 0 &&
+                           dynamic_cast<SequenceKV*>(&kv) != nullptr;
   std::vector<torch::Tensor> previous;  // the top targets' chunk K and V after the last iteration
   torch::Tensor out;
   for (int it = 0; it < total; ++it) {

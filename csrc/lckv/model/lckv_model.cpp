@@ -249,7 +249,7 @@ torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& targets)
   TORCH_CHECK(logits.dim() == 3 && targets.dim() == 2 && logits.size(0) == targets.size(0) &&
                   logits.size(1) == targets.size(1),
               "lm_loss: logits [B, T, V] and targets [B, T] expected, got ", logits.sizes(), " and ", targets.sizes());
-  return ops::cross_entropy(logits, targets, kIgnoreIndex);
+  return ops::cross_entropy(logits, targets, ops::kIgnoreIndex);
 }
 
 namespace {
@@ -266,7 +266,7 @@ CausalLMOutput head_and_loss(LCKVForCausalLMImpl& m, const torch::Tensor& hidden
     // backward allocated, zero-filled and copied a second [B, T, V] tensor (~1% of a training step).
     const int64_t B = labels.size(0), T = labels.size(1);
     const torch::Tensor targets =
-        torch::cat({labels.narrow(1, 1, T - 1), torch::full({B, 1}, kIgnoreIndex, labels.options())}, 1);
+        torch::cat({labels.narrow(1, 1, T - 1), torch::full({B, 1}, ops::kIgnoreIndex, labels.options())}, 1);
     out.loss = lm_loss(out.logits, targets);
   }
   return out;

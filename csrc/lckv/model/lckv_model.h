@@ -120,12 +120,9 @@ struct LCKVForCausalLMImpl : torch::nn::Module {
 };
 TORCH_MODULE(LCKVForCausalLM);
 
-// The target id the losses skip (PyTorch's and Hugging Face's ignore_index).
-inline constexpr int64_t kIgnoreIndex = -100;
-
 // Mean cross-entropy of logits [B, T, V] against targets [B, T] that are already next-token
-// targets (targets[t] is predicted by logits[t]); entries equal to kIgnoreIndex are ignored. Computed in fp32
-// (fp64 for fp64 logits).
+// targets (targets[t] is predicted by logits[t]); entries equal to ops::kIgnoreIndex are ignored.
+// Computed in fp32 (fp64 for fp64 logits).
 torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& targets);
 
 // Llama initialisation: normal(0, initializer_range) weights, zero biases, unit norm weights.

@@ -41,11 +41,14 @@ std::pair<at::Tensor, at::Tensor> residual_add_rms_norm(const at::Tensor& h, con
 // fused_kernels.h); the result equals at::linear's up to the order of the fp32 (fp64) summation.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {});
 
+// The target id the losses skip (PyTorch's and Hugging Face's ignore_index).
+inline constexpr int64_t kIgnoreIndex = -100;
+
 // Mean cross-entropy of logits [B, T, V] (or [N, V]) against targets [B, T] (or [N]) over the
 // targets != ignore_index, with log-softmax statistics in fp32 (fp64 for fp64 logits), as
 // F.cross_entropy(logits.float(), targets) but without the fp32 copy of the logits.
 // Returns a 0-dim tensor of the accumulation dtype.
-at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index = -100);
+at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index = kIgnoreIndex);
 
 // Which compiled variant of the fused CPU kernels runs: "DEFAULT", "AVX2" or "AVX512" (the widest
 // this CPU and build support, or what ATEN_CPU_CAPABILITY asks for).

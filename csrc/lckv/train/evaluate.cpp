@@ -12,6 +12,7 @@
 #include "lckv/data/tokenizer.h"
 #include "lckv/files.h"
 #include "lckv/generate/generate.h"
+#include "lckv/ops/fused_ops.h"
 #include "lckv/train/trainer.h"
 
 namespace lckv::train {
@@ -111,7 +112,7 @@ TextLossSum text_loss_sum(LCKVForCausalLM& model, const std::vector<std::vector<
     for (int64_t i = 0; i < rows; ++i) width = std::max(width, windows[first + i].end - windows[first + i].begin);
     // Right padding with id 0: it follows every real id, so the real positions cannot see it.
     torch::Tensor ids = torch::zeros({rows, width}, torch::kLong);
-    torch::Tensor targets = torch::full({rows, width}, kIgnoreIndex, torch::kLong);
+    torch::Tensor targets = torch::full({rows, width}, ops::kIgnoreIndex, torch::kLong);
     int64_t scored = 0;
     for (int64_t i = 0; i < rows; ++i) {
       const ScoringWindow& w = windows[first + i];

@@ -50,35 +50,39 @@ int64_t row_grain(int64_t row_length) { return std::max<int64_t>(1, 16384 / std:
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
 
+// One row: out[0, D) = weight * x * rstd, returning rstd = (mean(x^2) + eps)^-1/2 (acc dtype).
 template <typename T, typename O>
-void rms_norm_forward_impl(const at::Tensor& x, const at::Tensor& weight, double eps, const at::Tensor& out,
-                           const at::Tensor& rstd) {
+acc_t<T> rms_norm_row(const T* xr, const acc_t<T>* wp, double eps, O* orow, int64_t D) {
   using A = acc_t<T>;
   using In = Lanes<T, A>;
   using Out = Lanes<O, A>;
   using W = Lanes<A, A>;
+  typename In::V ss(A(0));
+  for (int64_t j = 0; j < D; j += In::kStep) {
+    auto [a, b] = In::load(xr + j, D - j);
+    ss = at::vec::fmadd(a, a, at::vec::fmadd(b, b, ss));
+  }
+  const A inv = A(1) / std::sqrt(sum_lanes(ss) / A(D) + A(eps));
+  const typename In::V vinv(inv);
+  for (int64_t j = 0; j < D; j += In::kStep) {
+    auto [a, b] = In::load(xr + j, D - j);
+    auto [wa, wb] = W::load(wp + j, D - j);
+    Out::store(orow + j, a * vinv * wa, b * vinv * wb, D - j);
+  }
+  return inv;
+}
+
+template <typename T, typename O>
+void rms_norm_forward_impl(const at::Tensor& x, const at::Tensor& weight, double eps, const at::Tensor& out,
+                           const at::Tensor& rstd) {
+  using A = acc_t<T>;
   const int64_t R = x.size(0), D = x.size(1);
   const T* xp = x.const_data_ptr<T>();
   const A* wp = weight.const_data_ptr<A>();
   O* op = out.mutable_data_ptr<O>();
   A* rp = rstd.mutable_data_ptr<A>();
   at::parallel_for(0, R, row_grain(D), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = xp + r * D;
-      typename In::V ss(A(0));
-      for (int64_t j = 0; j < D; j += In::kStep) {
-        auto [a, b] = In::load(xr + j, D - j);
-        ss = at::vec::fmadd(a, a, at::vec::fmadd(b, b, ss));
-      }
-      const A inv = A(1) / std::sqrt(sum_lanes(ss) / A(D) + A(eps));
-      rp[r] = inv;
-      const typename In::V vinv(inv);
-      for (int64_t j = 0; j < D; j += In::kStep) {
-        auto [a, b] = In::load(xr + j, D - j);
-        auto [wa, wb] = W::load(wp + j, D - j);
-        Out::store(op + r * D + j, a * vinv * wa, b * vinv * wb, D - j);
-      }
-    }
+    for (int64_t r = begin; r < end; ++r) rp[r] = rms_norm_row(xp + r * D, wp, eps, op + r * D, D);
   });
 }
 
@@ -314,8 +318,9 @@ void residual_add(const at::Tensor& h, const at::Tensor& branch, const at::Tenso
 
 // ---------------------------------------------------------------------------------------------
 // Residual add + RMSNorm (the sum after a layer's attention and the norm before its MLP) in one pass per row:
-// the sum's row is normalised while it is in L1, where apart it was written, then read back by a second
-// parallel region. Same operations in the same order as residual_add then rms_norm_forward: the same bits.
+// the sum's row is normalised by rms_norm_row while it is in L1, where apart it was written, then read back by a
+// second parallel region. The same operations in the same order as residual_add then rms_norm_forward: the same
+// bits.
 
 template <typename B, typename O>
 void residual_add_rms_norm_forward_impl(const at::Tensor& h, const at::Tensor& branch, const at::Tensor& weight,
@@ -323,8 +328,6 @@ void residual_add_rms_norm_forward_impl(const at::Tensor& h, const at::Tensor& b
                                         const at::Tensor& rstd) {
   using Wide = Lanes<float>;
   using Narrow = Lanes<B, float>;
-  using Out = Lanes<O, float>;
-  using V = typename Wide::V;
   const int64_t R = h.size(0), D = h.size(1);
   const float* hp = h.const_data_ptr<float>();
   const B* bp = branch.const_data_ptr<B>();
@@ -335,22 +338,12 @@ void residual_add_rms_norm_forward_impl(const at::Tensor& h, const at::Tensor& b
   at::parallel_for(0, R, row_grain(D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* sr = sp + r * D;
-      V ss(0.f);
       for (int64_t j = 0; j < D; j += Wide::kStep) {
         auto [ha, hb] = Wide::load(hp + r * D + j, D - j);
         auto [ba, bb] = Narrow::load(bp + r * D + j, D - j);
-        const V a = ha + ba, b = hb + bb;
-        Wide::store(sr + j, a, b, D - j);
-        ss = at::vec::fmadd(a, a, at::vec::fmadd(b, b, ss));
+        Wide::store(sr + j, ha + ba, hb + bb, D - j);
       }
-      const float inv = 1.f / std::sqrt(sum_lanes(ss) / static_cast<float>(D) + static_cast<float>(eps));
-      rp[r] = inv;
-      const V vinv(inv);
-      for (int64_t j = 0; j < D; j += Wide::kStep) {
-        auto [a, b] = Wide::load(sr + j, D - j);
-        auto [wa, wb] = Wide::load(wp + j, D - j);
-        Out::store(op + r * D + j, a * vinv * wa, b * vinv * wb, D - j);
-      }
+      rp[r] = rms_norm_row(sr, wp, eps, op + r * D, D);
     }
   });
 }

@@ -195,10 +195,16 @@ def _define_model_class():
                 raise ValueError("LCKVLlamaForCausalLM.generate supports greedy decoding and sampling, not beam search or "
                                  "several sequences per prompt")
             # An option lckv's generate does not have is refused unless it is off (None, False, 0) or transformers'
-            # default: never silently dropped.
+            # default: never silently dropped. transformers 5 leaves unset fields None and fills them from its global
+            # defaults (GenerationConfig._get_default_generation_params: typical_p 1.0, length_penalty 1.0, ...),
+            # which some versions (5.17) hand to generate as values: those mean unset too.
             defaults = GenerationConfig().to_dict()
-            ignored = sorted(k for k, v in gc.items() if k not in _GENERATE_OPTIONS and v != defaults.get(k, v)
-                             and v not in (None, False))
+            global_defaults = getattr(GenerationConfig, "_get_default_generation_params", dict)()
+
+            def is_default(k, v):
+                return v in (None, False) or v == defaults.get(k, v) or (k in global_defaults and v == global_defaults[k])
+
+            ignored = sorted(k for k, v in gc.items() if k not in _GENERATE_OPTIONS and not is_default(k, v))
             if ignored:
                 raise ValueError(f"LCKVLlamaForCausalLM.generate does not support {ignored} (lckv's generate takes "
                                  f"{sorted(_GENERATE_OPTIONS - _GENERATION_BOOKKEEPING)})")

@@ -5,8 +5,10 @@
 #include <ATen/autocast_mode.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "lckv/ops/cpu/fused_kernels.h"
 #include "lckv/ops/fused_ops.h"
@@ -141,6 +143,11 @@ TEST_CASE("swiglu matches silu(gate) * up, forward and backward, saturated gates
   torch::Tensor gate_v = torch::randn({7, 333}) * 4;
   gate_v[0][0] = -100;  // exp(-gate) overflows to inf: silu must give -0, its gradient 0
   gate_v[0][1] = 100;
+  // Around fp32 exp's overflow and underflow (|x| ~ 87-89) and far beyond: a faster sigmoid tried once (ATen's
+  // exp_u20 and a Newton-refined reciprocal estimate) gave NaN gradients there, and a 1-ulp error in sigmoid(87)
+  // on AVX2 made the gradient miss the fp32 tolerance.
+  const std::vector<float> extremes{-88.5f, -88.8f, -89.f, -1e4f, 87.2f, 88.8f, 1e4f, -87.f};
+  for (size_t j = 0; j < extremes.size(); ++j) gate_v[1][static_cast<int64_t>(j)] = extremes[j];
   const torch::Tensor up_v = torch::randn({7, 333}), gv = torch::randn({7, 333});
   for (const auto& cap : ops::runnable_fused_cpu_capabilities()) {
     ops::ScopedFusedCpuCapability use(cap);
@@ -158,6 +165,12 @@ TEST_CASE("swiglu matches silu(gate) * up, forward and backward, saturated gates
       CHECK(rel_err(u.grad(), ur.grad()) < tolerance(dt));
       CHECK(torch::isfinite(g.grad()).all().item<bool>());
     }
+    // A NaN gate gives NaN where it is, and only there.
+    torch::Tensor nan_gate = gate_v.clone();
+    nan_gate[2][5] = std::numeric_limits<float>::quiet_NaN();
+    const torch::Tensor y = ops::swiglu(nan_gate, up_v);
+    CHECK(std::isnan(y[2][5].item<float>()));
+    CHECK(torch::isfinite(y).sum().item<int64_t>() == y.numel() - 1);
   }
 }
 

@@ -378,6 +378,14 @@ def test_bad_input(tmp_path):
         hf.generate(ids(61, (1, 3)), max_new_tokens=2, num_beams=2)
     with pytest.raises(ValueError, match=r"does not support \['no_repeat_ngram_size'\]"):
         hf.generate(ids(61, (1, 3)), max_new_tokens=2, no_repeat_ngram_size=3)
+    # transformers' own "unset" values (its global defaults, which transformers 5.17's pipeline hands to generate)
+    # are no options; the same options set to anything else are refused.
+    greedy = hf.generate(ids(61, (1, 3)), max_new_tokens=2)
+    neutral = dict(typical_p=1.0, length_penalty=1.0, encoder_repetition_penalty=1.0, num_assistant_tokens=20,
+                   num_assistant_tokens_schedule="constant", no_repeat_ngram_size=0)
+    assert torch.equal(hf.generate(ids(61, (1, 3)), max_new_tokens=2, **neutral), greedy)
+    with pytest.raises(ValueError, match=r"does not support \['typical_p'\]"):
+        hf.generate(ids(61, (1, 3)), max_new_tokens=2, typical_p=0.9)
     with pytest.raises(ValueError, match=r"cache_implementation 'offloaded' is not supported .*\['dynamic', 'static'\]"):
         hf.generate(ids(61, (1, 3)), max_new_tokens=2, cache_implementation="offloaded")
     with pytest.raises(TypeError, match="does not support"):

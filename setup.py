@@ -58,7 +58,10 @@ class CMakeBuild(build_ext):
             )
         dest = Path(self.get_ext_fullpath(ext.name))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(built[-1], dest)
+        # A fresh modification time, not the build's: --inplace then copies dest into python/lckv only if it is newer
+        # than the file there, so preserving the time of an older build tree (another LCKV_PY_BUILD_DIR) left the
+        # previously installed extension in place, silently.
+        shutil.copy(built[-1], dest)
         print(f"lckv._C built against torch {torch.__version__}: {dest}")
 
 

@@ -2,17 +2,12 @@
 // by side in one process (interleaved, so both see the same machine state), with the FLOP ratio
 // of their iteration plans, the step's GFLOP/s against a bf16 matmul of the model's MLP shape timed
 // in the same rounds, and the share of the step spent in condensed attention (forward calls and
-// their backward nodes, timed by RecordFunction callbacks in separate profiled steps, so the
-// callbacks do not slow the timed ones). Writes JSON.
+// their backward nodes, timed by RecordFunction callbacks: lckv::bench::AttentionTimer, in separate
+// profiled steps, so the callbacks do not slow the timed ones). Writes JSON.
 #include <CLI/CLI.hpp>
 #include <torch/torch.h>
 
-#include <ATen/Parallel.h>
-#include <ATen/record_function.h>
-
 #include <algorithm>
-#include <atomic>
-#include <cstring>
 #include <chrono>
 #include <fstream>
 #include <iostream>
@@ -30,38 +25,6 @@ struct Run {
   lckv::LCKVForCausalLM model{nullptr};
   std::vector<double> seconds, attention_share;
 };
-
-using Clock = std::chrono::steady_clock;
-
-// Seconds spent inside condensed attention (the op's forward, RECORD_FUNCTION'd by its front, and its
-// autograd node in the backward) while the callback is installed: wall time, counted on the calling thread
-// only (intra-op thread 0), since the model's batch-sliced iterations call attention on every thread at once.
-std::atomic<int64_t> g_attention_ns{0};
-
-struct StartTime : at::ObserverContext {
-  Clock::time_point t0 = Clock::now();
-};
-
-bool is_attention(const char* name) {
-  return std::strcmp(name, "lckv::condensed_attention") == 0 || std::strstr(name, "CondensedAttentionFunction") != nullptr;
-}
-
-at::CallbackHandle install_attention_timer() {
-  return at::addGlobalCallback(
-      at::RecordFunctionCallback(
-          [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
-            if (!is_attention(fn.name()) || at::get_thread_num() != 0) return nullptr;
-            return std::make_unique<StartTime>();
-          },
-          [](const at::RecordFunction&, at::ObserverContext* ctx) {
-            if (ctx == nullptr) return;
-            const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() -
-                                                                                 static_cast<StartTime*>(ctx)->t0);
-            g_attention_ns += ns.count();
-          })
-          .needsInputs(false)
-          .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION, at::RecordScope::USER_SCOPE}));
-}
 
 using lckv::bench::median;
 
@@ -127,11 +90,9 @@ int main(int argc, char** argv) {
     }
     for (int i = 0; i < profiled; ++i) {
       for (auto& r : runs) {
-        const at::CallbackHandle handle = install_attention_timer();
-        g_attention_ns = 0;
+        const lckv::bench::AttentionTimer attention;
         const double s = step(r);
-        at::removeCallback(handle);
-        r.attention_share.push_back(g_attention_ns.load() * 1e-9 / s);
+        r.attention_share.push_back(attention.seconds() / s);
       }
     }
     const double matmul_gflops = median(matmul_rates);

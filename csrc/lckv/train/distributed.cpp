@@ -302,8 +302,11 @@ std::vector<std::string> Communicator::exchange(const std::string& key, const st
     }
   } catch (const std::exception& e) {
     impl_->watchdog.disarm();
-    throw DistributedError(rank_prefix(rank_) + "exchanging '" + key + "' through the store failed (a rank died or "
-                           "did not arrive within " + std::to_string(timeout_.count() / 1000) + " s): " + e.what());
+    // Worded as a failed collective's (PendingWork::wait): where a dead or stopped rank is noticed, at a collective
+    // or at an exchange like this one (a checkpoint's), depends on timing, and the cause and the remedy are the same.
+    throw DistributedError(rank_prefix(rank_) + "exchanging '" + key + "' through the store failed: another rank died, "
+                           "hung past the timeout (" + std::to_string(timeout_.count() / 1000) +
+                           " s, --dist-timeout-s) or left early (" + e.what() + ")");
   }
   impl_->watchdog.disarm();
   return all;

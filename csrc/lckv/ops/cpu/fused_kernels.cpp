@@ -294,20 +294,26 @@ void swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::T
 // ---------------------------------------------------------------------------------------------
 // Residual add: fp32 stream + low-precision branch, without widening the branch into a temporary
 
+// out[0, n) = h + branch, each sum rounded once to fp32 (residual_add and the fused residual add + RMSNorm both
+// call this, so their sums are the same bits).
 template <typename B>
-void residual_add_impl(const at::Tensor& h, const at::Tensor& branch, const at::Tensor& out) {
+void residual_add_span(const float* hp, const B* bp, float* op, int64_t n) {
   using Wide = Lanes<float>;
   using Narrow = Lanes<B, float>;
+  for (int64_t i = 0; i < n; i += Wide::kStep) {
+    auto [ha, hb] = Wide::load(hp + i, n - i);
+    auto [ba, bb] = Narrow::load(bp + i, n - i);
+    Wide::store(op + i, ha + ba, hb + bb, n - i);
+  }
+}
+
+template <typename B>
+void residual_add_impl(const at::Tensor& h, const at::Tensor& branch, const at::Tensor& out) {
   const float* hp = h.const_data_ptr<float>();
   const B* bp = branch.const_data_ptr<B>();
   float* op = out.mutable_data_ptr<float>();
   at::parallel_for(0, h.numel(), 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; i += Wide::kStep) {
-      const int64_t n = end - i;
-      auto [ha, hb] = Wide::load(hp + i, n);
-      auto [ba, bb] = Narrow::load(bp + i, n);
-      Wide::store(op + i, ha + ba, hb + bb, n);
-    }
+    residual_add_span(hp + begin, bp + begin, op + begin, end - begin);
   });
 }
 
@@ -326,8 +332,6 @@ template <typename B, typename O>
 void residual_add_rms_norm_forward_impl(const at::Tensor& h, const at::Tensor& branch, const at::Tensor& weight,
                                         double eps, const at::Tensor& sum, const at::Tensor& out,
                                         const at::Tensor& rstd) {
-  using Wide = Lanes<float>;
-  using Narrow = Lanes<B, float>;
   const int64_t R = h.size(0), D = h.size(1);
   const float* hp = h.const_data_ptr<float>();
   const B* bp = branch.const_data_ptr<B>();
@@ -337,13 +341,8 @@ void residual_add_rms_norm_forward_impl(const at::Tensor& h, const at::Tensor& b
   float* rp = rstd.mutable_data_ptr<float>();
   at::parallel_for(0, R, row_grain(D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      float* sr = sp + r * D;
-      for (int64_t j = 0; j < D; j += Wide::kStep) {
-        auto [ha, hb] = Wide::load(hp + r * D + j, D - j);
-        auto [ba, bb] = Narrow::load(bp + r * D + j, D - j);
-        Wide::store(sr + j, ha + ba, hb + bb, D - j);
-      }
-      rp[r] = rms_norm_row(sr, wp, eps, op + r * D, D);
+      residual_add_span(hp + r * D, bp + r * D, sp + r * D, D);
+      rp[r] = rms_norm_row(sp + r * D, wp, eps, op + r * D, D);
     }
   });
 }
